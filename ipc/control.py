@@ -1,0 +1,221 @@
+"""The control socket: how the web process asks the supervisor to change things and hears events.
+
+TCP on 127.0.0.1 (works on Windows too), one JSON object per line. Every connection first proves
+it knows the token the supervisor gave its web process through the environment. A request is
+`{"token", "op", "args"}`; the answer `{"ok": true, "result": …}` or `{"ok": false, "status", "error"}`.
+The op "subscribe" turns the connection into a stream of event lines.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import socket
+import threading
+from typing import Callable
+
+log = logging.getLogger("control")
+
+ENV_ADDR = "CIVITAI_DAEMON_CONTROL_ADDR"
+ENV_TOKEN = "CIVITAI_DAEMON_CONTROL_TOKEN"
+MAX_LINE_BYTES = 4 * 1024 * 1024
+SUBSCRIBER_QUEUE = 10_000
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, error: str):
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+
+
+class _Subscriber:
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.queue: queue.Queue = queue.Queue(maxsize=SUBSCRIBER_QUEUE)
+        self.alive = True
+
+
+class ControlServer:
+    """Serves requests on threads; `handler(op, args)` is the supervisor's and decides where
+    the work happens (it marshals onto the main loop)."""
+
+    def __init__(self, token: str, handler: Callable[[str, dict], object], host: str = "127.0.0.1", port: int = 0):
+        self._token = token.encode()
+        self._handler = handler
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((host, port))
+        self._sock.listen(64)
+        self.address = "%s:%d" % self._sock.getsockname()[:2]
+        self._subscribers: list[_Subscriber] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def start(self) -> "ControlServer":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            subs, self._subscribers = self._subscribers, []
+        for sub in subs:
+            self._drop(sub)
+
+    def publish(self, event: dict) -> None:
+        """Hand an event to every subscriber without ever blocking the caller: a subscriber
+        that cannot keep up is dropped (it reconnects and catches up from the event log)."""
+        line = _dumps(event)
+        with self._lock:
+            subs = list(self._subscribers)
+        for sub in subs:
+            try:
+                sub.queue.put_nowait(line)
+            except queue.Full:
+                log.warning("control subscriber too slow; dropping it")
+                self._drop(sub)
+
+    def _drop(self, sub: _Subscriber) -> None:
+        sub.alive = False
+        with self._lock:
+            if sub in self._subscribers:
+                self._subscribers.remove(sub)
+        try:
+            sub.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        try:
+            sub.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name="control-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        reader = conn.makefile("rb")
+        try:
+            while True:
+                line = reader.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return
+                if len(line) > MAX_LINE_BYTES:
+                    conn.sendall(_dumps({"ok": False, "status": 413, "error": "request too large"}))
+                    return
+                try:
+                    req = json.loads(line)
+                    token = str(req.get("token", "")).encode()
+                    op = str(req["op"])
+                    args = req.get("args") or {}
+                except (ValueError, KeyError, AttributeError):
+                    conn.sendall(_dumps({"ok": False, "status": 400, "error": "bad control request"}))
+                    return
+                if not hmac.compare_digest(token, self._token):
+                    conn.sendall(_dumps({"ok": False, "status": 401, "error": "bad control token"}))
+                    return
+                if op == "subscribe":
+                    self._stream(conn)
+                    return
+                try:
+                    result = self._handler(op, args)
+                    reply = {"ok": True, "result": result}
+                except ControlError as exc:
+                    reply = {"ok": False, "status": exc.status, "error": exc.error}
+                except Exception as exc:  # the web process gets a 500-ish answer, we keep serving
+                    log.exception("control op %s failed", op)
+                    reply = {"ok": False, "status": 500, "error": f"internal error: {type(exc).__name__}"}
+                conn.sendall(_dumps(reply))
+        except OSError:
+            return
+        finally:
+            try:
+                reader.close()
+                conn.close()
+            except OSError:
+                pass
+
+    def _stream(self, conn: socket.socket) -> None:
+        sub = _Subscriber(conn)
+        with self._lock:
+            self._subscribers.append(sub)
+        conn.sendall(_dumps({"ok": True, "result": "subscribed"}))
+        try:
+            while sub.alive:
+                line = sub.queue.get()
+                if line is None:
+                    return
+                conn.sendall(line)
+        except OSError:
+            return
+        finally:
+            self._drop(sub)
+
+
+class ControlClient:
+    """The web process's side. One short connection per call: loopback is cheap and a
+    supervisor restart never leaves a stale pooled socket behind."""
+
+    def __init__(self, address: str, token: str, timeout_s: float = 15.0):
+        host, _, port = address.rpartition(":")
+        self._addr = (host, int(port))
+        self._token = token
+        self._timeout_s = timeout_s
+
+    def _connect(self) -> socket.socket:
+        try:
+            return socket.create_connection(self._addr, timeout=self._timeout_s)
+        except OSError as exc:
+            raise ControlError(503, f"the supervisor is not answering ({exc.strerror or exc})") from None
+
+    def call(self, op: str, **args):
+        sock = self._connect()
+        try:
+            sock.sendall(_dumps({"token": self._token, "op": op, "args": args}))
+            reader = sock.makefile("rb")
+            line = reader.readline(MAX_LINE_BYTES + 1)
+        except OSError as exc:
+            raise ControlError(503, f"the supervisor did not answer ({exc})") from None
+        finally:
+            sock.close()
+        if not line:
+            raise ControlError(503, "the supervisor closed the control connection")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise ControlError(int(reply.get("status", 500)), str(reply.get("error", "error")))
+        return reply.get("result")
+
+    def subscribe(self):
+        """Yield events as the supervisor publishes them, until the connection ends."""
+        sock = self._connect()
+        sock.settimeout(None)
+        try:
+            sock.sendall(_dumps({"token": self._token, "op": "subscribe", "args": {}}))
+            reader = sock.makefile("rb")
+            first = reader.readline(MAX_LINE_BYTES + 1)
+            reply = json.loads(first) if first else {}
+            if not reply.get("ok"):
+                raise ControlError(int(reply.get("status", 503)), str(reply.get("error", "subscribe failed")))
+            for line in reader:
+                yield json.loads(line)
+        finally:
+            sock.close()

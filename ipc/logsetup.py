@@ -1,0 +1,90 @@
+"""Logging for every process: one rotating file (data/logs/daemon.log) and stderr.
+
+On Linux the workers are forked and multiprocessing-logging carries their records to the
+supervisor, which alone writes the file (several writers rotating one file would corrupt it).
+Where there is no fork (Windows), children get a multiprocessing queue and a QueueHandler, and
+the supervisor runs a QueueListener. The web process is a fresh interpreter: it logs to stderr
+and the supervisor relays those lines.
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import re
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
+MAX_LOG_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+
+_QUERY_RE = re.compile(r"(https?://[^\s?#\"']+)\?[^\s\"']*")
+_BEARER_RE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
+_TOKEN_FRAGMENT_RE = re.compile(r"(#token=)[A-Za-z0-9._-]+")
+
+
+def redact(text: str) -> str:
+    """Remove what must never reach a log: URL query strings (signed CDN URLs), bearer tokens."""
+    text = _QUERY_RE.sub(r"\1?…", text)
+    return _BEARER_RE.sub(r"\1***", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A last line of defence; code should not log secrets in the first place."""
+
+    def __init__(self, secrets: tuple[str, ...] = ()):
+        super().__init__()
+        self.secrets = tuple(s for s in secrets if s and len(s) >= 8)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        clean = redact(message)
+        for secret in self.secrets:
+            clean = clean.replace(secret, "***")
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def setup_supervisor_logging(log_path: Path, secrets: tuple[str, ...] = (), level=logging.INFO) -> None:
+    """Root logger of the main process: file + stderr, secrets filtered on every handler."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = logging.Formatter(FORMAT)
+    redactor = RedactingFilter(secrets)
+    file_handler = logging.handlers.RotatingFileHandler(
+        log_path, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
+    )
+    stream_handler = logging.StreamHandler(sys.stderr)
+    for handler in (file_handler, stream_handler):
+        handler.setFormatter(formatter)
+        handler.addFilter(redactor)
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def install_fork_forwarding() -> None:
+    """Wrap the root handlers so forked children's records reach them through a queue."""
+    import multiprocessing_logging
+
+    multiprocessing_logging.install_mp_handler()
+
+
+def setup_child_logging(log_queue, secrets: tuple[str, ...] = (), level=logging.INFO) -> None:
+    """In a spawned child: everything to the supervisor's queue. With fork (log_queue None)
+    the inherited handlers already forward."""
+    root = logging.getLogger()
+    if log_queue is not None:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        handler = logging.handlers.QueueHandler(log_queue)
+        handler.addFilter(RedactingFilter(secrets))
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)

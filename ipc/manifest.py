@@ -1,0 +1,211 @@
+"""manifest.json: validation with errors that name the entry and field, and atomic rewrites
+that keep every custom field where the user put it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ipc import jsonc
+from ipc.naming import is_valid_model_type, safe_filename
+
+DEFAULT_PRIORITY = 10
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+KNOWN_FIELDS = ("modelId", "modelVersionId", "fileId", "model_type", "sha256", "url", "filename",
+                "priority", "updatedAt")
+
+
+class ManifestError(Exception):
+    """str() is one line: the file, the entry (index and modelId) and the field."""
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate_entry(entry, where: str) -> dict:
+    """Check one entry; `where` names it in errors ("entry 3"). Returns the same dict."""
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where}: expected an object {{\"modelId\": …, \"model_type\": …}}, got {type(entry).__name__}")
+    if "modelId" in entry and _positive_int(entry["modelId"]):
+        where = f"{where} (modelId {entry['modelId']})"
+
+    def bad(field, expect):
+        return ManifestError(f"{where}: field '{field}': expected {expect}, got {entry.get(field)!r}")
+
+    if "modelId" not in entry:
+        raise ManifestError(f"{where}: field 'modelId' is required (the number in civitai.com/models/<id>)")
+    if not _positive_int(entry["modelId"]):
+        raise bad("modelId", "a positive integer")
+    if "model_type" not in entry:
+        raise ManifestError(f"{where}: field 'model_type' is required (a folder name such as \"checkpoint\" or \"lora\")")
+    if not is_valid_model_type(entry["model_type"]):
+        raise bad("model_type", "a folder name of lower-case letters, digits, '_' or '-'")
+    for field in ("modelVersionId", "fileId"):
+        if entry.get(field) is not None and not _positive_int(entry[field]):
+            raise bad(field, "a positive integer")
+    if entry.get("sha256") not in (None, "") and not (isinstance(entry["sha256"], str) and SHA256_RE.match(entry["sha256"])):
+        raise bad("sha256", "64 hexadecimal characters")
+    if "priority" in entry and not (_positive_int(entry["priority"])):
+        raise bad("priority", "a positive integer (1 is the most urgent)")
+    if entry.get("filename") not in (None, ""):
+        name = entry["filename"]
+        if not isinstance(name, str) or safe_filename(name) != name:
+            raise bad("filename", "a plain file name without folders or special characters")
+    for field in ("url", "updatedAt"):
+        if entry.get(field) is not None and not isinstance(entry[field], str):
+            raise bad(field, "a string")
+    return entry
+
+
+def parse_manifest(text: str, path: Path | str = "manifest.json") -> list[dict]:
+    if not text.strip():
+        return []
+    try:
+        data = jsonc.loads(text)
+    except jsonc.JsoncError as exc:
+        raise ManifestError(f"{path}: {exc}") from None
+    if not isinstance(data, list):
+        raise ManifestError(f"{path}: expected a JSON array [ … ] of entries at the top, got {type(data).__name__}")
+    for index, entry in enumerate(data):
+        try:
+            validate_entry(entry, f"entry {index}")
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None
+    return data
+
+
+def entry_priority(entry: dict) -> int:
+    return int(entry.get("priority") or DEFAULT_PRIORITY)
+
+
+def render(entries: list[dict]) -> bytes:
+    return (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What we know of the file on disk, to tell a person's save from our own write."""
+
+    exists: bool
+    mtime_ns: int = 0
+    size: int = 0
+    digest: str = ""
+
+
+def file_state(path: Path) -> FileState:
+    try:
+        data = path.read_bytes()
+        st = os.stat(path)
+    except FileNotFoundError:
+        return FileState(False)
+    return FileState(True, st.st_mtime_ns, st.st_size, hashlib.sha256(data).hexdigest())
+
+
+def quick_stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable. Windows cannot open a directory: the rename is durable enough there."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, os.replace, fsync of the folder."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            mode = os.stat(path).st_mode & 0o777
+            os.chmod(tmp, mode)
+        except OSError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+class ManifestFile:
+    """The supervisor's hold on manifest.json: the last good entries, and whether the file on
+    disk is still what we last read or wrote (if not, a person saved it)."""
+
+    def __init__(self, path: Path, lock_path: Path):
+        self.path = Path(path)
+        self.lock_path = Path(lock_path)  # under data/: the daemon writes nothing else beside config.json
+        self.entries: list[dict] = []
+        self.error: str | None = None
+        self._known = FileState(False)
+        self._stat: tuple[int, int] | None = None
+
+    def load(self) -> list[dict]:
+        """At start: parse or raise ManifestError. A missing file is an empty manifest."""
+        state = file_state(self.path)
+        text = self.path.read_text(encoding="utf-8") if state.exists else ""
+        self.entries = parse_manifest(text, self.path)
+        self._known = state
+        self._stat = quick_stat(self.path)
+        self.error = None
+        return self.entries
+
+    def poll(self) -> str | None:
+        """"changed" after a valid save by someone else, "invalid" after a bad one (reported once
+        per save), None when nothing changed. A bad save leaves `entries` as they were."""
+        stat = quick_stat(self.path)
+        if stat == self._stat:
+            return None
+        self._stat = stat
+        state = file_state(self.path)
+        if state.digest == self._known.digest and state.exists == self._known.exists:
+            self._known = state
+            return None
+        try:
+            text = self.path.read_text(encoding="utf-8") if state.exists else ""
+            entries = parse_manifest(text, self.path)
+        except (ManifestError, UnicodeDecodeError) as exc:
+            self.error = str(exc)
+            self._known = state
+            return "invalid"
+        self.entries = entries
+        self._known = state
+        self.error = None
+        return "changed"
+
+    def save(self, entries: list[dict]) -> bool:
+        """Write `entries` unless the file holds a save we have not taken in yet (or a broken
+        one, which must stay as its author left it). Returns whether it wrote."""
+        if self.error is not None:
+            return False
+        current = file_state(self.path)
+        if current.digest != self._known.digest or current.exists != self._known.exists:
+            return False
+        from ipc.throttle import file_lock
+
+        data = render(entries)
+        with file_lock(self.lock_path):
+            atomic_write(self.path, data)
+        self.entries = entries
+        self._known = file_state(self.path)
+        self._stat = quick_stat(self.path)
+        return True

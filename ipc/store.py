@@ -1,0 +1,303 @@
+"""The job store (SQLite, WAL): jobs, events, downloaded files and small state. The source of truth.
+
+The supervisor is the only process that changes jobs; the web process opens it read-only.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ipc.states import ACTIVE_STATES, JobState, check_transition
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER,
+    version_id INTEGER,
+    file_id INTEGER,
+    model_type TEXT,
+    filename TEXT,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 10,
+    bytes_done INTEGER NOT NULL DEFAULT 0,
+    bytes_total INTEGER,
+    speed_bps REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL DEFAULT 4,
+    error TEXT,
+    reason TEXT,
+    sha256 TEXT,
+    path TEXT,
+    url TEXT,
+    updated_at_civitai TEXT,
+    source TEXT NOT NULL DEFAULT 'manifest',
+    not_before REAL NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority, id);
+CREATE INDEX IF NOT EXISTS jobs_version ON jobs(version_id, file_id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    event TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    data TEXT NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS events_undelivered ON events(delivered, id);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    version_id INTEGER,
+    recorded_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+PUBLIC_JOB_FIELDS = (
+    "id", "model_id", "version_id", "file_id", "model_type", "filename", "state", "priority",
+    "bytes_done", "bytes_total", "speed_bps", "attempts", "error", "created_at", "updated_at",
+    "max_attempts", "reason", "sha256", "path", "source",
+)
+_WRITABLE = set(PUBLIC_JOB_FIELDS) - {"id", "created_at", "updated_at"} | {
+    "url", "updated_at_civitai", "not_before",
+}
+
+
+def utc_now_iso(ts: float | None = None) -> str:
+    dt = datetime.fromtimestamp(time.time() if ts is None else ts, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def public_job(row: dict) -> dict:
+    return {k: row.get(k) for k in PUBLIC_JOB_FIELDS}
+
+
+class JobStore:
+    def __init__(self, path: str | Path, readonly: bool = False, timeout_s: float = 10.0):
+        self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            # mode=ro still sees the writer's WAL; it cannot create the file.
+            uri = f"file:{self.path.as_posix()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, timeout=timeout_s, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        with self._lock:
+            self._conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+            if not readonly:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode loses at most the last commits on power loss, never consistency.
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+                self._conn.executescript(_SCHEMA)
+                self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                self._conn.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _query(self, sql: str, args=()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self._conn.execute(sql, args).fetchall()]
+
+    def _write(self, sql: str, args=()) -> sqlite3.Cursor:
+        with self._lock:
+            cur = self._conn.execute(sql, args)
+            self._conn.commit()
+            return cur
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def add_job(self, *, model_id, version_id=None, file_id=None, model_type=None, filename=None,
+                priority=10, max_attempts=4, sha256=None, source="manifest", bytes_total=None,
+                url=None, updated_at_civitai=None) -> dict:
+        now = utc_now_iso()
+        cur = self._write(
+            """INSERT INTO jobs (model_id, version_id, file_id, model_type, filename, state, priority,
+                   max_attempts, sha256, source, bytes_total, url, updated_at_civitai, created_at, updated_at)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+            (model_id, version_id, file_id, model_type, filename, JobState.QUEUED.value, priority,
+             max_attempts, sha256.lower() if sha256 else None, source, bytes_total, url,
+             updated_at_civitai, now, now),
+        )
+        return self.get_job(cur.lastrowid)
+
+    def get_job(self, job_id: int) -> dict | None:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return rows[0] if rows else None
+
+    def list_jobs(self, state: str | None = None, limit: int = 100) -> list[dict]:
+        if state:
+            return self._query("SELECT * FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?", (state, limit))
+        return self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+
+    def active_jobs(self) -> list[dict]:
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        return self._query(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY priority, id",
+            [s.value for s in ACTIVE_STATES],
+        )
+
+    def find_active(self, *, model_id=None, version_id=None, file_id=None) -> dict | None:
+        """The queued or running job for the same file (or, unresolved, the same model)."""
+        marks = ",".join("?" * len(ACTIVE_STATES))
+        states = [s.value for s in ACTIVE_STATES]
+        if version_id is not None:
+            rows = self._query(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) AND version_id = ? "
+                "AND (file_id IS ? OR file_id IS NULL OR ? IS NULL) ORDER BY id LIMIT 1",
+                [*states, version_id, file_id, file_id],
+            )
+        else:
+            rows = self._query(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) AND model_id = ? AND version_id IS NULL "
+                "ORDER BY id LIMIT 1",
+                [*states, model_id],
+            )
+        return rows[0] if rows else None
+
+    def runnable_jobs(self, now: float, limit: int = 64) -> list[dict]:
+        return self._query(
+            "SELECT * FROM jobs WHERE state = ? AND not_before <= ? ORDER BY priority, id LIMIT ?",
+            (JobState.QUEUED.value, now, limit),
+        )
+
+    def next_wakeup(self) -> float | None:
+        rows = self._query("SELECT MIN(not_before) AS t FROM jobs WHERE state = ?", (JobState.QUEUED.value,))
+        return rows[0]["t"] if rows and rows[0]["t"] is not None else None
+
+    def update_job(self, job_id: int, **fields) -> dict:
+        bad = set(fields) - _WRITABLE
+        if bad:
+            raise KeyError(f"not writable: {sorted(bad)}")
+        with self._lock:
+            if "state" in fields:
+                current = self.get_job(job_id)
+                if current is None:
+                    raise KeyError(job_id)
+                check_transition(current["state"], str(fields["state"]))
+                fields["state"] = str(fields["state"])
+            fields["updated_at"] = utc_now_iso()
+            cols = ", ".join(f"{k} = ?" for k in fields)
+            self._write(f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id])
+            return self.get_job(job_id)
+
+    def begin_attempt(self, job_id: int) -> dict:
+        """Persist the attempt before the work starts: a crash right after still counts it."""
+        with self._lock:
+            job = self.get_job(job_id)
+            check_transition(job["state"], JobState.DOWNLOADING)
+            self._write(
+                "UPDATE jobs SET state = ?, attempts = attempts + 1, error = NULL, speed_bps = 0, "
+                "updated_at = ? WHERE id = ?",
+                (JobState.DOWNLOADING.value, utc_now_iso(), job_id),
+            )
+            return self.get_job(job_id)
+
+    def recover_unfinished(self) -> list[dict]:
+        """After any stop: jobs that were running go back to the queue, attempts kept."""
+        rows = self._query(
+            "SELECT * FROM jobs WHERE state IN (?, ?)",
+            (JobState.DOWNLOADING.value, JobState.VERIFYING.value),
+        )
+        self._write(
+            "UPDATE jobs SET state = ?, speed_bps = 0, updated_at = ? WHERE state IN (?, ?)",
+            (JobState.QUEUED.value, utc_now_iso(), JobState.DOWNLOADING.value, JobState.VERIFYING.value),
+        )
+        return rows
+
+    def job_counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in JobState}
+        for row in self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    def failure_counts(self) -> dict[str, int]:
+        rows = self._query(
+            "SELECT COALESCE(reason, 'unknown') AS reason, COUNT(*) AS n FROM jobs WHERE state = ? GROUP BY 1",
+            (JobState.FAILED.value,),
+        )
+        return {r["reason"]: r["n"] for r in rows}
+
+    def bytes_downloaded(self) -> int:
+        rows = self._query("SELECT COALESCE(SUM(bytes_total), 0) AS n FROM jobs WHERE state = ?",
+                           (JobState.DONE.value,))
+        return int(rows[0]["n"])
+
+    # --- events ---------------------------------------------------------------------------
+
+    def add_event(self, name: str, fields: dict, ts: float | None = None) -> dict:
+        ts_iso = utc_now_iso(ts)
+        data = json.dumps(fields, separators=(",", ":"), default=str)
+        cur = self._write("INSERT INTO events (event, ts, data) VALUES (?,?,?)", (name, ts_iso, data))
+        return {"id": cur.lastrowid, "event": name, "ts": ts_iso, **fields}
+
+    @staticmethod
+    def _event(row: dict) -> dict:
+        return {"id": row["id"], "event": row["event"], "ts": row["ts"], **json.loads(row["data"])}
+
+    def events_after(self, after_id: int = 0, limit: int = 100) -> list[dict]:
+        rows = self._query("SELECT * FROM events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [self._event(r) for r in rows]
+
+    def recent_events(self, limit: int = 100) -> list[dict]:
+        rows = self._query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        return [self._event(r) for r in reversed(rows)]
+
+    def last_event_id(self) -> int:
+        rows = self._query("SELECT COALESCE(MAX(id), 0) AS n FROM events")
+        return int(rows[0]["n"])
+
+    def undelivered_events(self, limit: int = 100) -> list[dict]:
+        rows = self._query("SELECT * FROM events WHERE delivered = 0 ORDER BY id LIMIT ?", (limit,))
+        return [self._event(r) for r in rows]
+
+    def mark_delivered(self, event_id: int, status: int = 1) -> None:
+        """status 1: delivered; 2: given up after its retries (kept for the log)."""
+        self._write("UPDATE events SET delivered = ? WHERE id = ?", (status, event_id))
+
+    def mark_all_delivered(self) -> None:
+        self._write("UPDATE events SET delivered = 1 WHERE delivered = 0")
+
+    # --- files the daemon wrote -----------------------------------------------------------
+
+    def record_file(self, path: str, sha256: str, size: int, mtime_ns: int, version_id=None) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO files (path, sha256, size, mtime_ns, version_id, recorded_at) "
+            "VALUES (?,?,?,?,?,?)",
+            (path, sha256.lower(), size, mtime_ns, version_id, utc_now_iso()),
+        )
+
+    def get_file(self, path: str) -> dict | None:
+        rows = self._query("SELECT * FROM files WHERE path = ?", (path,))
+        return rows[0] if rows else None
+
+    # --- small state ----------------------------------------------------------------------
+
+    def get_kv(self, key: str, default=None):
+        rows = self._query("SELECT value FROM kv WHERE key = ?", (key,))
+        return json.loads(rows[0]["value"]) if rows else default
+
+    def set_kv(self, key: str, value) -> None:
+        self._write("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def incr_kv(self, key: str, by: int = 1) -> int:
+        with self._lock:
+            value = int(self.get_kv(key, 0)) + by
+            self.set_kv(key, value)
+            return value
