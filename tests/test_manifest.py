@@ -1,0 +1,92 @@
+"""manifest.json: validation messages, custom fields kept, atomic writes, edits told apart."""
+import json
+import os
+
+import pytest
+
+from ipc.manifest import ManifestError, ManifestFile, parse_manifest, validate_entry
+
+
+def test_minimal_and_full_entries_are_valid():
+    entries = parse_manifest(json.dumps([
+        {"modelId": 1, "model_type": "lora"},
+        {"modelId": 2, "modelVersionId": 3, "fileId": 4, "model_type": "checkpoint", "sha256": "AB" * 32,
+         "url": "https://x", "filename": "a.safetensors", "priority": 1, "updatedAt": "2025-07-19T12:00:00Z",
+         "my_note": {"keep": True}},
+    ]))
+    assert entries[1]["my_note"] == {"keep": True}
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"model_type": "lora"}, "'modelId' is required"),
+    ({"modelId": "12", "model_type": "lora"}, "'modelId'"),
+    ({"modelId": 0, "model_type": "lora"}, "'modelId'"),
+    ({"modelId": 1}, "'model_type' is required"),
+    ({"modelId": 1, "model_type": "../etc"}, "'model_type'"),
+    ({"modelId": 1, "model_type": "LoRA"}, "'model_type'"),
+    ({"modelId": 1, "model_type": "lora", "sha256": "xyz"}, "'sha256'"),
+    ({"modelId": 1, "model_type": "lora", "priority": 0}, "'priority'"),
+    ({"modelId": 1, "model_type": "lora", "filename": "../../x.bin"}, "'filename'"),
+    ({"modelId": 1, "model_type": "lora", "modelVersionId": -3}, "'modelVersionId'"),
+])
+def test_bad_entries_name_the_entry_and_field(entry, needle):
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(json.dumps([{"modelId": 9, "model_type": "vae"}, entry]), "m.json")
+    assert "m.json: entry 1" in str(err.value) and needle in str(err.value)
+
+
+def test_not_an_array_and_syntax_errors():
+    with pytest.raises(ManifestError, match="array"):
+        parse_manifest('{"modelId": 1}')
+    with pytest.raises(ManifestError, match="line 2"):
+        parse_manifest('[\n {"modelId": 1,, }]')
+    assert parse_manifest("") == [] and parse_manifest("[] // none yet") == []
+
+
+def test_validate_entry_rejects_non_objects():
+    with pytest.raises(ManifestError, match="expected an object"):
+        validate_entry([1], "entry")
+
+
+def test_save_keeps_custom_fields_in_place_and_is_atomic(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text('[{"note": "first", "modelId": 1, "model_type": "lora", "z": 1}]')
+    mf = ManifestFile(path, tmp_path / "data" / "manifest.lock")
+    entries = mf.load()
+    entries[0]["modelVersionId"] = 5
+    assert mf.save(entries)
+    saved = json.loads(path.read_text())
+    assert list(saved[0]) == ["note", "modelId", "model_type", "z", "modelVersionId"]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert mf.poll() is None  # our own write is not an edit
+
+
+def test_a_persons_save_is_noticed_and_a_broken_one_never_overwritten(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("[]")
+    mf = ManifestFile(path, tmp_path / "manifest.lock")
+    mf.load()
+    path.write_text('[{"modelId": 7, "model_type": "vae"}]')
+    os.utime(path, ns=(1, 1))  # a different mtime, as a save would give
+    assert mf.poll() == "changed" and mf.entries[0]["modelId"] == 7
+    broken = '[{"modelId": 7, "model_type": "vae"},'
+    path.write_text(broken)
+    os.utime(path, ns=(2, 2))
+    assert mf.poll() == "invalid" and "manifest.json" in mf.error
+    assert mf.entries[0]["modelId"] == 7  # the last good state stays in force
+    assert mf.poll() is None  # reported once per save
+    assert mf.save([{"modelId": 8, "model_type": "vae"}]) is False
+    assert path.read_text() == broken
+    path.write_text('[{"modelId": 8, "model_type": "vae"}]')
+    os.utime(path, ns=(3, 3))
+    assert mf.poll() == "changed" and mf.error is None
+
+
+def test_save_refuses_when_the_file_changed_underneath(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("[]")
+    mf = ManifestFile(path, tmp_path / "manifest.lock")
+    mf.load()
+    path.write_text('[{"modelId": 1, "model_type": "vae"}]')
+    assert mf.save([]) is False
+    assert json.loads(path.read_text())[0]["modelId"] == 1

@@ -1,0 +1,68 @@
+"""The job store: transitions, attempts before work, recovery, events in order, readers."""
+import pytest
+
+from ipc.states import IllegalTransition
+from ipc.store import JobStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(tmp_path / "daemon.db")
+    yield s
+    s.close()
+
+
+def test_attempt_is_persisted_before_work_and_recovered(store, tmp_path):
+    job = store.add_job(model_id=1, version_id=2, file_id=3, model_type="lora", max_attempts=4)
+    assert store.begin_attempt(job["id"])["attempts"] == 1
+    reopened = JobStore(tmp_path / "daemon.db")  # as after kill -9
+    recovered = reopened.recover_unfinished()
+    assert [j["id"] for j in recovered] == [job["id"]]
+    again = reopened.get_job(job["id"])
+    assert again["state"] == "queued" and again["attempts"] == 1
+    reopened.close()
+
+
+def test_illegal_transition_refused(store):
+    job = store.add_job(model_id=1)
+    with pytest.raises(IllegalTransition):
+        store.update_job(job["id"], state="done")
+
+
+def test_runnable_order_priority_then_age_and_backoff(store):
+    a = store.add_job(model_id=1, priority=10)
+    b = store.add_job(model_id=2, priority=1)
+    c = store.add_job(model_id=3, priority=10)
+    store.update_job(c["id"], not_before=10_000)
+    assert [j["id"] for j in store.runnable_jobs(now=5_000)] == [b["id"], a["id"]]
+    assert [j["id"] for j in store.runnable_jobs(now=20_000)] == [b["id"], a["id"], c["id"]]
+
+
+def test_find_active_by_file_or_unresolved_model(store):
+    j = store.add_job(model_id=1, version_id=2, file_id=3)
+    u = store.add_job(model_id=5)
+    assert store.find_active(version_id=2, file_id=3)["id"] == j["id"]
+    assert store.find_active(version_id=2, file_id=None)["id"] == j["id"]
+    assert store.find_active(version_id=2, file_id=4) is None
+    assert store.find_active(model_id=5)["id"] == u["id"]
+    store.update_job(j["id"], state="cancelled")
+    assert store.find_active(version_id=2, file_id=3) is None
+
+
+def test_events_in_order_and_delivery_marks(store, tmp_path):
+    ids = [store.add_event("e", {"n": n})["id"] for n in range(5)]
+    assert ids == sorted(ids)
+    reader = JobStore(tmp_path / "daemon.db", readonly=True)
+    assert [e["n"] for e in reader.events_after(ids[1])] == [2, 3, 4]
+    assert reader.last_event_id() == ids[-1]
+    store.mark_delivered(ids[0])
+    assert [e["id"] for e in store.undelivered_events()] == ids[1:]
+    with pytest.raises(Exception):
+        reader.add_event("x", {})  # the web process cannot write
+    reader.close()
+
+
+def test_counts_and_kv(store):
+    store.add_job(model_id=1)
+    assert store.job_counts()["queued"] == 1
+    assert store.incr_kv("metrics.worker_restarts") == 1 and store.get_kv("metrics.worker_restarts") == 1
