@@ -19,3 +19,6 @@ def daemon_factory(tmp_path):
     yield make
     for daemon in made:
         daemon.cleanup()
+
+
+from tests.fakeciv import fake_civitai  # noqa: E402,F401  (fixture)
