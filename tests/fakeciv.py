@@ -695,7 +695,7 @@ class FakeCivitai:
         exp = time.time() + (self.cdn_url_ttl_s if ttl_s is None else ttl_s)
         with self._lock:
             self._sigs[sig] = (file_id, exp)
-        return (f"{self.cdn_origin}/files/{file_id}/{urllib.parse.quote(f.name)}"
+        return (f"{self.cdn_origin}/files/{file_id}/{urllib.parse.quote(f.name, safe='')}"
                 f"?sig={sig}&exp={int(exp)}")
 
     def expire_cdn_urls(self) -> None:

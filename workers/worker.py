@@ -1,0 +1,132 @@
+"""The download worker process: takes one job at a time from its channel, runs it, reports back.
+
+The download itself is workers/download.py; this is only the process shell around it:
+signals, the channel to the supervisor, cancellation and logging.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import traceback
+
+log = logging.getLogger("worker")
+
+
+class Channel:
+    """The worker's end of its Pipe. Sends come from the job thread and the reader thread."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg: dict) -> None:
+        with self._lock:
+            try:
+                self.conn.send(msg)
+            except (OSError, EOFError, BrokenPipeError):
+                pass  # the supervisor is gone; we exit when our reader sees EOF
+
+
+def ignore_terminal_interrupt() -> None:
+    """Ctrl-C reaches every process in the terminal's group; only the supervisor decides."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
+    from ipc.config import load_config
+    from ipc.logsetup import setup_child_logging
+    from ipc.throttle import Throttle
+    from workers.civitai import CivitaiClient, CivitaiError
+    from workers.download import JobContext, run_job
+
+    ignore_terminal_interrupt()
+    cfg, _ = load_config(config_path)
+    setup_child_logging(log_queue, secrets=(cfg.civitai_api_key,))
+    channel = Channel(conn)
+    jobs: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    cancelled: set[int] = set()
+    current = {"job_id": None}
+
+    def on_sigterm(signum, frame):
+        # The supervisor's kill for a stuck job, or shutdown: stop at the next chunk, keep the part.
+        stop.set()
+        jobs.put(None)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    parent_pid = os.getppid()
+
+    def read_channel():
+        while True:
+            try:
+                if not conn.poll(1.0):
+                    if os.name != "nt" and os.getppid() != parent_pid:
+                        raise EOFError("the supervisor is gone")
+                    continue
+                msg = conn.recv()
+            except (EOFError, OSError):
+                stop.set()
+                jobs.put(None)
+                return
+            kind = msg.get("type") if isinstance(msg, dict) else None
+            if kind == "job":
+                jobs.put(msg["job"])
+            elif kind == "cancel":
+                cancelled.add(int(msg["job_id"]))
+            elif kind == "stop":
+                stop.set()
+                jobs.put(None)
+                return
+
+    threading.Thread(target=read_channel, name="channel-reader", daemon=True).start()
+
+    client = CivitaiClient(
+        cfg.civitai_url,
+        api_key=cfg.civitai_api_key,
+        throttle=Throttle(cfg.locks_dir / "civitai.throttle", cfg.throttle),
+    )
+    ctx = JobContext(
+        client=client,
+        download_dir=cfg.download_path,
+        locks_dir=cfg.locks_dir,
+        allow_unsafe=cfg.allow_unsafe,
+    )
+    channel.send({"type": "ready", "pid": os.getpid()})
+    log.info("%s ready", name)
+    while not stop.is_set():
+        try:
+            job = jobs.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        if job is None:
+            break
+        job_id = int(job["job_id"])
+        current["job_id"] = job_id
+        channel.send({"type": "ack", "job_id": job_id})
+
+        def should_stop(job_id=job_id) -> bool:
+            return stop.is_set() or job_id in cancelled
+
+        try:
+            result = run_job(job, ctx, channel.send, should_stop)
+            channel.send(result)
+        except CivitaiError as exc:
+            channel.send({
+                "type": "error", "job_id": job_id, "error": str(exc), "reason": exc.reason,
+                "retryable": bool(exc.retryable), "retry_after_s": exc.retry_after_s,
+            })
+        except Exception as exc:  # a bug: report it as a retryable failure, keep the worker alive
+            log.error("job %s: unexpected error\n%s", job_id, traceback.format_exc())
+            channel.send({
+                "type": "error", "job_id": job_id, "reason": "internal",
+                "error": f"internal error in the download worker: {type(exc).__name__}: {exc}",
+                "retryable": True, "retry_after_s": None,
+            })
+        finally:
+            cancelled.discard(job_id)
+            current["job_id"] = None
+    log.info("%s stopping", name)
