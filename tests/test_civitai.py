@@ -1,0 +1,509 @@
+"""workers/civitai.py against mocked HTTP (responses): status mapping, key handling, redirects,
+version and file choice on real Civitai JSON.
+
+tests/data/model-4468.json, model-1231067.json, model-version-1387174.json and
+models-list-metadata.json are copies of /work/shared/civitai-samples/ (see its README for sources).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from email.utils import formatdate
+from pathlib import Path
+
+import pytest
+import requests
+import responses
+from responses import matchers
+
+from workers.civitai import (
+    CivitaiClient,
+    CivitaiError,
+    content_disposition_filename,
+    file_sha256,
+    is_unsafe,
+    newest_published_version,
+    parse_retry_after,
+    pick_file,
+    redact_url,
+    resolve,
+    sniff_error_body,
+)
+
+DATA = Path(__file__).parent / "data"
+API = "https://civitai.test/api/v1"
+ORIGIN = "https://civitai.test"
+CDN = "https://cdn.example.net"
+KEY = "sk-secret-key-1234567890"
+DL = f"{ORIGIN}/api/download/models/57618?fileId=41079"
+SIGNED = f"{CDN}/file/model.safetensors?X-Amz-Signature=deadbeef&X-Amz-Expires=3600"
+
+
+def load(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+class CountingThrottle:
+    def __init__(self):
+        self.calls = 0
+
+    def wait(self) -> float:
+        self.calls += 1
+        return 0.0
+
+
+def make_client(key: str = KEY, throttle=None) -> CivitaiClient:
+    client = CivitaiClient(API, api_key=key, throttle=throttle, timeout_s=5)
+    client._sleep = lambda s: None  # no real backoff in unit tests
+    return client
+
+
+@pytest.fixture
+def rsps():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def assert_no_secret(exc: BaseException) -> None:
+    for text in (str(exc), repr(exc)):
+        assert KEY not in text
+        assert "X-Amz-Signature" not in text and "deadbeef" not in text
+
+
+# -- pure helpers ----------------------------------------------------------------------------------
+
+def test_redact_url_drops_query_fragment_and_userinfo():
+    assert redact_url(SIGNED) == f"{CDN}/file/model.safetensors"
+    assert redact_url("https://user:pw@host.test/a/b?token=x#frag") == "https://host.test/a/b"
+    assert redact_url(f"{API}/models/1") == f"{API}/models/1"
+
+
+def test_parse_retry_after_seconds_and_http_date():
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    now = time.time()
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1.5)
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
+
+
+def test_content_disposition_filename():
+    assert content_disposition_filename('attachment; filename="model.safetensors"') == "model.safetensors"
+    assert content_disposition_filename("attachment; filename*=UTF-8''m%C3%BCdel.safetensors") == "müdel.safetensors"
+    assert content_disposition_filename('attachment; filename="../../etc/passwd"') == "passwd"
+    assert content_disposition_filename(None) is None
+
+
+def test_sniff_error_body():
+    assert sniff_error_body("text/html; charset=utf-8", b"") == "html"
+    assert sniff_error_body("application/json", b"") == "json"
+    assert sniff_error_body("application/octet-stream", b"  <!DOCTYPE html><html>") == "html"
+    assert sniff_error_body("", b'{"error":"Unauthorized"}') == "json"
+    # a safetensors file starts with an 8-byte header length, then {"
+    assert sniff_error_body("application/octet-stream", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"") is None
+    assert sniff_error_body("binary/octet-stream", b"PK\x03\x04") is None
+
+
+# -- version and file choice on real JSON ----------------------------------------------------------
+
+def test_newest_published_version_is_by_date_not_array_order():
+    model = load("model-4468.json")
+    assert newest_published_version(model)["id"] == 57618
+    shuffled = copy.deepcopy(model)
+    shuffled["modelVersions"].reverse()
+    assert newest_published_version(shuffled)["id"] == 57618
+    # move the oldest version's date to the future: it becomes the newest wherever it sits
+    bumped = copy.deepcopy(model)
+    for version in bumped["modelVersions"]:
+        if version["id"] == 5057:
+            version["publishedAt"] = "2024-01-01T00:00:00.000"
+    assert newest_published_version(bumped)["id"] == 5057
+
+
+def test_newest_published_version_skips_unpublished_and_falls_back_to_created_at():
+    model = load("model-1231067.json")
+    draft = copy.deepcopy(model["modelVersions"][0])
+    draft.update(id=9, status="Draft", publishedAt="2030-01-01T00:00:00.000Z")
+    undated = copy.deepcopy(model["modelVersions"][0])
+    undated.update(id=10, publishedAt=None, createdAt="2029-01-01T00:00:00.000Z")
+    model["modelVersions"] = [model["modelVersions"][0], draft, undated]
+    assert newest_published_version(model)["id"] == 10
+    model["modelVersions"] = [draft]
+    with pytest.raises(CivitaiError) as err:
+        newest_published_version(model)
+    assert err.value.reason == "no_file" and "no published version" in str(err.value)
+
+
+def test_pick_file_on_version_57618_with_two_files_of_the_same_name():
+    version = next(v for v in load("model-4468.json")["modelVersions"] if v["id"] == 57618)
+    fp32, fp16 = version["files"]
+    assert fp32["name"] == fp16["name"]
+    assert pick_file(version)["id"] == 41079  # the primary (fp16)
+    assert pick_file(version, like=fp32)["id"] == 41074
+    assert pick_file(version, like=fp16)["id"] == 41079
+    assert pick_file(version, file_id=41074)["id"] == 41074
+    like_other_size = copy.deepcopy(fp32)
+    like_other_size["metadata"]["size"] = "full"  # no exact match: same format and fp still wins
+    assert pick_file(version, like=like_other_size)["id"] == 41074
+    with pytest.raises(CivitaiError) as err:
+        pick_file(version, file_id=1)
+    assert err.value.reason == "no_file"
+
+
+def test_pick_file_without_primary_takes_first_model_file():
+    version = {"id": 5, "files": [{"id": 1, "type": "Config"}, {"id": 2, "type": "Model"}, {"id": 3, "type": "Model"}]}
+    assert pick_file(version)["id"] == 2
+    with pytest.raises(CivitaiError) as err:
+        pick_file({"id": 6, "files": []})
+    assert err.value.reason == "no_file"
+
+
+def test_file_sha256_and_is_unsafe():
+    version = next(v for v in load("model-4468.json")["modelVersions"] if v["id"] == 57618)
+    f = version["files"][1]
+    assert file_sha256(f) == "cbfba64e662370f59d4aa2aa69bf16749fce93846ccce20506aee5df01169859"
+    assert file_sha256({"hashes": {"AutoV2": "X"}}) is None
+    assert not is_unsafe(f)
+    assert is_unsafe({**f, "pickleScanResult": "Danger"})
+    assert is_unsafe({**f, "virusScanResult": "Danger"})
+
+
+def test_resolve_by_model_uses_newest_version_primary_file(rsps):
+    rsps.get(f"{API}/models/4468", json=load("model-4468.json"))
+    res = resolve(make_client(), model_id=4468)
+    assert (res.model_id, res.version_id, res.file_id) == (4468, 57618, 41079)
+    assert res.model_type == "checkpoint"
+    assert res.filename == "counterfeitV30_v30.safetensors"
+    assert res.sha256 == "cbfba64e662370f59d4aa2aa69bf16749fce93846ccce20506aee5df01169859"
+    assert res.size_bytes == round(4144652.37109375 * 1024)
+    assert res.updated_at == res.published_at == "2023-04-28T19:32:30.819"
+    assert (res.file_format, res.fp, res.unsafe) == ("SafeTensor", "fp16", False)
+    assert res.url == f"{ORIGIN}/api/download/models/57618?fileId=41079"
+
+
+def test_resolve_by_version(rsps):
+    rsps.get(f"{API}/model-versions/1387174", json=load("model-version-1387174.json"))
+    res = resolve(make_client(), version_id=1387174)
+    assert (res.model_id, res.version_id, res.file_id, res.model_type) == (1231067, 1387174, 1289799, "lora")
+    assert res.filename == "pp-storybook_rank2_bf16.safetensors"
+    assert res.updated_at == "2025-02-08T11:29:04.526Z"
+    assert res.size_bytes == 19281048
+    with pytest.raises(CivitaiError) as err:
+        resolve(make_client(), model_id=5, version_id=1387174)
+    assert err.value.reason == "not_found" and "belongs to model 1231067" in str(err.value)
+
+
+# -- metadata requests -------------------------------------------------------------------------------
+
+def test_metadata_get_sends_key_only_to_the_api_and_waits_its_turn(rsps):
+    throttle = CountingThrottle()
+    rsps.get(f"{API}/models/1231067", json=load("model-1231067.json"),
+             match=[matchers.header_matcher({"Authorization": f"Bearer {KEY}"})])
+    client = make_client(throttle=throttle)
+    assert client.get_model(1231067)["id"] == 1231067
+    assert throttle.calls == 1
+    assert KEY not in repr(client)
+
+
+def test_metadata_redirect_to_another_host_drops_the_key(rsps):
+    rsps.get(f"{API}/models/1", status=301, headers={"Location": "https://mirror.example.org/api/v1/models/1"})
+    rsps.get("https://mirror.example.org/api/v1/models/1", json={"id": 1, "modelVersions": []})
+    rsps.get(f"{API}/model-versions/2", status=302, headers={"Location": "/api/v1/model-versions/3"})
+    rsps.get(f"{API}/model-versions/3", json={"id": 3},
+             match=[matchers.header_matcher({"Authorization": f"Bearer {KEY}"})])
+    client = make_client()
+    assert client.get_model(1)["id"] == 1
+    mirror = [c.request for c in rsps.calls if "mirror" in c.request.url][0]
+    assert "Authorization" not in mirror.headers
+    assert client.get_version(2)["id"] == 3
+
+
+@pytest.mark.parametrize("status, reason, retryable, words", [
+    (404, "not_found", False, "model 7 was not found on Civitai (deleted or wrong id)"),
+    (410, "gone", False, "archived"),
+    (400, "http_error", False, "400 Bad Request"),
+    (401, "auth_required", False, "civitai_api_key"),
+    (403, "forbidden", False, "403 Forbidden"),
+])
+def test_metadata_status_mapping(rsps, status, reason, retryable, words):
+    rsps.get(f"{API}/models/7", status=status, json={"error": "No model with id 7"})
+    with pytest.raises(CivitaiError) as err:
+        make_client().get_model(7)
+    assert (err.value.reason, err.value.retryable, err.value.status) == (reason, retryable, status)
+    assert words in str(err.value)
+    assert_no_secret(err.value)
+
+
+def test_metadata_5xx_is_retried_quickly_then_raised_retryable(rsps):
+    rsps.get(f"{API}/models/7", status=503, body="<html>503 Service Temporarily Unavailable</html>",
+             content_type="text/html")
+    throttle = CountingThrottle()
+    with pytest.raises(CivitaiError) as err:
+        make_client(throttle=throttle).get_model(7)
+    assert (err.value.reason, err.value.retryable) == ("server_error", True)
+    assert len(rsps.calls) == 3 and throttle.calls == 3
+
+
+def test_metadata_5xx_then_success(rsps):
+    rsps.get(f"{API}/models/7", status=500, json={"error": "boom"})
+    rsps.get(f"{API}/models/7", json={"id": 7})
+    assert make_client().get_model(7) == {"id": 7}
+
+
+def test_metadata_connection_error_is_retryable(rsps):
+    rsps.get(f"{API}/models/7", body=requests.ConnectionError("connection refused"))
+    with pytest.raises(CivitaiError) as err:
+        make_client().get_model(7)
+    assert (err.value.reason, err.value.retryable) == ("connection", True)
+    assert "civitai.test" in str(err.value)
+
+
+def test_metadata_429_honours_retry_after_and_is_not_retried_inside(rsps):
+    rsps.get(f"{API}/models/7", status=429, headers={"Retry-After": "42"}, json={"error": "slow down"})
+    with pytest.raises(CivitaiError) as err:
+        make_client().get_model(7)
+    assert (err.value.reason, err.value.retryable, err.value.retry_after_s) == ("rate_limited", True, 42.0)
+    assert len(rsps.calls) == 1
+
+
+def test_metadata_html_instead_of_json_is_bad_body(rsps):
+    rsps.get(f"{API}/models/7", body="<!DOCTYPE html><html>checking your browser</html>", content_type="text/html")
+    with pytest.raises(CivitaiError) as err:
+        make_client().get_model(7)
+    assert (err.value.reason, err.value.retryable) == ("bad_body", True)
+
+
+def test_get_models_batches_comma_separated_ids_and_paginates(rsps):
+    metadata = load("models-list-metadata.json")
+    assert {"nextCursor", "nextPage"} <= set(metadata)
+    next_page = f"{API}/models?ids=1,2,3&limit=3&nsfw=true&cursor=abc"
+    rsps.get(f"{API}/models", match=[matchers.query_param_matcher({"ids": "1,2,3", "limit": "3", "nsfw": "true"})],
+             json={"items": [{"id": 1}], "metadata": {"nextCursor": "abc", "nextPage": next_page}})
+    rsps.get(f"{API}/models", match=[matchers.query_param_matcher(
+        {"ids": "1,2,3", "limit": "3", "nsfw": "true", "cursor": "abc"})],
+        json={"items": [{"id": 2}, {"id": 99}], "metadata": {}})
+    found = make_client().get_models([1, 2, 3, 2])
+    assert set(found) == {1, 2}  # 3 is missing, 99 was not asked for
+
+
+def test_get_models_chunks_of_100(rsps):
+    seen = []
+
+    def answer(request):
+        ids = [int(i) for i in request.params["ids"].split(",")]
+        seen.append(len(ids))
+        return 200, {}, json.dumps({"items": [{"id": i} for i in ids], "metadata": {}})
+
+    rsps.add_callback(responses.GET, f"{API}/models", callback=answer)
+    found = make_client().get_models(list(range(1, 251)))
+    assert seen == [100, 100, 50] and len(found) == 250
+
+
+# -- download starts ---------------------------------------------------------------------------------
+
+def add_redirect(rsps, location=SIGNED, status=307, url=DL):
+    rsps.get(url, status=status, headers={"Location": location})
+
+
+def test_download_follows_307_without_key_or_cookies_to_the_cdn(rsps):
+    throttle = CountingThrottle()
+    rsps.get(DL, status=307, headers={"Location": SIGNED, "Set-Cookie": "session=abc; Path=/"},
+             match=[matchers.header_matcher({"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})])
+    rsps.get(SIGNED.split("?")[0], body=b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":1}",
+             headers={"ETag": '"e1"', "Content-Disposition": 'attachment; filename="m.safetensors"',
+                      "Content-Length": "16"},
+             content_type="application/octet-stream")
+    client = make_client(throttle=throttle)
+    with client.open_download(57618, 41079) as dl:
+        buf = bytearray(64)
+        n = dl.readinto(memoryview(buf))
+        assert (dl.status, dl.start, dl.total_size, dl.etag, dl.filename) == (200, 0, 16, '"e1"', "m.safetensors")
+        assert dl.url == f"{CDN}/file/model.safetensors" and not dl.from_api
+        assert bytes(buf[:n]).startswith(b"\x08")
+    cdn = rsps.calls[-1].request
+    assert "Authorization" not in cdn.headers and "Cookie" not in cdn.headers
+    assert cdn.headers["Accept-Encoding"] == "identity"
+    assert throttle.calls == 1
+
+
+def test_download_cookies_never_reach_the_cdn_on_the_same_host(rsps):
+    same_host_cdn = "https://civitai.test:8443/file/x.bin?sig=1"
+    client = make_client()
+    client.session.cookies.set("session", "abc", domain="civitai.test")
+    add_redirect(rsps, same_host_cdn)
+    rsps.get("https://civitai.test:8443/file/x.bin", body=b"data", content_type="application/octet-stream")
+    with client.open_download(57618, 41079):
+        pass
+    assert "Authorization" not in rsps.calls[-1].request.headers
+    assert "Cookie" not in rsps.calls[-1].request.headers
+    assert "Cookie" in rsps.calls[0].request.headers
+
+
+def test_download_range_and_if_range_reach_the_cdn(rsps):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], status=206, body=b"6789",
+             headers={"Content-Range": "bytes 6-9/10", "ETag": '"e1"'}, content_type="application/octet-stream")
+    with make_client().open_download(57618, 41079, start=6, etag='"e1"') as dl:
+        assert (dl.status, dl.start, dl.total_size, dl.content_length) == (206, 6, 10, 4)
+    cdn = rsps.calls[-1].request
+    assert cdn.headers["Range"] == "bytes=6-" and cdn.headers["If-Range"] == '"e1"'
+
+
+def test_download_416_is_returned_with_the_total(rsps):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], status=416, headers={"Content-Range": "bytes */10"})
+    with make_client().open_download(57618, 41079, start=10) as dl:
+        assert (dl.status, dl.total_size) == (416, 10)
+
+
+@pytest.mark.parametrize("status, body, reason, retryable, words", [
+    (401, {"error": "Unauthorized"}, "auth_required", False,
+     "Civitai did not accept the API key"),
+    (403, {"error": "Early Access", "deadline": "2031-05-01T00:00:00.000Z"}, "early_access", False,
+     "until 2031-05-01T00:00:00.000Z"),
+    (403, {"error": "Forbidden"}, "forbidden", False, "403 Forbidden"),
+    (404, {"error": "File not found"}, "not_found", False,
+     "model version 57618 was not found on Civitai (deleted or wrong id)"),
+    (410, {"error": "Model archived, not available for download"}, "gone", False, "archived"),
+    (429, {"error": "We've noticed an unusual amount of downloading"}, "rate_limited", True, "429"),
+    (500, {"error": "Error getting file"}, "server_error", True, "500"),
+    (502, "<html>bad gateway</html>", "server_error", True, "502"),
+])
+def test_download_status_mapping(rsps, status, body, reason, retryable, words):
+    kwargs = {"json": body} if isinstance(body, dict) else {"body": body, "content_type": "text/html"}
+    rsps.get(DL, status=status, headers={"Retry-After": "5"} if status == 429 else {}, **kwargs)
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
+    assert (err.value.reason, err.value.retryable, err.value.status) == (reason, retryable, status)
+    assert words in str(err.value)
+    if status == 429:
+        assert err.value.retry_after_s == 5.0
+    assert_no_secret(err.value)
+    assert len(rsps.calls) == 1  # the supervisor retries between attempts, not open_download
+
+
+def test_download_401_without_key_names_the_setting_and_env_var(rsps):
+    rsps.get(DL, status=401, json={"error": "Unauthorized"})
+    with pytest.raises(CivitaiError) as err:
+        make_client(key="").open_download(57618, 41079)
+    text = str(err.value)
+    assert text.startswith("Civitai requires a login or API key for this file")
+    assert "civitai_api_key in config.json" in text and "CIVITAI_API_KEY" in text
+    assert "Authorization" not in rsps.calls[0].request.headers
+
+
+def test_placeholder_key_is_treated_as_none(rsps):
+    rsps.get(f"{API}/models/1", json={"id": 1})
+    make_client(key="<your-api-key>").get_model(1)
+    assert "Authorization" not in rsps.calls[0].request.headers
+
+
+@pytest.mark.parametrize("location, reason", [
+    ("/login?reason=download-auth&returnUrl=/model-versions/57618", "auth_required"),
+    (f"{ORIGIN}/join?reason=early-access&returnUrl=/model-versions/57618", "early_access"),
+])
+def test_download_redirect_to_site_pages_is_mapped(rsps, location, reason):
+    add_redirect(rsps, location)
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
+    assert err.value.reason == reason and not err.value.retryable
+    assert len(rsps.calls) == 1
+
+
+def test_download_expired_cdn_link_is_resolved_again(rsps):
+    throttle = CountingThrottle()
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], status=403, body="<Error><Code>AccessDenied</Code></Error>",
+             content_type="application/xml")
+    rsps.get(SIGNED.split("?")[0], body=b"\x00" * 10, content_type="application/octet-stream")
+    with make_client(throttle=throttle).open_download(57618, 41079) as dl:
+        assert dl.status == 200
+    assert [c.request.url.split("?")[0] for c in rsps.calls] == [DL.split("?")[0], SIGNED.split("?")[0]] * 2
+    assert throttle.calls == 2
+
+
+def test_download_cdn_refusing_every_link_is_retryable(rsps, caplog):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], status=400, body="<Error><Code>ExpiredToken</Code></Error>")
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(CivitaiError) as err:
+            make_client().open_download(57618, 41079)
+    assert (err.value.reason, err.value.retryable, err.value.status) == ("forbidden", True, 400)
+    assert len(rsps.calls) == 6  # three links, each refused
+    assert_no_secret(err.value)
+    assert "deadbeef" not in caplog.text and KEY not in caplog.text
+
+
+def test_download_cdn_chain_of_redirects_never_gets_the_key(rsps):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], status=302, headers={"Location": "https://b2.example.com/f?auth=1"})
+    rsps.get("https://b2.example.com/f", body=b"\x00" * 4, content_type="application/octet-stream")
+    with make_client().open_download(57618, 41079) as dl:
+        assert dl.url == "https://b2.example.com/f"
+    assert all("Authorization" not in c.request.headers for c in rsps.calls[1:])
+
+
+def test_download_redirect_loop_gives_up(rsps):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], status=302, headers={"Location": SIGNED})
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
+    assert err.value.retryable and "redirected too many times" in str(err.value)
+
+
+@pytest.mark.parametrize("key", [KEY, ""])
+def test_download_html_body_is_refused_with_a_login_hint(rsps, key):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], body="<!DOCTYPE html><html><title>Sign in | Civitai</title></html>",
+             content_type="text/html; charset=utf-8")
+    with pytest.raises(CivitaiError) as err:
+        make_client(key=key).open_download(57618, 41079)
+    assert err.value.reason == "bad_body"
+    assert "web page" in str(err.value)
+    if not key:
+        assert "login" in str(err.value) and "civitai_api_key" in str(err.value)
+        assert not err.value.retryable
+
+
+def test_download_json_body_is_refused_unless_a_json_file_is_expected(rsps):
+    rsps.get(DL, json={"error": "Unauthorized", "message": "log in"})
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079, filename="model.safetensors")
+    assert err.value.reason == "bad_body" and "Unauthorized" in str(err.value)
+    with make_client().open_download(57618, 41079, filename="config.json") as dl:
+        assert dl.status == 200 and dl.from_api
+
+
+def test_download_connection_error_is_retryable_and_clean(rsps):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], body=requests.ConnectionError(f"failed for {SIGNED}"))
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
+    assert (err.value.reason, err.value.retryable) == ("connection", True)
+    assert "cdn.example.net" in str(err.value)
+    assert_no_secret(err.value)
+
+
+def test_download_compressed_body_is_refused(rsps):
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], body=b"x", headers={"Content-Encoding": "gzip"},
+             content_type="application/octet-stream")
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
+    assert err.value.reason == "bad_body" and err.value.retryable
+
+
+def test_urllib3_debug_log_has_no_query_strings(caplog):
+    with caplog.at_level(logging.DEBUG, logger="urllib3.connectionpool"):
+        logging.getLogger("urllib3.connectionpool").debug(
+            '%s://%s:%s "%s %s %s" %s %s', "https", "cdn.example.net", 443, "GET", "/f?X-Amz-Signature=s", "HTTP/1.1",
+            200, 10)
+    assert "X-Amz-Signature" not in caplog.text and "/f" in caplog.text
+
+
+def test_error_message_as_worker_message():
+    err = CivitaiError("boom", reason="server_error", retryable=True, retry_after_s=3.0, status=500)
+    assert err.as_message(5) == {"type": "error", "job_id": 5, "error": "boom", "retryable": True,
+                                 "retry_after_s": 3.0, "reason": "server_error"}

@@ -1,0 +1,1 @@
+"""Processes that do the work: the Civitai client, the download of one job, the worker and updater shells."""

@@ -1,0 +1,790 @@
+"""Civitai's REST API and download endpoint: requests, errors a user can act on, and file choice."""
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import random
+import re
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.cookiejar import DefaultCookiePolicy
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+
+import requests
+
+from ipc.naming import model_type_from_api, safe_filename
+from ipc.throttle import Throttle
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "civitai-daemon/0.1"
+API_KEY_HINT = "set civitai_api_key in config.json or the CIVITAI_API_KEY environment variable"
+MAX_REDIRECTS = 5
+CDN_RERESOLVES = 2  # fresh links asked of Civitai when the file host refuses one, per open_download
+API_GET_TRIES = 3  # one metadata GET, including quick retries of 5xx and connection errors
+API_BACKOFF_S = (0.5, 1.0)
+CONNECT_TIMEOUT_S = 10.0
+ERROR_BODY_LIMIT = 64 * 1024
+FILL_WINDOW_S = 0.05  # Download.readinto() returns what arrived within this time
+IDS_PER_REQUEST = 100  # GET /models accepts limit <= 100
+TEXT_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".md")
+_PLACEHOLDER_RE = re.compile(r"^\s*<[^>]*>\s*$")
+_CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.I)
+
+
+class _RedactQueryFilter(logging.Filter):
+    """urllib3 logs each request's URL at DEBUG; a signed file-host URL carries its credentials
+    in the query string, which never goes to a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(re.sub(r"\?[^\s\"']*", "", a) if isinstance(a, str) and "?" in a else a
+                                for a in record.args)
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueryFilter())
+
+
+class CivitaiError(Exception):
+    """str(e) is a sentence a user can act on. Never contains the API key or a URL query string."""
+
+    def __init__(self, message: str, *, reason: str, retryable: bool = False,
+                 retry_after_s: float | None = None, status: int | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+    def __repr__(self) -> str:
+        return (f"CivitaiError({str(self)!r}, reason={self.reason!r}, retryable={self.retryable}, "
+                f"retry_after_s={self.retry_after_s!r}, status={self.status!r})")
+
+    def as_message(self, job_id) -> dict:
+        """The worker's "error" message to the supervisor (see docs/DESIGN.md)."""
+        return {"type": "error", "job_id": job_id, "error": str(self), "retryable": self.retryable,
+                "retry_after_s": self.retry_after_s, "reason": self.reason}
+
+
+def redact_url(url: object) -> str:
+    """A URL fit for a log: no query string (signed CDN links carry their credentials there),
+    no fragment, no user:password@."""
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return "<invalid url>"
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def url_origin(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return f"{scheme}://{host}:{port}"
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def content_disposition_filename(value: str | None) -> str | None:
+    """The file name of a Content-Disposition header, reduced to one safe path component."""
+    if not value:
+        return None
+    match = re.search(r"filename\*\s*=\s*([^']*)'[^']*'([^;]+)", value, re.I)
+    if match:
+        try:
+            name = unquote(match.group(2).strip().strip('"'), encoding=match.group(1) or "utf-8")
+        except LookupError:
+            name = unquote(match.group(2).strip().strip('"'))
+    else:
+        match = re.search(r'filename\s*=\s*("((?:[^"\\]|\\.)*)"|[^;]+)', value, re.I)
+        if not match:
+            return None
+        name = match.group(2) if match.group(2) is not None else match.group(1).strip()
+    return safe_filename(name) if name.strip() else None
+
+
+def _http_phrase(status: int) -> str:
+    try:
+        return http.client.responses[status]
+    except KeyError:
+        return ""
+
+
+def _status_text(status: int) -> str:
+    phrase = _http_phrase(status)
+    return f"{status} {phrase}" if phrase else str(status)
+
+
+def _body_error_text(body: bytes, content_type: str) -> str:
+    """The human part of an error body: Civitai's {"error": "..."} or {"message": "..."}."""
+    if not body:
+        return ""
+    try:
+        data = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        for key in ("error", "message", "detail"):
+            if isinstance(data.get(key), str):
+                return data[key]
+        return ""
+    if "html" in content_type or body.lstrip()[:1] == b"<":
+        return ""  # a web page says nothing useful in one line
+    return body.decode("utf-8", "replace").strip().splitlines()[0] if body.strip() else ""
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def sniff_error_body(content_type: str, head: bytes) -> str | None:
+    """"html" or "json" when a response that should be a model file is a web page or an API
+    error instead; None when it may be the file."""
+    content_type = (content_type or "").split(";")[0].strip().lower()
+    if content_type in ("text/html", "application/xhtml+xml"):
+        return "html"
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return "json"
+    start = head.lstrip()[:16].lower()
+    if start.startswith((b"<!doctype", b"<html", b"<head", b"<body")):
+        return "html"
+    if start.startswith(b'{"'):
+        return "json"
+    return None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    model_id: int | None
+    version_id: int
+    file_id: int
+    model_type: str
+    filename: str
+    sha256: str | None
+    size_bytes: int | None  # from sizeKB: an estimate; the real size comes from Content-Length
+    updated_at: str | None
+    published_at: str | None
+    unsafe: bool
+    file_format: str | None
+    fp: str | None
+    url: str  # the API download URL (no key in it)
+
+
+class Download:
+    """One open response carrying file bytes (status 200 or 206), or a 416 answer to a Range."""
+
+    def __init__(self, resp: requests.Response, *, url: str, api_url: str, from_api: bool,
+                 requested_start: int):
+        self._resp = resp
+        self.status = resp.status_code
+        self.headers = resp.headers
+        self.url = redact_url(url)  # where the bytes come from, fit for a log
+        self.api_url = api_url
+        self.from_api = from_api
+        self.etag = resp.headers.get("ETag")
+        self.last_modified = resp.headers.get("Last-Modified")
+        self.content_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        self.filename = content_disposition_filename(resp.headers.get("Content-Disposition"))
+        self.content_length = _int_or_none(resp.headers.get("Content-Length"))
+        self.start = 0
+        self.total_size: int | None = None
+        rng = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range") or "")
+        if self.status == 206:
+            if not rng or rng.group(1) is None:
+                self.close()
+                raise CivitaiError("the file host sent a partial answer without a valid Content-Range; "
+                                   "it will be retried", reason="bad_body", retryable=True, status=206)
+            self.start = int(rng.group(1))
+            end = int(rng.group(2))
+            self.total_size = None if rng.group(3) == "*" else int(rng.group(3))
+            self.content_length = end - self.start + 1
+        elif self.status == 416:
+            self.start = requested_start
+            if rng and rng.group(3) != "*":
+                self.total_size = int(rng.group(3))
+        else:
+            self.total_size = self.content_length
+        self._aborted = False
+        self._raw = resp.raw
+        fp = getattr(self._raw, "_fp", None)
+        encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding not in ("", "identity") and self.status in (200, 206):
+            self.close()
+            raise CivitaiError(f"the file host sent the file compressed (Content-Encoding: {_short(encoding, 30)}) "
+                               "although asked not to; it will be retried",
+                               reason="bad_body", retryable=True, status=self.status)
+        # With a Content-Length body, read straight from the connection's buffered reader into
+        # the caller's buffer: urllib3's readinto() copies every chunk, and http.client's fills
+        # the whole buffer before returning, which hides a slow trickle from the stall watchdog.
+        self._buffered = None
+        self._remaining = 0
+        if (isinstance(fp, http.client.HTTPResponse) and not fp.chunked and isinstance(fp.length, int)
+                and hasattr(getattr(fp, "fp", None), "readinto1")):
+            self._buffered = fp.fp
+            self._remaining = fp.length
+        conn = getattr(self._raw, "connection", None) or getattr(self._raw, "_connection", None)
+        self._sock = getattr(conn, "sock", None)
+
+    def readinto(self, view) -> int:
+        """Put the next bytes of the body into `view`: as many as arrive within about
+        FILL_WINDOW_S, at least one byte; 0 at the end of the body (which may be early: the
+        caller compares with the expected length). Raises OSError or http.client/urllib3
+        errors when the connection fails."""
+        if self._buffered is None:
+            read1 = getattr(self._raw, "read1", None)
+            data = read1(len(view)) if read1 is not None else self._raw.read(len(view), decode_content=False)
+            n = len(data)
+            view[:n] = data
+            return n
+        limit = min(len(view), self._remaining)
+        got = 0
+        deadline = time.monotonic() + FILL_WINDOW_S
+        while got < limit:
+            n = self._buffered.readinto1(view[got:limit])
+            if not n:
+                self._remaining = 0  # the connection closed early
+                break
+            got += n
+            if time.monotonic() >= deadline:
+                break
+        self._remaining = max(0, self._remaining - got)
+        return got
+
+    def read_small(self, limit: int = ERROR_BODY_LIMIT) -> bytes:
+        try:
+            return self._raw.read(limit, decode_content=True) or b""
+        except Exception:  # noqa: BLE001 - best effort, for an error message only
+            return b""
+
+    def abort(self) -> None:
+        """Unblock a readinto() running in another thread (cancel, stall). Safe to call twice."""
+        self._aborted = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def close(self) -> None:
+        try:
+            self._resp.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Download(status={self.status}, url={self.url!r}, start={self.start}, total={self.total_size})"
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        number = int(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
+
+
+class _CdnRefused(Exception):
+    def __init__(self, status: int, host: str):
+        super().__init__(status)
+        self.status = status
+        self.host = host
+
+
+class CivitaiClient:
+    """Metadata GETs and download starts, each spaced by the shared throttle.
+
+    The API key goes only as `Authorization: Bearer` and only to the origin of `api_url`;
+    the signed file-host URL is fetched without it and without cookies.
+    """
+
+    def __init__(self, api_url: str, api_key: str = "", throttle: Throttle | None = None,
+                 timeout_s: float = 30, session=None):
+        self.api_url = str(api_url).rstrip("/")
+        parts = urlsplit(self.api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"civitai_url must be an http(s) URL, got {redact_url(api_url)!r}")
+        self.origin = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", ""))
+        self._origin_key = url_origin(self.api_url)
+        key = (api_key or "").strip()
+        self._api_key = "" if _PLACEHOLDER_RE.match(key) else key
+        self.throttle = throttle
+        self.timeout_s = float(timeout_s)
+        self.session = session if session is not None else requests.Session()
+        self.session.headers.setdefault("User-Agent", USER_AGENT)
+        self._cdn_session = requests.Session()
+        self._cdn_session.headers["User-Agent"] = USER_AGENT
+        self._cdn_session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        self._sleep = time.sleep
+
+    def __repr__(self) -> str:
+        return f"CivitaiClient(api_url={redact_url(self.api_url)!r}, api_key={'***' if self._api_key else ''!r})"
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self._api_key)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _is_api(self, url: str) -> bool:
+        try:
+            return url_origin(url) == self._origin_key
+        except ValueError:
+            return False
+
+    def _auth_headers(self, url: str) -> dict:
+        if self._api_key and self._is_api(url):
+            return {"Authorization": f"Bearer {self._api_key}"}
+        return {}
+
+    def _wait_turn(self) -> None:
+        if self.throttle is not None:
+            self.throttle.wait()
+
+    def scrub(self, text: str) -> str:
+        """`text` without the API key and without URL query strings."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return re.sub(r"(https?://[^\s?#'\"<>]*)[?#][^\s'\"<>]*", r"\1", text)
+
+    def _connection_error(self, exc: Exception, url: str, subject: str) -> CivitaiError:
+        host = urlsplit(url).hostname or "?"
+        if isinstance(exc, requests.Timeout):
+            what = "timed out"
+        elif isinstance(exc, requests.exceptions.SSLError):
+            what = "failed its TLS handshake"
+        else:
+            what = "failed"
+        return CivitaiError(f"the connection to {host} {what} while fetching {subject} "
+                            f"({type(exc).__name__}); it will be retried",
+                            reason="connection", retryable=True)
+
+    def _status_error(self, resp: requests.Response, subject: str, *, body: bytes | None = None) -> CivitaiError:
+        status = resp.status_code
+        content_type = (resp.headers.get("Content-Type") or "").lower()
+        if body is None:
+            body = _read_body(resp)
+        detail = self.scrub(_short(_body_error_text(body, content_type)))
+        if status == 401:
+            if self._api_key:
+                return CivitaiError(f"Civitai did not accept the API key for {subject} (401 Unauthorized): "
+                                    f"check civitai_api_key in config.json or the CIVITAI_API_KEY environment variable",
+                                    reason="auth_required", status=401)
+            return CivitaiError(f"Civitai requires a login or API key for this file ({subject}): {API_KEY_HINT}",
+                                reason="auth_required", status=401)
+        if status == 403:
+            deadline = None
+            try:
+                data = json.loads(body.decode("utf-8", "replace")) if body else None
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                deadline = data.get("deadline") or data.get("earlyAccessEndsAt")
+            if "early access" in detail.lower() or deadline:
+                until = f" until {_short(self.scrub(str(deadline)), 40)}" if deadline else ""
+                return CivitaiError(f"{subject} is in early access on Civitai{until}: buy early access on civitai.com "
+                                    f"(with civitai_api_key set) or wait until it ends",
+                                    reason="early_access", status=403)
+            hint = "" if self._api_key else f"; if it needs a login, {API_KEY_HINT}"
+            why = f": {detail}" if detail else ""
+            return CivitaiError(f"Civitai refused access to {subject} (403 Forbidden{why}){hint}",
+                                reason="forbidden", status=403)
+        if status == 404:
+            return CivitaiError(f"{subject} was not found on Civitai (deleted or wrong id)",
+                                reason="not_found", status=404)
+        if status == 410:
+            return CivitaiError(f"{subject} is archived on Civitai and can no longer be downloaded",
+                                reason="gone", status=410)
+        if status == 429:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            when = f"; retrying after {retry_after:.0f} s" if retry_after is not None else "; backing off"
+            why = f" ({detail})" if detail else ""
+            return CivitaiError(f"Civitai is rate limiting requests (429 Too Many Requests){why}{when}",
+                                reason="rate_limited", retryable=True, retry_after_s=retry_after, status=429)
+        if status >= 500:
+            return CivitaiError(f"Civitai had a server error ({_status_text(status)}) for {subject}; "
+                                f"it will be retried",
+                                reason="server_error", retryable=True, status=status,
+                                retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
+        why = f": {detail}" if detail else ""
+        return CivitaiError(f"Civitai answered {_status_text(status)} for {subject}{why}",
+                            reason="http_error", status=status)
+
+    def _get(self, url: str, *, params=None, subject: str, headers: dict | None = None) -> requests.Response:
+        """GET following redirects by hand, so the key only ever goes to the API origin."""
+        for _ in range(MAX_REDIRECTS + 1):
+            hdrs = {"Accept": "application/json", **(headers or {}), **self._auth_headers(url)}
+            try:
+                resp = self.session.get(url, params=params, headers=hdrs, allow_redirects=False,
+                                        timeout=(min(CONNECT_TIMEOUT_S, self.timeout_s), self.timeout_s))
+            except requests.RequestException as exc:
+                raise self._connection_error(exc, url, subject) from None
+            if resp.is_redirect:
+                location = resp.headers.get("Location", "")
+                resp.close()
+                url = urljoin(resp.url or url, location)
+                params = None
+                log.debug("%s redirected to %s", subject, redact_url(url))
+                continue
+            return resp
+        raise CivitaiError(f"Civitai redirected too many times while fetching {subject}; it will be retried",
+                           reason="http_error", retryable=True)
+
+    def _get_json(self, url: str, *, params=None, subject: str) -> dict:
+        for attempt in range(API_GET_TRIES):
+            self._wait_turn()
+            try:
+                resp = self._get(url, params=params, subject=subject)
+                if resp.status_code != 200:
+                    raise self._status_error(resp, subject)
+                return self._parse_json(resp, subject)
+            except CivitaiError as exc:
+                quick = exc.reason in ("server_error", "connection", "bad_body") and exc.retryable
+                if not quick or attempt + 1 >= API_GET_TRIES:
+                    raise
+                delay = API_BACKOFF_S[min(attempt, len(API_BACKOFF_S) - 1)] * (0.5 + random.random())
+                log.info("%s; trying again in %.1f s", exc, delay)
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _parse_json(self, resp: requests.Response, subject: str) -> dict:
+        body = resp.content
+        content_type = (resp.headers.get("Content-Type") or "").lower()
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            kind = "a web page" if "html" in content_type or body.lstrip()[:1] == b"<" else "something that is not JSON"
+            raise CivitaiError(f"Civitai answered {subject} with {kind} (maybe maintenance or a "
+                               f"Cloudflare check); it will be retried", reason="bad_body", retryable=True,
+                               status=resp.status_code) from None
+        if not isinstance(data, dict):
+            raise CivitaiError(f"Civitai answered {subject} with unexpected JSON; it will be retried",
+                               reason="bad_body", retryable=True, status=resp.status_code)
+        return data
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def get_model(self, model_id: int) -> dict:
+        model_id = int(model_id)
+        return self._get_json(f"{self.api_url}/models/{model_id}", subject=f"model {model_id}")
+
+    def get_version(self, version_id: int) -> dict:
+        version_id = int(version_id)
+        return self._get_json(f"{self.api_url}/model-versions/{version_id}", subject=f"model version {version_id}")
+
+    def get_models(self, ids: list[int]) -> dict[int, dict]:
+        """Models by id, batched (`ids=1,2,3`, at most 100 a request), following
+        metadata.nextPage/nextCursor. Ids Civitai does not return are absent: the caller can
+        confirm each with get_model(), whose 404 is definite (the list can also hide a model,
+        e.g. from a region that only sees SFW content)."""
+        wanted = list(dict.fromkeys(int(i) for i in ids))
+        found: dict[int, dict] = {}
+        for offset in range(0, len(wanted), IDS_PER_REQUEST):
+            chunk = wanted[offset: offset + IDS_PER_REQUEST]
+            # nsfw=true: without it the list silently drops every model above the public level.
+            params: dict | None = {"ids": ",".join(map(str, chunk)), "limit": len(chunk), "nsfw": "true"}
+            url = f"{self.api_url}/models"
+            seen_pages: set[str] = set()
+            while url:
+                data = self._get_json(url, params=params, subject=f"models {_id_list(chunk)}")
+                for item in data.get("items") or []:
+                    if isinstance(item, dict) and isinstance(item.get("id"), int) and item["id"] in chunk:
+                        found[item["id"]] = item
+                if all(i in found for i in chunk):
+                    break
+                meta = data.get("metadata") or {}
+                next_page = meta.get("nextPage")
+                next_cursor = meta.get("nextCursor")
+                if isinstance(next_page, str) and next_page and self._is_api(next_page):
+                    url, params = next_page, None
+                elif next_cursor not in (None, "") and params is not None:
+                    url, params = f"{self.api_url}/models", {**params, "cursor": str(next_cursor)}
+                else:
+                    break
+                page_key = url + json.dumps(params, sort_keys=True)
+                if page_key in seen_pages or len(seen_pages) >= 50:
+                    break
+                seen_pages.add(page_key)
+        return found
+
+    # -- download ---------------------------------------------------------------------------
+
+    def download_url(self, version_id: int, file_id: int | None = None) -> str:
+        url = f"{self.origin}/api/download/models/{int(version_id)}"
+        return url if file_id is None else f"{url}?fileId={int(file_id)}"
+
+    def open_download(self, version_id: int, file_id: int | None, start: int = 0, etag: str | None = None,
+                      *, read_timeout_s: float | None = None, filename: str | None = None) -> Download:
+        """Ask Civitai for the file and open the signed link it redirects to.
+
+        Returns a Download with status 200 (whole file), 206 (from `start`) or 416 (the Range
+        was past the end). `etag` goes in If-Range so a changed file comes back whole (200).
+        `filename` (the expected name) only relaxes the JSON-body check for JSON files.
+        """
+        subject = f"model version {int(version_id)}"
+        api_url = self.download_url(version_id, file_id)
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
+        if start > 0:
+            headers["Range"] = f"bytes={int(start)}-"
+            if etag:
+                headers["If-Range"] = etag
+        read_timeout = self.timeout_s if read_timeout_s is None else float(read_timeout_s)
+        refused: _CdnRefused | None = None
+        for _ in range(1 + CDN_RERESOLVES):
+            self._wait_turn()
+            try:
+                resp, url = self._open_once(api_url, subject, headers, read_timeout)
+            except _CdnRefused as exc:
+                refused = exc
+                log.info("%s refused the download link for %s (%s); asking Civitai for a new one",
+                         exc.host, subject, exc.status)
+                continue
+            download = Download(resp, url=url, api_url=api_url, from_api=self._is_api(url), requested_start=start)
+            if download.status in (200, 206):
+                self._refuse_non_file(download, subject, filename)
+            return download
+        assert refused is not None
+        reason = "not_found" if refused.status in (404, 410) else "forbidden"
+        raise CivitaiError(f"the file host {refused.host} refused the download link from Civitai for {subject} "
+                           f"({_status_text(refused.status)}) {1 + CDN_RERESOLVES} times; it will be retried",
+                           reason=reason, retryable=True, status=refused.status)
+
+    def _open_once(self, api_url: str, subject: str, headers: dict, read_timeout_s: float):
+        url = api_url
+        for _ in range(MAX_REDIRECTS + 1):
+            on_api = self._is_api(url)
+            hdrs = dict(headers)
+            if on_api:
+                # Civitai answers 401/403 as JSON for this content type instead of redirecting to
+                # its login page (src/pages/api/download/models/[modelVersionId].ts).
+                hdrs["Content-Type"] = "application/json"
+                hdrs.update(self._auth_headers(url))
+            session = self.session if on_api else self._cdn_session
+            try:
+                resp = session.get(url, headers=hdrs, stream=True, allow_redirects=False,
+                                   timeout=(min(CONNECT_TIMEOUT_S, self.timeout_s), read_timeout_s))
+            except requests.RequestException as exc:
+                raise self._connection_error(exc, url, subject) from None
+            if resp.is_redirect:
+                location = resp.headers.get("Location", "")
+                resp.close()
+                nxt = urljoin(url, location)
+                if self._is_api(nxt):
+                    self._refuse_site_redirect(nxt, subject)
+                log.debug("download of %s redirected to %s", subject, redact_url(nxt))
+                url = nxt
+                continue
+            if resp.status_code in (200, 206, 416):
+                return resp, url
+            if not on_api and resp.status_code in (400, 401, 403, 404, 410):
+                resp.close()
+                raise _CdnRefused(resp.status_code, urlsplit(url).hostname or "?")
+            error = self._status_error(resp, subject)
+            resp.close()
+            raise error
+        raise CivitaiError(f"the download of {subject} was redirected too many times; it will be retried",
+                           reason="http_error", retryable=True)
+
+    def _refuse_site_redirect(self, url: str, subject: str) -> None:
+        """Civitai sends browsers to its login or membership page instead of answering 401/403."""
+        parts = urlsplit(url)
+        path = parts.path.lower()
+        if path.startswith("/login"):
+            raise CivitaiError(f"Civitai requires a login or API key for this file ({subject}): {API_KEY_HINT}",
+                               reason="auth_required", status=401)
+        if path.startswith(("/join", "/pricing", "/purchase")) or "early-access" in parts.query.lower():
+            raise CivitaiError(f"{subject} is in early access on Civitai: buy early access on civitai.com "
+                               f"(with civitai_api_key set) or wait until it ends", reason="early_access", status=403)
+
+    def _refuse_non_file(self, download: Download, subject: str, filename: str | None) -> None:
+        json_ok = bool(filename) and filename.lower().endswith(TEXT_FILE_SUFFIXES)
+        kind = sniff_error_body(download.content_type, b"")
+        if kind == "json" and json_ok:
+            return
+        if kind is not None:
+            body = download.read_small()
+            download.close()
+            raise self.bad_body_error(kind, subject, body)
+
+    def bad_body_error(self, kind: str, subject: str, body: bytes = b"") -> CivitaiError:
+        """The error for a web page or an API answer where the model file was expected."""
+        if kind == "html":
+            hint = (f"; this usually means a login is required: {API_KEY_HINT}" if not self._api_key
+                    else "; Civitai may be in maintenance or asking for a browser check")
+            return CivitaiError(f"Civitai sent a web page instead of the file of {subject}{hint}",
+                                reason="bad_body", retryable=bool(self._api_key))
+        detail = self.scrub(_short(_body_error_text(body, "application/json")))
+        why = f": {detail}" if detail else ""
+        return CivitaiError(f"Civitai sent an error message instead of the file of {subject}{why}; it will be retried",
+                            reason="bad_body", retryable=True)
+
+
+def _read_body(resp: requests.Response, limit: int = ERROR_BODY_LIMIT) -> bytes:
+    try:
+        if resp.raw is not None and not resp._content_consumed:  # streamed: read a bounded amount
+            return resp.raw.read(limit, decode_content=True) or b""
+        return (resp.content or b"")[:limit]
+    except Exception:  # noqa: BLE001 - only feeds an error message
+        return b""
+
+
+def _id_list(ids: list[int]) -> str:
+    text = ",".join(map(str, ids[:5]))
+    return text + (f",… ({len(ids)} ids)" if len(ids) > 5 else "")
+
+
+# -- choosing a version and a file ------------------------------------------------------------
+
+def _parse_time(value) -> float | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:  # older responses have no zone; Civitai's clock is UTC
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+parse_time = _parse_time  # public name: seconds since the epoch of a Civitai timestamp, or None
+
+
+def newest_published_version(model: dict) -> dict:
+    """The newest published version by publishedAt (createdAt if missing), not array order."""
+    versions = [v for v in (model.get("modelVersions") or []) if isinstance(v, dict)]
+    # The list endpoint strips `status` (it only lists published versions); /models/{id} keeps it.
+    published = [v for v in versions if v.get("status") in (None, "Published")]
+    if not published:
+        raise CivitaiError(f"model {model.get('id', '?')} has no published version on Civitai",
+                           reason="no_file")
+
+    def key(version: dict):
+        when = _parse_time(version.get("publishedAt"))
+        if when is None:
+            when = _parse_time(version.get("createdAt"))
+        vid = version.get("id") if isinstance(version.get("id"), int) else 0
+        return (when is not None, when or 0.0, vid)
+
+    return max(published, key=key)
+
+
+def _meta(f: dict) -> dict:
+    meta = f.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def pick_file(version: dict, file_id=None, like: dict | None = None) -> dict:
+    """The file to fetch: by id; else the one with the same format and precision (and size)
+    as `like`; else the primary; else the first of type Model; else the first."""
+    files = [f for f in (version.get("files") or []) if isinstance(f, dict)]
+    vid = version.get("id", "?")
+    if file_id is not None:
+        for f in files:
+            if f.get("id") == int(file_id):
+                return f
+        raise CivitaiError(f"file {file_id} is not part of model version {vid} on Civitai (deleted or wrong id)",
+                           reason="no_file")
+    if not files:
+        raise CivitaiError(f"model version {vid} has no downloadable file on Civitai", reason="no_file")
+    want = _meta(like) if like else {}
+    if want.get("format") is not None or want.get("fp") is not None:
+        same_type = [f for f in files if f.get("type") == like.get("type")]
+        for keys in (("format", "fp", "size"), ("format", "fp")):
+            for candidates in (same_type, files):
+                for f in candidates:
+                    if all(_meta(f).get(k) == want.get(k) for k in keys):
+                        return f
+    for f in files:
+        if f.get("primary") is True:
+            return f
+    for f in files:
+        if f.get("type") == "Model":
+            return f
+    return files[0]
+
+
+def file_sha256(f: dict) -> str | None:
+    hashes = f.get("hashes")
+    value = hashes.get("SHA256") if isinstance(hashes, dict) else None
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-fA-F]{64}", value.strip()):
+        return value.strip().lower()
+    return None
+
+
+def is_unsafe(f: dict) -> bool:
+    return f.get("pickleScanResult") == "Danger" or f.get("virusScanResult") == "Danger"
+
+
+def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=None) -> Resolved:
+    """What to download for a job: the given version (or the model's newest published one)
+    and its file (given, else primary)."""
+    if version_id is not None:
+        version = client.get_version(int(version_id))
+        api_model_id = version.get("modelId")
+        if model_id is not None and isinstance(api_model_id, int) and api_model_id != int(model_id):
+            raise CivitaiError(f"model version {version_id} belongs to model {api_model_id} on Civitai, "
+                               f"not to model {model_id}: fix the ids", reason="not_found")
+        model_type = model_type_from_api((version.get("model") or {}).get("type"))
+        model_id = api_model_id if isinstance(api_model_id, int) else model_id
+    elif model_id is not None:
+        model = client.get_model(int(model_id))
+        version = newest_published_version(model)
+        model_type = model_type_from_api(model.get("type"))
+    else:
+        raise ValueError("resolve() needs model_id or version_id")
+    f = pick_file(version, file_id)
+    size_kb = f.get("sizeKB")
+    size_bytes = int(round(float(size_kb) * 1024)) if isinstance(size_kb, (int, float)) and size_kb > 0 else None
+    vid = int(version["id"])
+    fid = int(f["id"])
+    meta = _meta(f)
+    return Resolved(
+        model_id=int(model_id) if model_id is not None else None,
+        version_id=vid,
+        file_id=fid,
+        model_type=model_type,
+        filename=safe_filename(f.get("name"), fallback=f"model_{vid}_{fid}.bin"),
+        sha256=file_sha256(f),
+        size_bytes=size_bytes,
+        updated_at=version.get("updatedAt") or version.get("publishedAt"),
+        published_at=version.get("publishedAt"),
+        unsafe=is_unsafe(f),
+        file_format=meta.get("format"),
+        fp=meta.get("fp"),
+        url=client.download_url(vid, fid),
+    )

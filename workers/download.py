@@ -1,0 +1,794 @@
+"""The download of one job: resolve it, resume its partial file, stream and hash, verify, rename into place."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import mmap
+import os
+import queue
+import shutil
+import socket
+import stat
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ipc.naming import alternate_filename, is_valid_model_type, part_filename, safe_filename
+from ipc.throttle import file_lock
+from workers.civitai import (
+    TEXT_FILE_SUFFIXES,
+    CivitaiClient,
+    CivitaiError,
+    Download,
+    Resolved,
+    resolve,
+    sniff_error_body,
+)
+
+log = logging.getLogger(__name__)
+
+BUF_SIZE = 1 << 20  # one socket readinto(); hashed and written as a unit
+N_BUFS = 8  # buffers in flight between reader, hasher and writer: bounds memory at 8 MiB
+WRITE_PIECE = 1 << 20  # bytes per os.write()
+HASH_CHUNK = 1 << 20
+POLL_S = 0.25  # should_stop(), stall and progress checks
+PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second
+SPEED_WINDOW_S = 3.0
+MAX_RESTARTS = 2  # restarts from zero within one attempt (200 to a Range, 416, bad Content-Range)
+DISK_MARGIN_BYTES = 16 << 20
+SIZE_TOLERANCE = (64 << 10, 0.01)  # sizeKB is only an estimate: absolute bytes, fraction
+O_BINARY = getattr(os, "O_BINARY", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Linux: write the partial file with O_DIRECT. Copying into the page cache cost more CPU than
+# hashing on the machines we measured (and evicts the user's cache for a file nobody reads now);
+# any refusal (other OS, tmpfs, FUSE, odd alignment) falls back to plain writes.
+USE_DIRECT_IO = hasattr(os, "O_DIRECT")
+DIRECT_ALIGN = 4096  # offset, length and memory alignment that every Linux block device accepts
+STAGE_SIZE = 2 << 20  # staging for pieces that are not a multiple of DIRECT_ALIGN
+
+
+@dataclass
+class JobContext:
+    client: CivitaiClient
+    download_dir: Path  # absolute base folder
+    locks_dir: Path  # data/locks (for ipc.throttle.file_lock around the final check+rename)
+    allow_unsafe: bool
+    read_timeout_s: float = 10  # no bytes for this long: the attempt fails as stalled
+
+
+def run_job(job: dict, ctx: JobContext, report: Callable[[dict], None],
+            should_stop: Callable[[], bool]) -> dict:
+    """Download one job's file into download_dir/<model_type>/<filename>, verified.
+
+    Returns the "done" message; raises CivitaiError on failure (reason "cancelled" when
+    should_stop() became true, with the partial file kept for a later attempt).
+    `report` and `should_stop` are only called from the calling thread.
+    """
+    return _Job(job, ctx, report, should_stop).run()
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _norm_sha(value) -> str | None:
+    if isinstance(value, str) and len(value.strip()) == 64:
+        try:
+            int(value.strip(), 16)
+        except ValueError:
+            return None
+        return value.strip().lower()
+    return None
+
+
+def size_plausible(actual: int | None, estimate: int | None) -> bool:
+    """Whether a real size fits Civitai's sizeKB estimate (which is only approximate)."""
+    if actual is None or estimate is None:
+        return True
+    absolute, fraction = SIZE_TOLERANCE
+    return abs(actual - estimate) <= max(absolute, estimate * fraction)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable; not possible (nor needed) on Windows."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+if os.name == "nt":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def try_lock_fd(fd: int) -> bool:
+        """Lock an open file for this process without waiting; False if another holds it."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+else:
+    import fcntl
+
+    def try_lock_fd(fd: int) -> bool:
+        """Lock an open file for this process without waiting; False if another holds it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return False
+            return True  # a file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded
+        return True
+
+
+class PartWriter:
+    """Appends to the partial file from `offset` on: with O_DIRECT where it works (whole
+    DIRECT_ALIGN blocks written straight from the caller's page-aligned buffer, other pieces
+    gathered in an aligned staging buffer first), else plain writes. `close()` writes what is
+    still staged, so the file always ends up holding every byte given to write()."""
+
+    def __init__(self, path: Path, fd: int, offset: int, direct: bool | None = None):
+        direct = USE_DIRECT_IO if direct is None else direct
+        self.fd = fd
+        self.offset = offset
+        self.dfd = -1
+        self.staged = 0
+        self._stage = None
+        self._stage_view = None
+        if direct and offset % DIRECT_ALIGN == 0:
+            try:
+                self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | O_NOFOLLOW)
+                os.lseek(self.dfd, offset, os.SEEK_SET)
+                self._stage = mmap.mmap(-1, STAGE_SIZE)
+                self._stage_view = memoryview(self._stage)
+            except (OSError, ValueError, AttributeError):
+                self._close_direct()
+        if self.dfd < 0:
+            os.lseek(fd, offset, os.SEEK_SET)
+
+    @property
+    def direct(self) -> bool:
+        return self.dfd >= 0
+
+    def write(self, view: memoryview) -> None:
+        """Write `view` (a slice from the start of a page-aligned buffer when direct)."""
+        if self.dfd < 0:
+            self._plain(view)
+            return
+        if self.staged == 0 and len(view) % DIRECT_ALIGN == 0:
+            self._direct(view)
+            return
+        pos, n = 0, len(view)
+        while pos < n:
+            k = min(n - pos, STAGE_SIZE - self.staged)
+            self._stage_view[self.staged: self.staged + k] = view[pos: pos + k]
+            self.staged += k
+            pos += k
+            if self.staged == STAGE_SIZE:
+                self.staged = 0
+                self._direct(self._stage_view)
+                if self.dfd < 0:  # fell back to plain writes: the rest goes there too
+                    self._plain(view[pos:])
+                    return
+
+    def _direct(self, view: memoryview) -> None:
+        pos, n = 0, len(view)
+        while pos < n:
+            try:
+                written = os.write(self.dfd, view[pos: min(n, pos + WRITE_PIECE)])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                written = 0
+            if written <= 0 or written % DIRECT_ALIGN:
+                # refused (EINVAL) or a short, unaligned write: finish with plain writes
+                self.offset += max(0, written)
+                self._fall_back()
+                self._plain(view[pos + max(0, written):])
+                return
+            pos += written
+            self.offset += written
+
+    def _plain(self, view: memoryview) -> None:
+        pos, n = 0, len(view)
+        while pos < n:
+            written = os.write(self.fd, view[pos: min(n, pos + WRITE_PIECE)])
+            pos += written
+            self.offset += written
+
+    def _fall_back(self) -> None:
+        log.debug("direct I/O refused; writing the partial file through the page cache")
+        self._close_direct()
+        os.lseek(self.fd, self.offset, os.SEEK_SET)
+
+    def _close_direct(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+
+    def close(self) -> None:
+        """Write what is staged (through the page cache: it need not be aligned) and let go
+        of the direct descriptor; the caller fsyncs `fd`."""
+        try:
+            if self.dfd >= 0:
+                staged, self.staged = self.staged, 0
+                os.lseek(self.fd, self.offset, os.SEEK_SET)
+                if staged:
+                    self._plain(self._stage_view[:staged])
+        finally:
+            self._close_direct()
+            if self._stage_view is not None:
+                self._stage_view.release()
+                self._stage.close()
+                self._stage_view = self._stage = None
+
+
+_TICK = object()
+
+
+class _Job:
+    def __init__(self, job: dict, ctx: JobContext, report, should_stop):
+        self.job = job
+        self.job_id = job.get("job_id")
+        self.ctx = ctx
+        self.client = ctx.client
+        self._report = report
+        self._should_stop = should_stop
+        self.subject = "the download"
+        self.rel_name = "?"
+        self.part_path: Path | None = None
+        self._fd = -1  # the claimed (locked) partial file
+
+    # -- small helpers ------------------------------------------------------------------------
+
+    def _cancelled(self) -> CivitaiError:
+        return CivitaiError("the download was cancelled; its partial file is kept so a later attempt resumes",
+                            reason="cancelled")
+
+    def _check_stop(self) -> None:
+        if self._should_stop():
+            raise self._cancelled()
+
+    def _disk_error(self, exc: OSError, what: str) -> CivitaiError:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return CivitaiError(f"the disk is full while {what} {self.rel_name}: free some space in "
+                                f"{self.ctx.download_dir}", reason="disk")
+        return CivitaiError(f"could not write {self.rel_name} while {what}: {exc.strerror or type(exc).__name__}",
+                            reason="disk")
+
+    def _interruptible(self, fn, what: str):
+        """Run a blocking network call in a helper thread so should_stop() is still honoured
+        within POLL_S; an abandoned call finishes (or times out) on its own and is closed."""
+        box: dict = {}
+        done = threading.Event()
+        abandoned = threading.Event()
+
+        def target():
+            try:
+                box["value"] = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+                box["error"] = exc
+            finally:
+                done.set()
+                if abandoned.is_set() and isinstance(box.get("value"), Download):
+                    box["value"].close()
+
+        thread = threading.Thread(target=target, name=f"civitai-{what}", daemon=True)
+        thread.start()
+        while not done.wait(POLL_S):
+            if self._should_stop():
+                abandoned.set()
+                if done.is_set() and isinstance(box.get("value"), Download):
+                    box["value"].close()
+                raise self._cancelled()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    def _hash_fd(self, fd: int, hasher, limit: int | None = None) -> int:
+        """Feed a file's bytes into `hasher` (up to `limit`), checking should_stop() as it goes."""
+        raw = io.FileIO(fd, "r", closefd=False)
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        total = 0
+        next_check = time.monotonic() + POLL_S
+        while limit is None or total < limit:
+            want = HASH_CHUNK if limit is None else min(HASH_CHUNK, limit - total)
+            n = raw.readinto(view[:want])
+            if not n:
+                break
+            hasher.update(view[:n])
+            total += n
+            if time.monotonic() >= next_check:
+                self._check_stop()
+                next_check = time.monotonic() + POLL_S
+        return total
+
+    def _hash_path(self, path: Path) -> str | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | O_BINARY | O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            hasher = hashlib.sha256()
+            self._hash_fd(fd, hasher)
+            return hasher.hexdigest()
+        finally:
+            os.close(fd)
+
+    def _target_state(self, path: Path, sha: str | None, size_estimate: int | None = None) -> str:
+        """"free", "same" (a regular file with the expected hash) or "taken" (anything else)."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return "free"
+        if not stat.S_ISREG(st.st_mode) or not sha:
+            return "taken"
+        if not size_plausible(st.st_size, size_estimate):
+            return "taken"  # clearly another file: don't spend seconds hashing it
+        return "same" if self._hash_path(path) == sha else "taken"
+
+    # -- the job --------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        self._check_stop()
+        job = self.job
+        res: Resolved = self._interruptible(
+            lambda: resolve(self.client, model_id=job.get("model_id"), version_id=job.get("version_id"),
+                            file_id=job.get("file_id")),
+            "resolve")
+        self.subject = f"model version {res.version_id}"
+        model_type = job.get("model_type") or res.model_type
+        if not is_valid_model_type(model_type):
+            raise CivitaiError(f"model_type {str(model_type)[:70]!r} is not a valid folder name "
+                               f"(lower-case letters, digits, _ and -): fix it in the manifest", reason="path_conflict")
+        wanted = safe_filename(job["filename"]) if job.get("filename") else res.filename
+        sha = res.sha256 or _norm_sha(job.get("sha256"))
+        self.rel_name = f"{model_type}/{wanted}"
+        resolved = {"type": "resolved", "job_id": self.job_id, "model_id": res.model_id,
+                    "version_id": res.version_id, "file_id": res.file_id, "model_type": model_type,
+                    "filename": wanted, "sha256": sha, "bytes_total": res.size_bytes,
+                    "updatedAt": res.updated_at, "url": res.url}
+        if res.unsafe and not self.ctx.allow_unsafe:
+            self._report(resolved)
+            raise CivitaiError(f"Civitai's scan flags the file of {self.subject} ({wanted}) as dangerous; it was not "
+                               f"downloaded (set allow_unsafe in config.json to download it anyway)", reason="unsafe")
+        folder = self._folder(model_type)
+        candidates = list(dict.fromkeys([wanted, alternate_filename(wanted, res.version_id),
+                                         alternate_filename(wanted, res.version_id, res.file_id)]))
+        name, state = self._choose_name(folder, candidates, sha, res.size_bytes)
+        self.rel_name = f"{model_type}/{name}"
+        try:
+            self._report({**resolved, "filename": name})
+            if state == "same":
+                self._remove_stale_part(folder, name)
+                size = os.lstat(folder / name).st_size
+                log.info("%s is already there and verified; skipping the download", self.rel_name)
+                return self._done(model_type, name, sha, size, skipped=True)
+            return self._download(folder, model_type, name, candidates[candidates.index(name):], res, sha)
+        except BaseException:
+            if self._fd >= 0 and os.fstat(self._fd).st_size == 0:
+                self._release_part(discard=True)  # nothing worth keeping for a later attempt
+            raise
+        finally:
+            self._release_part()
+
+    def _done(self, model_type: str, name: str, sha: str, size: int, skipped: bool) -> dict:
+        return {"type": "done", "job_id": self.job_id, "path": f"{model_type}/{name}", "filename": name,
+                "sha256": sha, "bytes": size, "skipped": skipped}
+
+    def _folder(self, model_type: str) -> Path:
+        base = Path(os.path.abspath(self.ctx.download_dir))
+        folder = base / model_type
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise CivitaiError(f"{folder} exists but is not a folder: move it away", reason="path_conflict") from None
+        except OSError as exc:
+            raise self._disk_error(exc, "creating the folder for") from None
+        real_base, real_folder = base.resolve(), folder.resolve()
+        if real_folder.parent != real_base or not real_folder.is_dir():
+            raise CivitaiError(f"{folder} leads outside download_dir (a symlink?): the daemon only writes inside "
+                               f"{base}", reason="path_conflict")
+        return real_folder
+
+    def _choose_name(self, folder: Path, candidates: list[str], sha: str | None, estimate: int | None):
+        """The first candidate that already holds this file ("same"), or that is free and whose
+        partial file this job could claim ("free"; self._fd is then the claimed partial file)."""
+        for name in candidates:
+            state = self._target_state(folder / name, sha, estimate)
+            if state == "same":
+                return name, state
+            if state == "free":
+                if self._claim_part(folder / part_filename(name)):
+                    return name, state
+                log.info("%s/%s is being downloaded by another job; trying another name", folder.name, name)
+            else:
+                log.info("%s/%s is taken by a different file; it is never overwritten", folder.name, name)
+        raise CivitaiError(f"{folder.name}/{candidates[0]} and its alternative names ({', '.join(candidates[1:])}) "
+                           f"are all taken by other files: move one away or set another filename in the manifest",
+                           reason="path_conflict")
+
+    # -- partial file and sidecar ------------------------------------------------------------------
+
+    def _claim_part(self, part: Path) -> bool:
+        """Open the partial file and lock it for this job (the kernel drops the lock if the
+        worker dies). False if another job holds it. Done under the finalize lock, so it never
+        interleaves with another job's last close-and-rename of the same name."""
+        with file_lock(self.ctx.locks_dir / "finalize.lock"):
+            try:
+                st = os.lstat(part)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                try:
+                    os.unlink(part)  # a symlink or similar where our partial file goes: never follow it
+                except OSError:
+                    raise CivitaiError(f"{part} is in the way and is not a file: move it away",
+                                       reason="path_conflict") from None
+            try:
+                fd = os.open(part, os.O_RDWR | os.O_CREAT | O_BINARY | O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                raise self._disk_error(exc, "opening the partial file of") from None
+            if not try_lock_fd(fd):
+                os.close(fd)
+                return False
+            self._fd = fd
+            self.part_path = part
+            return True
+
+    def _release_part(self, discard: bool = False) -> None:
+        """Close (and with `discard`, delete along with its sidecar) the claimed partial file.
+        Deleting before closing keeps the claim until the file is gone (not possible on Windows)."""
+        fd, self._fd = self._fd, -1
+        part = self.part_path
+        if fd >= 0 and os.name == "nt":
+            os.close(fd)
+            fd = -1
+        if discard and part is not None:
+            for path in (part, part.with_name(part.name + ".json")):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove %s: %s", path, exc)
+        if fd >= 0:
+            os.close(fd)
+
+    def _remove_stale_part(self, folder: Path, name: str) -> None:
+        """A partial file beside a finished one is left over, unless a job is still writing it."""
+        part = folder / part_filename(name)
+        if os.path.lexists(part) and self._claim_part(part):
+            self._release_part(discard=True)
+
+    @staticmethod
+    def _read_sidecar(path: Path) -> dict | None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _write_sidecar(self, path: Path, data: dict) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise self._disk_error(exc, "starting") from None
+
+    def _open_part(self, side: Path, res: Resolved, sha: str | None):
+        """Keep what the claimed partial file holds of this very file (re-hashed), drop the rest.
+
+        Returns (bytes already there, running sha256, If-Range validator)."""
+        fd = self._fd
+        meta = self._read_sidecar(side)
+        hasher = hashlib.sha256()
+        have = os.fstat(fd).st_size
+        keep = (have > 0 and meta is not None and meta.get("version_id") == res.version_id
+                and meta.get("file_id") == res.file_id and meta.get("sha256") == sha
+                and (meta.get("total") is None or have <= meta["total"]))
+        if keep:
+            if USE_DIRECT_IO and have != meta.get("total"):
+                have -= have % DIRECT_ALIGN  # direct writes continue from an aligned offset
+            log.info("resuming %s from %s", self.rel_name, fmt_bytes(have))
+            os.lseek(fd, 0, os.SEEK_SET)
+            have = self._hash_fd(fd, hasher, have)
+            validator = meta.get("etag") or meta.get("last_modified")
+        else:
+            if have:
+                log.info("discarding a partial file of %s that belongs to another file or version", self.rel_name)
+            have, validator = 0, None
+        os.ftruncate(fd, have)
+        os.lseek(fd, have, os.SEEK_SET)
+        return have, hasher, validator
+
+    @staticmethod
+    def _restart(fd: int):
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return hashlib.sha256()
+
+    # -- download, verify, finalize ----------------------------------------------------------------
+
+    def _download(self, folder: Path, model_type: str, name: str, names: list[str], res: Resolved,
+                  sha: str | None) -> dict:
+        side = folder / (part_filename(name) + ".json")
+        have, hasher, validator = self._open_part(side, res, sha)
+        have, total, hasher = self._fetch(self._fd, side, have, hasher, validator, res, sha, name)
+        self._report({"type": "verifying", "job_id": self.job_id})
+        digest = hasher.hexdigest()
+        if total is not None and have != total:
+            raise CivitaiError(f"the file of {self.subject} ended after {fmt_bytes(have)} of "
+                               f"{fmt_bytes(total)}; the next attempt resumes", reason="connection",
+                               retryable=True)
+        if sha and digest != sha:
+            self._release_part(discard=True)
+            raise CivitaiError(f"the downloaded file of {self.subject} does not match Civitai's SHA-256 "
+                               f"(got {digest[:12]}…, expected {sha[:12]}…); it was deleted and will be "
+                               f"downloaded again", reason="hash_mismatch", retryable=True)
+        if not sha and not size_plausible(have, res.size_bytes):
+            self._release_part(discard=True)
+            raise CivitaiError(f"the file of {self.subject} has {fmt_bytes(have)} but Civitai lists about "
+                               f"{fmt_bytes(res.size_bytes)} (and gives no SHA-256 to check); it was deleted "
+                               f"and will be downloaded again", reason="size_mismatch", retryable=True)
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise self._disk_error(exc, "saving") from None
+        final, skipped = self._finalize(folder, names, digest, res.size_bytes)
+        self.rel_name = f"{model_type}/{final}"
+        log.info("%s: %s verified (%s)", self.rel_name, fmt_bytes(have), digest[:12])
+        return self._done(model_type, final, digest, have, skipped)
+
+    def _fetch(self, fd: int, side: Path, have: int, hasher, validator, res: Resolved, sha, name: str):
+        """Bring the partial file to its full length. Returns (length, total or None, hasher):
+        the hasher is a new one when the file restarted from zero."""
+        restarts = 0
+        sidecar_total = (self._read_sidecar(side) or {}).get("total") if have else None
+        while True:
+            start = have
+            dl: Download = self._interruptible(
+                lambda start=start, validator=validator: self.client.open_download(
+                    res.version_id, res.file_id, start=start, etag=validator if start else None,
+                    read_timeout_s=self.ctx.read_timeout_s + 2, filename=name),
+                "open")
+            with dl:
+                if dl.status == 416:
+                    if start > 0 and (sidecar_total is None or sidecar_total == start):
+                        log.info("%s: the partial file is already complete; verifying it", self.rel_name)
+                        return have, start, hasher
+                    if restarts >= MAX_RESTARTS:
+                        raise CivitaiError(f"the file host keeps refusing to resume {self.subject} (416); "
+                                           f"it will be retried", reason="http_error", retryable=True, status=416)
+                    restarts += 1
+                    hasher, have, validator = self._restart(fd), 0, None
+                    continue
+                if dl.status == 206 and dl.start != start:
+                    if restarts >= MAX_RESTARTS:
+                        raise CivitaiError(f"the file host sent the wrong part of {self.subject}; it will be retried",
+                                           reason="bad_body", retryable=True, status=206)
+                    restarts += 1
+                    hasher, have, validator = self._restart(fd), 0, None
+                    continue
+                if dl.status == 200 and start > 0:
+                    log.info("%s: the file host sent the whole file again (file changed or no resume support); "
+                             "starting from zero", self.rel_name)
+                    hasher, have = self._restart(fd), 0
+                total = dl.total_size
+                if not size_plausible(total, res.size_bytes):
+                    raise CivitaiError(f"the file host is sending {fmt_bytes(total)} for {self.subject} but Civitai "
+                                       f"lists about {fmt_bytes(res.size_bytes)}; it will be retried",
+                                       reason="size_mismatch", retryable=True)
+                self._check_disk_space((total if total is not None else (res.size_bytes or 0)) - have)
+                self._write_sidecar(side, {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha,
+                                           "etag": dl.etag, "last_modified": dl.last_modified, "total": total})
+                have = self._stream(dl, fd, hasher, have, total, sniff=(have == 0),
+                                    json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES))
+                return have, total, hasher
+
+    def _check_disk_space(self, needed: int) -> None:
+        if needed <= 0:
+            return
+        try:
+            free = shutil.disk_usage(self.ctx.download_dir).free
+        except OSError:
+            return
+        if free < needed + DISK_MARGIN_BYTES:
+            raise CivitaiError(f"not enough disk space for {self.rel_name}: it needs {fmt_bytes(needed)} more but "
+                               f"only {fmt_bytes(free)} is free in {self.ctx.download_dir}", reason="disk")
+
+    def _stream(self, dl: Download, fd: int, hasher, offset: int, total: int | None, *, sniff: bool,
+                json_ok: bool) -> int:
+        """Copy the body into the file at `offset`, hashing as it goes. Returns the new length.
+
+        A reader thread fills a small ring of reused buffers with readinto(), a hasher thread
+        hashes them (hashlib releases the GIL), and this thread writes them, reports progress and
+        watches should_stop() and stalls. Order is kept, so the file is always a prefix of the
+        body; buffers in flight when the attempt stops are simply dropped.
+        """
+        bufs = [mmap.mmap(-1, BUF_SIZE) for _ in range(N_BUFS)]  # page-aligned, for direct I/O
+        views = [memoryview(b) for b in bufs]
+        writer = PartWriter(self.part_path, fd, offset)
+        free_q: queue.SimpleQueue = queue.SimpleQueue()
+        hash_q: queue.SimpleQueue = queue.SimpleQueue()
+        write_q: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(N_BUFS):
+            free_q.put(i)
+        quit_flag = threading.Event()
+        shared = {"error": None, "last_read": time.monotonic()}
+
+        def read_loop():
+            try:
+                while not quit_flag.is_set():
+                    i = free_q.get()
+                    if i is None or quit_flag.is_set():
+                        break
+                    n = dl.readinto(views[i])
+                    if not n:
+                        break
+                    shared["last_read"] = time.monotonic()
+                    hash_q.put((i, n))
+            except BaseException as exc:  # noqa: BLE001 - handed to the writing thread
+                if not quit_flag.is_set():
+                    shared["error"] = exc
+            finally:
+                hash_q.put(None)
+
+        def hash_loop():
+            while True:
+                item = hash_q.get()
+                if item is None:
+                    write_q.put(None)
+                    return
+                if not quit_flag.is_set():
+                    hasher.update(views[item[0]][: item[1]])
+                write_q.put(item)
+
+        threads = [threading.Thread(target=read_loop, name="download-read", daemon=True),
+                   threading.Thread(target=hash_loop, name="download-hash", daemon=True)]
+        for thread in threads:
+            thread.start()
+        done = offset
+        finished = False
+        samples: deque = deque([(time.monotonic(), done)])
+        last_write = next_check = time.monotonic()
+        next_report = next_check + PROGRESS_INTERVAL_S
+        try:
+            while True:
+                try:
+                    item = write_q.get(timeout=POLL_S)
+                except queue.Empty:
+                    item = _TICK
+                if item is None:
+                    finished = True
+                    break
+                now = time.monotonic()
+                if item is not _TICK:
+                    i, n = item
+                    if sniff:
+                        sniff = False
+                        kind = sniff_error_body("", bytes(views[i][:64]))
+                        if kind and not (kind == "json" and json_ok):
+                            raise self.client.bad_body_error(kind, self.subject, bytes(views[i][:n]))
+                    try:
+                        writer.write(views[i][:n])
+                    except OSError as exc:
+                        raise self._disk_error(exc, "downloading") from None
+                    free_q.put(i)
+                    done += n
+                    last_write = now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + POLL_S
+                    if self._should_stop():
+                        raise self._cancelled()
+                    idle = now - max(last_write, shared["last_read"])
+                    if idle > self.ctx.read_timeout_s:
+                        raise CivitaiError(f"the download stalled: no data for {self.ctx.read_timeout_s:g} s "
+                                           f"({fmt_bytes(done)} of {fmt_bytes(total)} saved; the next attempt "
+                                           f"resumes)", reason="connection", retryable=True)
+                if now >= next_report:
+                    next_report = now + PROGRESS_INTERVAL_S
+                    self._progress(samples, now, done, total)
+            error = shared["error"]
+            if error is not None:
+                raise self._read_error(error, done, total, dl)
+            self._progress(samples, time.monotonic(), done, total)
+            return done
+        finally:
+            quit_flag.set()
+            if not finished:
+                dl.abort()
+            free_q.put(None)
+            for thread in threads:
+                thread.join(timeout=5)
+            try:
+                writer.close()
+            except OSError as exc:
+                raise self._disk_error(exc, "downloading") from None
+            finally:
+                if not any(thread.is_alive() for thread in threads):
+                    for view, buf in zip(views, bufs):
+                        try:
+                            view.release()
+                            buf.close()
+                        except BufferError:  # a slice still alive somewhere: the GC frees it
+                            pass
+
+    def _progress(self, samples: deque, now: float, done: int, total: int | None) -> None:
+        samples.append((now, done))
+        while len(samples) > 2 and now - samples[0][0] > SPEED_WINDOW_S:
+            samples.popleft()
+        span = now - samples[0][0]
+        speed = int((done - samples[0][1]) / span) if span > 0 else 0
+        self._report({"type": "progress", "job_id": self.job_id, "bytes_done": done, "bytes_total": total,
+                      "speed_bps": speed})
+
+    def _read_error(self, exc: BaseException, done: int, total: int | None, dl: Download) -> CivitaiError:
+        if isinstance(exc, CivitaiError):
+            return exc
+        timeout_types: tuple = (socket.timeout, TimeoutError)
+        try:
+            import urllib3.exceptions
+
+            timeout_types += (urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.TimeoutError)
+        except ImportError:  # pragma: no cover - urllib3 comes with requests
+            pass
+        saved = f"{fmt_bytes(done)} of {fmt_bytes(total)} saved; the next attempt resumes"
+        if isinstance(exc, timeout_types):
+            return CivitaiError(f"the download stalled: no data for {self.ctx.read_timeout_s:g} s ({saved})",
+                                reason="connection", retryable=True)
+        host = dl.url.split("/")[2] if dl.url.count("/") >= 2 else "the file host"
+        return CivitaiError(f"the connection to {host} broke during the download ({type(exc).__name__}; {saved})",
+                            reason="connection", retryable=True)
+
+    def _finalize(self, folder: Path, names: list[str], digest: str, estimate: int | None):
+        """Move the verified file to the first of `names` that is free (or already holds this
+        very file), under the lock every job takes for this step. Returns (name, skipped)."""
+        part = self.part_path
+        with file_lock(self.ctx.locks_dir / "finalize.lock"):
+            for name in names:
+                target = folder / name
+                state = self._target_state(target, digest, estimate)
+                if state == "same":
+                    log.info("%s/%s appeared meanwhile with the same content; keeping it", folder.name, name)
+                    self._release_part(discard=True)
+                    return name, True
+                if state == "free":
+                    if os.name == "nt":  # Windows cannot rename an open file
+                        self._release_part()
+                    try:
+                        os.replace(part, target)
+                    except OSError as exc:
+                        raise self._disk_error(exc, "renaming into place") from None
+                    fsync_dir(folder)
+                    self._release_part(discard=True)  # the sidecar; the part is gone already
+                    return name, False
+        raise CivitaiError(f"{folder.name}/{names[0]} and its alternative names were taken by other files "
+                           f"during the download: move one away; the verified file stays as {part.name}",
+                           reason="path_conflict")
