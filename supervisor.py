@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ipc import sdnotify
+from ipc import VERSION, sdnotify
 from ipc.config import EX_CONFIG, Config, ConfigError, ensure_jwt_secret, load_config
 from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
 from ipc.logsetup import install_fork_forwarding, setup_supervisor_logging
@@ -35,7 +35,6 @@ from ipc.states import ACTIVE_STATES, ChildState, JobState
 from ipc.store import JobStore, public_job, utc_now_iso
 from ipc.webhooks import WebhookSender
 
-VERSION = "0.1.0"
 REPO_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("supervisor")
 
@@ -554,6 +553,7 @@ class Supervisor:
                 child.state = ChildState.RUNNING
             child.boot_failures.clear()
             if child.kind == "updater":
+                self.updater_info["running"] = False  # a check cut short by its death is over
                 self.send(child, {"type": "manifest", "entries": self.manifest.entries})
             return
         if kind == "fatal":
@@ -682,7 +682,12 @@ class Supervisor:
                 if c.kind == "worker" and c.state == ChildState.RUNNING and c.ready and c.job_id is None]
         if not idle:
             return
-        for job in self.store.runnable_jobs(time.time(), limit=len(idle)):
+        running = {(j["version_id"], j["file_id"]) for j in self.store.active_jobs()
+                   if j["state"] != JobState.QUEUED and j["version_id"] is not None}
+        for job in self.store.runnable_jobs(time.time(), limit=len(idle) + len(running)):
+            if job["version_id"] is not None and (job["version_id"], job["file_id"]) in running:
+                continue  # the same file is already being fetched: never twice at once
+            running.add((job["version_id"], job["file_id"]))
             worker = idle.pop(0)
             job = self.store.begin_attempt(job["id"])
             spec = {"job_id": job["id"], "model_id": job["model_id"], "version_id": job["version_id"],
@@ -806,8 +811,10 @@ class Supervisor:
 
     def queue_job(self, *, model_id=None, version_id=None, file_id=None, model_type=None, filename=None,
                   sha256=None, priority=10, source="api", requeue_finished=False) -> tuple[dict, bool]:
-        existing = (self.store.find_active(version_id=version_id, file_id=file_id) if version_id is not None
-                    else self.store.find_active(model_id=model_id))
+        if version_id is not None:
+            existing = self.store.find_active(version_id=version_id, file_id=file_id)
+        else:  # "the newest of model N": any queued or running job of that model is it
+            existing = next((j for j in self.store.active_jobs() if j["model_id"] == model_id), None)
         if existing:
             return existing, False
         if requeue_finished and version_id is not None:

@@ -1,0 +1,134 @@
+"""`python -m web --config PATH`: the web process, a fresh interpreter the supervisor starts.
+
+gevent must patch the standard library before anything else imports it (sockets, threading,
+logging's locks), so the patch comes first and every other import waits until after it.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+EX_CONFIG = 78
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m web", description="Civitai daemon web process")
+    parser.add_argument("--config", default="config.json", help="path to config.json")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def open_store(path, deadline_s: float = 10.0):
+    """The job store, read-only; the supervisor creates it before starting us, but wait a little."""
+    from ipc.store import JobStore
+
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return JobStore(path, readonly=True)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def watch_parent(on_gone) -> None:
+    """The supervisor holds our stdin pipe open; EOF means it died (even by kill -9), and a web
+    process left behind would keep the port from the next start."""
+    import stat
+
+    import gevent
+    from gevent.socket import wait_read
+
+    try:
+        fd = sys.stdin.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+    except (OSError, ValueError, AttributeError):
+        return
+
+    def watch():
+        while True:
+            try:
+                wait_read(fd)
+                if not os.read(fd, 4096):
+                    break
+            except OSError:
+                break
+        on_gone()
+
+    gevent.spawn(watch)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    log = logging.getLogger("web")
+
+    import gevent
+
+    from ipc.config import ConfigError, load_config
+    from ipc.control import ENV_ADDR, ENV_TOKEN, ControlClient
+    from web.app import make_app
+    from web.hub import Hub
+    from web.ws import make_server
+
+    try:
+        cfg, _warnings = load_config(args.config)  # the supervisor already reported the warnings
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EX_CONFIG
+    addr, token = os.environ.get(ENV_ADDR, ""), os.environ.get(ENV_TOKEN, "")
+    if not addr or not token:
+        log.error("%s and %s must be set (the supervisor starts this process)", ENV_ADDR, ENV_TOKEN)
+        return 1
+    try:
+        store = open_store(cfg.db_path)
+    except Exception as exc:
+        log.error("cannot open the job store %s: %s", cfg.db_path, exc)
+        return 1
+    control = ControlClient(addr, token)
+    hub = Hub(store, control.subscribe)
+    app = make_app(cfg, store, control, hub)
+    try:
+        server = make_server(cfg, app)
+        server.init_socket()
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", cfg.bind, cfg.active_port, exc)
+        return 1
+
+    def stop(signame: str) -> None:
+        log.info("%s received; stopping", signame)
+        hub.stop()
+        gevent.spawn(server.stop, timeout=3)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            gevent.signal_handler(signum, stop, signum.name)
+        except (AttributeError, ValueError):  # Windows: no libev signal watchers
+            signal.signal(signum, lambda num, _frame: stop(signal.Signals(num).name))
+
+    watch_parent(lambda: stop("end of stdin (the supervisor is gone)"))
+    hub.start()
+    log.info("listening on http://%s:%s", cfg.bind, cfg.active_port)
+    server.serve_forever()
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The Bottle application: REST routes of SPEC §6, the WebSocket route and the GUI's files.
+
+It never changes jobs or files itself: reads come from the job store (read-only) and the config;
+changes go to the supervisor over the control socket.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Callable
+from urllib.parse import parse_qs, urlsplit
+
+from bottle import Bottle, HTTPResponse, JSONPlugin, redirect, request, response, static_file
+
+from ipc.config import jwt_secret
+from ipc.control import ControlError
+from ipc.naming import is_valid_model_type
+from ipc.states import JobState
+from ipc.store import public_job
+from web import metrics, openapi
+from web.auth import MAX_BODY_BYTES, AuthPlugin, Gatekeeper
+from web.errors import REASONS, error_body, json_error
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
+MAX_PRIORITY = 1_000_000
+MAX_ID = 2**53  # what a browser's JSON numbers hold exactly
+CIVITAI_HOSTS = ("civitai.com", "civitai.green")
+WS_AUTHORIZE_KEY = "civitai.ws_authorize"
+JOB_FIELDS = ("model_id", "version_id", "file_id", "url", "priority", "model_type")
+
+
+from ipc import VERSION  # noqa: E402  (re-exported for the routes)
+
+
+# --- request helpers ----------------------------------------------------------------------
+
+def read_json_object() -> dict:
+    """The request body as a JSON object, or a JSON error (400 bad JSON, 413 too large)."""
+    environ = request.environ
+    stream = environ["wsgi.input"]
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise json_error(400, "bad Content-Length header") from None
+    if length > MAX_BODY_BYTES:
+        raise json_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    if length:
+        raw = stream.read(length)
+    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        raw = stream.read(MAX_BODY_BYTES + 1)  # the server has already removed the chunking
+    else:
+        raw = b""
+    if len(raw) > MAX_BODY_BYTES:
+        raise json_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        raise json_error(400, "the request body must be a JSON object")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise json_error(400, "the request body is not UTF-8") from None
+    except ValueError as exc:
+        raise json_error(400, f"invalid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise json_error(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def int_field(body: dict, name: str, lo: int = 1, hi: int = MAX_ID) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise json_error(400, f"'{name}' must be an integer, got {json.dumps(value)[:60]}")
+    if not lo <= value <= hi:
+        raise json_error(422, f"'{name}' must be from {lo} to {hi}, got {value}")
+    return value
+
+
+def query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise json_error(400, f"query parameter '{name}' must be an integer, got {raw[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise json_error(400, f"query parameter '{name}' must be from {lo} to {hi}, got {value}")
+    return value
+
+
+def parse_model_url(url: str, extra_hosts: tuple[str, ...] = ()) -> dict:
+    """A civitai.com page or download URL as {"model_id"?, "version_id"?, "file_id"?}.
+
+    Raises ValueError with a message for the user."""
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError("'url' must be an http(s) URL of a civitai.com model page")
+    known = any(host == h or host.endswith("." + h) for h in CIVITAI_HOSTS) or host in extra_hosts
+    if not known:
+        raise ValueError(f"'url' must point to civitai.com, not {host}")
+    query = parse_qs(parts.query)
+
+    def qint(key):
+        values = query.get(key)
+        if not values:
+            return None
+        if not values[0].isdigit():
+            raise ValueError(f"'{key}' in the URL must be a number")
+        return int(values[0])
+
+    path = parts.path.rstrip("/")
+    patterns = (
+        (r"(?:/api/v1)?/models/(\d+)(?:/[^/]*)?", "model_id"),
+        (r"(?:/api/v1)?/model-versions/(\d+)", "version_id"),
+        (r"/api/download/models/(\d+)", "version_id"),
+    )
+    for pattern, key in patterns:
+        match = re.fullmatch(pattern, path)
+        if match:
+            out = {key: int(match.group(1))}
+            version_id = qint("modelVersionId")
+            if version_id is not None:
+                out["version_id"] = version_id
+            file_id = qint("fileId")
+            if file_id is not None:
+                out["file_id"] = file_id
+            return out
+    raise ValueError("'url' is not a Civitai model URL (expected https://civitai.com/models/<id>)")
+
+
+# --- the application ----------------------------------------------------------------------
+
+def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -> Bottle:
+    """Build the web application. `control` has `call(op, **args)` (raises ControlError) and
+    `subscribe()`; `hub` is a web.hub.Hub; `clock` gives unix seconds (token expiry, uptime)."""
+    app = Bottle()
+    app.uninstall(JSONPlugin)  # replaced by one with compact output
+    app.install(JSONPlugin(json_dumps=lambda obj: json.dumps(obj, separators=(",", ":"), default=str)))
+    gate = Gatekeeper(cfg, lambda: jwt_secret(cfg), clock)
+    app.install(AuthPlugin(gate))
+    app.config[WS_AUTHORIZE_KEY] = gate.check_websocket
+    started_at = clock()
+    api_hosts = tuple(h for h in {urlsplit(cfg.civitai_url).hostname or ""} if h)
+
+    def ask(op: str, **args):
+        try:
+            return control.call(op, **args)
+        except ControlError as exc:
+            status = exc.status if exc.status in REASONS else 500
+            raise json_error(status, exc.error) from None
+        except OSError as exc:
+            raise json_error(503, f"the supervisor is not answering ({exc})") from None
+
+    def job_or_404(job_id: int) -> dict:
+        job = store.get_job(job_id)
+        if job is None:
+            raise json_error(404, f"no job with id {job_id}")
+        return job
+
+    def answer(status: int, body: dict) -> HTTPResponse:
+        return HTTPResponse(body=json.dumps(body, separators=(",", ":"), default=str), status=status,
+                            headers={"Content-Type": "application/json"})
+
+    # --- headers on every answer, and JSON for every error ---
+
+    @app.hook("after_request")
+    def security_headers():
+        response.set_header("X-Content-Type-Options", "nosniff")
+        response.set_header("Referrer-Policy", "no-referrer")
+        response.set_header("X-Frame-Options", "DENY")
+        host = request.environ.get("HTTP_HOST", "")
+        ws_src = f" ws://{host} wss://{host}" if re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", host) else ""
+        response.set_header(
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            f"connect-src 'self'{ws_src}; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        )
+        if "Cache-Control" not in response.headers:
+            response.set_header("Cache-Control", "no-store")
+
+    def json_error_page(res):
+        response.content_type = "application/json"
+        message = res.body if isinstance(res.body, str) and res.body else REASONS.get(res.status_code, res.status_line)
+        if res.status_code == 404 and message == "Not found: '%s'" % request.path:
+            message = f"no route {request.method} {request.path}"
+        if res.status_code == 500:
+            message = "internal server error"
+        return error_body(message)
+
+    app.default_error_handler = json_error_page
+
+    # --- public ---
+
+    @app.get("/", public=True)
+    def root():
+        redirect("/gui")
+
+    @app.get("/health", public=True)
+    def health():
+        return {"status": "ok", "version": VERSION, "uptime_s": round(clock() - started_at, 1),
+                "events_connected": hub.connected if hub is not None else False}
+
+    @app.get("/gui", public=True)
+    @app.get("/gui/", public=True)
+    def gui_index():
+        return _static("index.html")
+
+    @app.get("/gui/<filename:path>", public=True)
+    def gui_file(filename):
+        return _static(filename)
+
+    def _static(filename):
+        res = static_file(filename, root=str(STATIC_DIR))
+        if isinstance(res, HTTPResponse) and res.status_code >= 400:
+            raise json_error(res.status_code, f"no file {filename}")
+        res.set_header("Cache-Control", "no-cache")
+        return res
+
+    # --- status and config ---
+
+    @app.get("/api/status")
+    def status():
+        result = ask("status")
+        if isinstance(result, dict):
+            result = dict(result)
+            result["web"] = {"websocket_clients": len(hub.clients) if hub else 0,
+                             "events_connected": hub.connected if hub else False,
+                             "last_event_id": hub.last_id if hub else store.last_event_id()}
+        return result
+
+    @app.get("/api/config")
+    def config():
+        return cfg.public_dict()
+
+    # --- jobs ---
+
+    @app.get("/api/jobs")
+    def list_jobs():
+        limit = query_int("limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
+        raw_state = request.query.get("state", "").strip()
+        states = [s.strip() for s in raw_state.split(",") if s.strip()]
+        valid = {s.value for s in JobState}
+        for state in states:
+            if state not in valid:
+                raise json_error(400, f"unknown state '{state[:40]}'; expected one of {', '.join(sorted(valid))}")
+        if len(states) <= 1:
+            rows = store.list_jobs(state=states[0] if states else None, limit=limit)
+        else:
+            rows = [row for state in states for row in store.list_jobs(state=state, limit=limit)]
+            rows = sorted(rows, key=lambda r: r["id"], reverse=True)[:limit]
+        return {"jobs": [public_job(r) for r in rows]}
+
+    @app.post("/api/jobs")
+    def add_job():
+        body = read_json_object()
+        unknown = sorted(set(body) - set(JOB_FIELDS))
+        if unknown:
+            raise json_error(400, f"unknown field '{unknown[0]}'; accepted: {', '.join(JOB_FIELDS)}")
+        args = {name: int_field(body, name) for name in ("model_id", "version_id", "file_id")}
+        priority = int_field(body, "priority", 1, MAX_PRIORITY)
+        model_type = body.get("model_type")
+        if model_type is not None:
+            if not isinstance(model_type, str):
+                raise json_error(400, "'model_type' must be a string")
+            if not is_valid_model_type(model_type):
+                raise json_error(422, "'model_type' must be a folder name of lower-case letters, digits, _ and -")
+        url = body.get("url")
+        if url is not None:
+            if not isinstance(url, str):
+                raise json_error(400, "'url' must be a string")
+            try:
+                parsed = parse_model_url(url, api_hosts)
+            except ValueError as exc:
+                raise json_error(422, str(exc)) from None
+            for key, value in parsed.items():
+                if args.get(key) is not None and args[key] != value:
+                    raise json_error(422, f"'{key}' {args[key]} does not match the URL's {value}")
+                args[key] = value
+        if args["file_id"] is not None and args["version_id"] is None:
+            raise json_error(422, "'file_id' needs 'version_id' (or a URL with ?modelVersionId=)")
+        if args["model_id"] is None and args["version_id"] is None:
+            raise json_error(422, "give 'model_id', 'version_id' or a civitai.com 'url'")
+        args["priority"] = priority
+        args["model_type"] = model_type
+        result = ask("add_job", **{k: v for k, v in args.items() if v is not None})
+        return answer(201 if result.get("created") else 200, {"job": public_job(result["job"])})
+
+    @app.get("/api/jobs/<job_id:int>")
+    def get_job(job_id):
+        return {"job": public_job(job_or_404(job_id))}
+
+    @app.route("/api/jobs/<job_id:int>", method="PATCH")
+    def patch_job(job_id):
+        body = read_json_object()
+        unknown = sorted(set(body) - {"priority"})
+        if unknown:
+            raise json_error(400, f"unknown field '{unknown[0]}'; only 'priority' can be changed")
+        priority = int_field(body, "priority", 1, MAX_PRIORITY)
+        if priority is None:
+            raise json_error(422, "'priority' is required")
+        result = ask("set_priority", job_id=job_id, priority=priority)
+        return {"job": public_job(result["job"])}
+
+    @app.delete("/api/jobs/<job_id:int>")
+    def cancel_job(job_id):
+        result = ask("cancel_job", job_id=job_id)
+        return {"job": public_job(result["job"])}
+
+    @app.post("/api/jobs/<job_id:int>/retry")
+    def retry_job(job_id):
+        result = ask("retry_job", job_id=job_id)
+        return {"job": public_job(result["job"])}
+
+    # --- manifest and updates ---
+
+    @app.get("/api/manifest")
+    def get_manifest():
+        result = ask("manifest")
+        return {"entries": result.get("entries", []) if isinstance(result, dict) else []}
+
+    @app.post("/api/manifest")
+    def add_manifest_entry():
+        body = read_json_object()
+        entry = body["entry"] if set(body) == {"entry"} and isinstance(body["entry"], dict) else body
+        result = ask("add_manifest_entry", entry=entry)
+        job = result.get("job")
+        return answer(201, {"entry": result.get("entry"), "job": public_job(job) if isinstance(job, dict) else None})
+
+    @app.delete("/api/manifest/<model_id:int>")
+    def delete_manifest_model(model_id):
+        return ask("delete_manifest_model", model_id=model_id)
+
+    @app.post("/api/updates/check")
+    def check_updates():
+        result = ask("check_updates")
+        return answer(202, result if isinstance(result, dict) else {"started": True})
+
+    # --- events ---
+
+    @app.get("/api/events")
+    def events():
+        limit = query_int("limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
+        after = query_int("after", None, 0, 2**63 - 1)
+        rows = store.recent_events(limit) if after is None else store.events_after(after, limit)
+        return {"events": rows, "last_id": store.last_event_id()}
+
+    @app.get("/ws", websocket=True)
+    def websocket():
+        ws = request.environ.get("wsgi.websocket")
+        if ws is None:
+            raise json_error(400, "this is the WebSocket endpoint: connect with a WebSocket client")
+        try:
+            after = int(request.query.get("after", ""))
+        except ValueError:
+            after = None
+        hub.run_session(ws, after)
+        return ""
+
+    # --- monitoring and description ---
+
+    @app.get("/metrics")
+    def prometheus():
+        try:
+            status = control.call("status")
+        except (ControlError, OSError):
+            status = None
+        response.content_type = metrics.CONTENT_TYPE
+        return metrics.render(store, status, hub)
+
+    @app.get("/openapi.json")
+    def openapi_json():
+        return openapi.spec(VERSION)
+
+    return app
