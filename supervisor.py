@@ -554,7 +554,10 @@ class Supervisor:
             child.boot_failures.clear()
             if child.kind == "updater":
                 self.updater_info["running"] = False  # a check cut short by its death is over
-                self.send(child, {"type": "manifest", "entries": self.manifest.entries})
+                # The updater must not open SQLite itself (forked while our threads use it: a
+                # mutex inherited locked deadlocks it), so it gets the last check's time here.
+                self.send(child, {"type": "manifest", "entries": self.manifest.entries,
+                                  "last_success_ts": self.store.get_kv("updater.last_success_ts")})
             return
         if kind == "fatal":
             child.last_error = str(msg.get("error", ""))

@@ -10,6 +10,12 @@ import logging
 import threading
 import time
 
+# Imported here, in the main thread, never lazily in the delivery thread: the supervisor forks
+# its children while that thread runs, and a child forked while another thread holds a
+# module's import lock deadlocks at its own `import requests` (it happened: workers that never
+# became ready whenever webhook_url was set).
+import requests
+
 from ipc.store import JobStore
 
 log = logging.getLogger("webhooks")
@@ -21,10 +27,14 @@ DELIVERED, GAVE_UP = 1, 2
 
 
 def signing_key(secret: str) -> bytes:
-    """Standard Webhooks secrets look like `whsec_<base64>`; any other string is used as it is."""
+    """Standard Webhooks secrets look like `whsec_<base64>` (padding optional, as the reference
+    libraries accept it); any other string is used as its UTF-8 bytes."""
     if secret.startswith("whsec_"):
+        encoded = secret[len("whsec_"):].strip()
         try:
-            return base64.b64decode(secret[len("whsec_"):], validate=True)
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+            if key:
+                return key
         except ValueError:
             pass
     return secret.encode("utf-8")
@@ -54,7 +64,8 @@ class WebhookSender:
         self.secret = cfg.webhook_secret
         self.db_path = db_path
         self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._finish = threading.Event()  # stopping: send what is queued, then end
+        self._stop = threading.Event()  # stop now (between tries and events)
         self._thread: threading.Thread | None = None
         self._sleep = sleep or self._stop.wait
 
@@ -68,14 +79,28 @@ class WebhookSender:
         self._wake.set()
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop.set()
-        self._wake.set()
+        """Send what is queued (daemon_stopping included) for most of `timeout_s`, then stop.
+        What is left (a dead receiver) stays undelivered and goes out after the next start."""
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._finish.set()
+            self._wake.set()
+            self._thread.join(max(0.0, timeout_s - 0.3))
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(0.3)
+        elif not self.url:
+            # Without a receiver nothing is owed: a webhook_url set later must not get this
+            # run's history (the supervisor marks older events at start).
+            try:
+                store = JobStore(self.db_path)
+                try:
+                    store.mark_all_delivered()
+                finally:
+                    store.close()
+            except Exception:
+                log.debug("could not mark events delivered", exc_info=True)
 
     def _run(self) -> None:
-        import requests
-
         store = JobStore(self.db_path)
         session = requests.Session()
         session.trust_env = False  # a proxy from the environment must not see our events
@@ -83,18 +108,27 @@ class WebhookSender:
             while not self._stop.is_set():
                 self._wake.wait(5.0)
                 self._wake.clear()
-                while not self._stop.is_set():
-                    batch = store.undelivered_events(limit=100)
-                    if not batch:
-                        break
-                    for event in batch:
-                        if self._stop.is_set():
-                            return
-                        store.mark_delivered(event["id"], self.deliver(session, event))
-        except Exception:
-            log.exception("webhook thread failed; undelivered events go out after the next start")
+                try:
+                    self._drain(store, session)
+                    if self._finish.is_set():
+                        return
+                except Exception:  # e.g. the database busy past its timeout: try again shortly
+                    log.exception("webhook delivery failed; trying again in 5 s")
+                    self._stop.wait(5.0)
         finally:
             store.close()
+
+    def _drain(self, store: JobStore, session) -> None:
+        while not self._stop.is_set():
+            batch = store.undelivered_events(limit=100)
+            if not batch:
+                return
+            for event in batch:
+                if self._stop.is_set():
+                    return
+                status = self.deliver(session, event)
+                if status:
+                    store.mark_delivered(event["id"], status)
 
     def deliver(self, session, event: dict) -> int:
         for attempt in range(1, TRIES + 1):

@@ -186,6 +186,7 @@ def test_kill_9_of_a_downloading_worker_resumes_from_the_partial_file(fake_civit
     done = daemon.wait_event("download_completed", timeout=60)
     assert sha256_file(daemon.models_dir / done["path"]) == fake_civitai.file_sha256(5000).lower()
     served = fake_civitai.bytes_served(5000)
+    print(f"\nkill -9 of the worker mid-file: the CDN sent {served / size:.3f}x the file's size")
     assert served < 1.5 * size, f"served {served / size:.2f}x the file: it did not resume"
     ranges = [r.headers.get("Range") for r in fake_civitai.requests_to("cdn") if r.method == "GET"]
     assert any(r and r.startswith("bytes=") and r != "bytes=0-" for r in ranges), ranges
@@ -230,8 +231,14 @@ def test_a_stall_is_killed_at_timeout_retried_failed_and_the_queue_moves_on(fake
     assert not (daemon.models_dir / "checkpoint" / "model.safetensors").exists()
     daemon.wait_event("download_completed", lambda e: e["version_id"] == 2000, timeout=60)
     # Figures for the closing note: from the attempt's start to the kill.
-    t0 = started["ts"]
-    print(f"\nstall -> timeout event: started {t0}, timeout {timeout_event['ts']}, restart {restarted['ts']}")
+    from datetime import datetime
+
+    def secs(a, b):
+        return (datetime.fromisoformat(b["ts"].replace("Z", "+00:00"))
+                - datetime.fromisoformat(a["ts"].replace("Z", "+00:00"))).total_seconds()
+
+    print(f"\ntimeout=4: attempt start -> kill {secs(started, timeout_event):.2f} s, "
+          f"-> worker restarted {secs(started, restarted):.2f} s")
     assert daemon.stop() == 0
 
 

@@ -669,7 +669,7 @@ def _id_list(ids: list[int]) -> str:
 
 # -- choosing a version and a file ------------------------------------------------------------
 
-def _parse_time(value) -> float | None:
+def parse_time(value) -> float | None:
     if not isinstance(value, str) or not value.strip():
         return None
     try:
@@ -681,7 +681,7 @@ def _parse_time(value) -> float | None:
     return when.timestamp()
 
 
-parse_time = _parse_time  # public name: seconds since the epoch of a Civitai timestamp, or None
+parse_time = parse_time  # public name: seconds since the epoch of a Civitai timestamp, or None
 
 
 def newest_published_version(model: dict) -> dict:
@@ -694,9 +694,9 @@ def newest_published_version(model: dict) -> dict:
                            reason="no_file")
 
     def key(version: dict):
-        when = _parse_time(version.get("publishedAt"))
+        when = parse_time(version.get("publishedAt"))
         if when is None:
-            when = _parse_time(version.get("createdAt"))
+            when = parse_time(version.get("createdAt"))
         vid = version.get("id") if isinstance(version.get("id"), int) else 0
         return (when is not None, when or 0.0, vid)
 
