@@ -33,7 +33,6 @@ from ipc.manifest import ManifestError, ManifestFile, entry_priority, parse_mani
 from ipc.naming import part_filename
 from ipc.states import ACTIVE_STATES, ChildState, JobState
 from ipc.store import JobStore, public_job, utc_now_iso
-from ipc.webhooks import WebhookSender
 
 REPO_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("supervisor")
@@ -49,6 +48,10 @@ HEALTHY_RESET_S = 600.0
 BOOT_FAILURE_LIMIT = 5
 BOOT_FAILURE_WINDOW_S = 60.0
 PROGRESS_STORE_INTERVAL_S = 1.0
+BOOT_DEADLINE_S = 60.0  # a child that has not said it is ready by then is killed as a boot failure
+READY_LINE = "@ready"  # what a fresh interpreter prints on stderr once it has booted
+# Children that run as fresh interpreters (`python -m MODULE --config PATH`), never forked.
+FRESH_INTERPRETERS = {"web": "web", "webhooks": "workers.webhooks"}
 MANIFEST_POLL_S = 1.0
 
 
@@ -120,6 +123,8 @@ class Supervisor:
             self.children[f"worker-{i + 1}"] = Child(f"worker-{i + 1}", "worker")
         self.children["updater"] = Child("updater", "updater")
         self.children["web"] = Child("web", "web")
+        if cfg.webhook_url:
+            self.children["webhooks"] = Child("webhooks", "webhooks")
         self.inbox: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._signals: queue.Queue = queue.Queue()
@@ -130,7 +135,6 @@ class Supervisor:
         self.started_iso = utc_now_iso()
         self.control_token = secrets.token_hex(32)
         self.control: ControlServer | None = None
-        self.webhooks = WebhookSender(cfg, cfg.db_path)
         self._progress_stored: dict[int, float] = {}
         self._cancel_deadline: dict[int, float] = {}
         self._next_manifest_poll = 0.0
@@ -147,7 +151,6 @@ class Supervisor:
         event = self.store.add_event(name, fields)
         if self.control:
             self.control.publish(event)
-        self.webhooks.notify()
         return event
 
     def publish_progress(self, job_id, bytes_done, bytes_total, speed_bps) -> None:
@@ -180,8 +183,8 @@ class Supervisor:
             log.info("recovered %d unfinished job(s) from the last run: %s", len(recovered),
                      ", ".join(str(j["id"]) for j in recovered))
         if not self.cfg.webhook_url:
+            # Nothing is owed without a receiver: a webhook_url set later must not get the history.
             self.store.mark_all_delivered()
-        self.webhooks.start()
         self.control = ControlServer(self.control_token, self.handle_control).start()
         self.emit("daemon_started", version=VERSION)
         self.sync_manifest("start")
@@ -228,7 +231,8 @@ class Supervisor:
                 # A clean stop is not the job's fault: give the attempt back.
                 self.store.update_job(job["id"], state=JobState.QUEUED, speed_bps=0,
                                       attempts=max(0, job["attempts"] - 1))
-        self.webhooks.stop(timeout_s=2.0)
+        if not self.cfg.webhook_url:
+            self.store.mark_all_delivered()
         if self.control:
             self.control.close()
         log.info("stopped")
@@ -246,8 +250,8 @@ class Supervisor:
         child.kill_reason = None
         child.started_mono = self.clock()
         child.since = utc_now_iso()
-        if child.kind == "web":
-            self._spawn_web(child)
+        if child.kind in FRESH_INTERPRETERS:
+            self._spawn_fresh(child)
         else:
             parent_conn, child_conn = self.ctx.Pipe(duplex=True)
             if child.kind == "worker":
@@ -275,13 +279,14 @@ class Supervisor:
         for other in self.children.values():
             if other.conn is not None:
                 fds.append(other.conn.fileno())
-            if other.kind == "web" and other.proc is not None:
+            if other.kind in FRESH_INTERPRETERS and other.proc is not None:
                 for pipe in (other.proc.stdin, other.proc.stderr):
                     if pipe is not None:
                         fds.append(pipe.fileno())
         return fds
 
-    def _spawn_web(self, child: Child) -> None:
+    def _spawn_fresh(self, child: Child) -> None:
+        """The web and webhook processes: fresh interpreters, never forked from us."""
         env = dict(os.environ)
         env[ENV_ADDR] = self.control.address
         env[ENV_TOKEN] = self.control_token
@@ -293,30 +298,35 @@ class Supervisor:
             # Its own process group: Ctrl-C in a terminal reaches only us, and we stop it in order.
             kwargs["start_new_session"] = True
         proc = subprocess.Popen(
-            [sys.executable, "-m", "web", "--config", str(self.cfg.config_path)],
+            [sys.executable, "-m", FRESH_INTERPRETERS[child.kind], "--config", str(self.cfg.config_path)],
             cwd=str(REPO_DIR), env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, **kwargs,
         )
         child.proc, child.conn, child.pid = proc, None, proc.pid
-        threading.Thread(target=self._relay_web_stderr, args=(child, proc), name="web-stderr", daemon=True).start()
+        threading.Thread(target=self._relay_stderr, args=(child, proc), name=f"{child.name}-stderr",
+                         daemon=True).start()
 
-    def _relay_web_stderr(self, child: Child, proc) -> None:
-        web_log = logging.getLogger("web")
+    def _relay_stderr(self, child: Child, proc) -> None:
+        """A fresh interpreter's stderr into our log (the one writer of the log file)."""
+        child_log = logging.getLogger(child.name)
         for raw in proc.stderr:
             line = raw.decode("utf-8", "replace").rstrip()
-            if line:
+            if line == READY_LINE:
+                self.inbox.put(("_child_ready", {"pid": proc.pid, "name": child.name}, None))
+                self.wake()
+            elif line:
                 child.stderr_tail.append(line)
-                web_log.info("%s", line)
+                child_log.info("%s", line)
 
     def child_alive(self, child: Child) -> bool:
         if child.proc is None:
             return False
-        if child.kind == "web":
+        if child.kind in FRESH_INTERPRETERS:
             return child.proc.poll() is None
         return child.proc.is_alive()
 
     def child_exitcode(self, child: Child):
-        if child.kind == "web":
+        if child.kind in FRESH_INTERPRETERS:
             return child.proc.poll()
         return child.proc.exitcode
 
@@ -328,7 +338,7 @@ class Supervisor:
             child.state = ChildState.STOPPED
             return
         child.state = ChildState.STOPPING
-        if child.kind == "web":
+        if child.kind in FRESH_INTERPRETERS:
             self.terminate(child, "shutdown")
         else:
             self.send(child, {"type": "stop"})
@@ -349,7 +359,7 @@ class Supervisor:
                 child.proc.kill()
             except (OSError, ProcessLookupError):
                 pass
-        if child.proc is not None and child.kind != "web":
+        if child.proc is not None and child.kind not in FRESH_INTERPRETERS:
             child.proc.join(1)
         child.state = ChildState.STOPPED
 
@@ -371,7 +381,7 @@ class Supervisor:
                 continue
             self.drain_messages(child)
             code = self.child_exitcode(child)
-            if child.kind != "web":
+            if child.kind not in FRESH_INTERPRETERS:
                 child.proc.join(0.1)
             if child.conn is not None:
                 child.conn.close()
@@ -446,7 +456,7 @@ class Supervisor:
         for child in self.children.values():
             if child.conn is not None:
                 waitables.append(child.conn)
-            if child.proc is not None and child.kind != "web":
+            if child.proc is not None and child.kind not in FRESH_INTERPRETERS:
                 waitables.append(child.proc.sentinel)
         timeout = TICK_S
         try:
@@ -719,10 +729,15 @@ class Supervisor:
                     except (OSError, ProcessLookupError):
                         pass
                 continue
-            if child.state == ChildState.STOPPING and self.stopping and child.kind != "web":
+            if child.state == ChildState.STOPPING and self.stopping and child.kind not in FRESH_INTERPRETERS:
                 # Let the sentinel work, but not past the budget.
                 if now > self.stop_deadline - KILL_GRACE_S - 1:
                     self.terminate(child, "shutdown")
+                continue
+            if child.state == ChildState.STARTING and now - child.started_mono > BOOT_DEADLINE_S:
+                log.warning("%s did not finish booting in %.0f s; restarting it", child.name, BOOT_DEADLINE_S)
+                child.last_error = f"did not finish booting in {BOOT_DEADLINE_S:.0f} s"
+                self.terminate(child, "crash")
                 continue
             if child.kind != "worker" or child.job_id is None:
                 continue
@@ -960,6 +975,11 @@ class Supervisor:
                 return
             if op == "_web_ready":
                 self.on_web_ready()
+                continue
+            if op == "_child_ready":
+                child = self.children.get(args["name"])
+                if child is not None and child.pid == args["pid"]:
+                    self.on_message(child, {"type": "ready", "pid": args["pid"]})
                 continue
             try:
                 result = self.control_op(op, args)
