@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
+import http.client
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +48,15 @@ HEALTHY_RESET_S = 600.0
 BOOT_FAILURE_LIMIT = 5
 BOOT_FAILURE_WINDOW_S = 60.0
 PROGRESS_STORE_INTERVAL_S = 1.0
+# Manifest fields that describe one version's file: an update replaces them all together.
+VERSION_FIELDS = ("modelVersionId", "fileId", "sha256", "url", "filename", "updatedAt")
 BOOT_DEADLINE_S = 60.0  # a child that has not said it is ready by then is killed as a boot failure
 READY_LINE = "@ready"  # what a fresh interpreter prints on stderr once it has booted
 # Children that run as fresh interpreters (`python -m MODULE --config PATH`), never forked.
 FRESH_INTERPRETERS = {"web": "web", "webhooks": "workers.webhooks"}
 MANIFEST_POLL_S = 1.0
+PRUNE_EVERY_S = 86400.0
+KEEP_HISTORY_S = 30 * 86400  # finished jobs and delivered events are kept this long
 
 
 class Fatal(Exception):
@@ -136,8 +140,10 @@ class Supervisor:
         self.control_token = secrets.token_hex(32)
         self.control: ControlServer | None = None
         self._progress_stored: dict[int, float] = {}
+        self.pending_updates: dict[int, dict] = {}  # model id -> update_found not yet in the manifest
         self._cancel_deadline: dict[int, float] = {}
         self._next_manifest_poll = 0.0
+        self._next_prune = 0.0
         self._ready_notified = False
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._next_watchdog = 0.0
@@ -395,11 +401,12 @@ class Supervisor:
                 continue
             reason = reason or "crash"
             child.restarts += 1
-            if child.kind == "worker":
+            if child.kind == "worker" and reason != "cancel":
                 self.store.incr_kv("metrics.worker_restarts")
             if now - child.started_mono >= HEALTHY_RESET_S:
                 child.consecutive_failures = 0
-            child.consecutive_failures += 1
+            if reason != "cancel":  # stopped for a user's cancel: not the child's failure
+                child.consecutive_failures += 1
             if not child.ready and reason == "crash":
                 child.boot_failures.append(now)
                 if (len(child.boot_failures) == BOOT_FAILURE_LIMIT
@@ -416,8 +423,8 @@ class Supervisor:
             child.state = ChildState.BACKOFF
             child.restart_at_mono = now + delay
             log.warning("%s exited (code %s, %s); restarting in %.0f s", child.name, code, reason, delay)
-            if child.kind == "worker":
-                self.emit("worker_restarted", worker=child.name, reason="timeout" if reason == "timeout" else "crash",
+            if child.kind == "worker" and reason != "cancel":
+                self.emit("worker_restarted", worker=child.name, reason=reason if reason == "timeout" else "crash",
                           exitcode=code)
 
     def restart_due(self) -> None:
@@ -478,7 +485,17 @@ class Supervisor:
         if not self.stopping:
             self.dispatch()
             self.poll_manifest()
+            self.prune_store()
         self.heartbeat()
+
+    def prune_store(self) -> None:
+        if self.clock() < self._next_prune:
+            return
+        self._next_prune = self.clock() + PRUNE_EVERY_S
+        jobs, events = self.store.prune(KEEP_HISTORY_S)
+        if jobs or events:
+            log.info("forgot %d finished job(s) and %d event(s) older than %d days", jobs, events,
+                     KEEP_HISTORY_S // 86400)
 
     def handle_signals(self) -> None:
         while True:
@@ -505,8 +522,13 @@ class Supervisor:
                 host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "::", "localhost") else self.cfg.bind
                 if ":" in host:
                     host = f"[{host}]"
-                with urllib.request.urlopen(f"http://{host}:{self.cfg.active_port}/health", timeout=1) as resp:
-                    ok = resp.status == 200
+                # http.client, not urllib: an http_proxy in the environment must not see this.
+                conn = http.client.HTTPConnection(host.strip("[]"), self.cfg.active_port, timeout=1)
+                try:
+                    conn.request("GET", "/health")
+                    ok = conn.getresponse().status == 200
+                finally:
+                    conn.close()
             except Exception:
                 ok = False
             self._health_checking = False
@@ -695,12 +717,25 @@ class Supervisor:
                 if c.kind == "worker" and c.state == ChildState.RUNNING and c.ready and c.job_id is None]
         if not idle:
             return
-        running = {(j["version_id"], j["file_id"]) for j in self.store.active_jobs()
-                   if j["state"] != JobState.QUEUED and j["version_id"] is not None}
-        for job in self.store.runnable_jobs(time.time(), limit=len(idle) + len(running)):
+        held = {c.job_id for c in self.children.values() if c.job_id is not None}
+        busy = [j for j in self.store.active_jobs() if j["state"] != JobState.QUEUED or j["id"] in held]
+        running = {(j["version_id"], j["file_id"]) for j in busy if j["version_id"] is not None}
+        # "The newest of model N" is not known until a worker resolves it: keep it apart from
+        # any other job of that model, so one file is never fetched twice at once.
+        models_unresolved = {j["model_id"] for j in busy if j["version_id"] is None}
+        models_busy = {j["model_id"] for j in busy}
+        for job in self.store.runnable_jobs(time.time(), limit=len(idle) + len(busy)):
+            if job["id"] in held:
+                continue  # a cancelled-then-retried job whose worker has not let go yet
             if job["version_id"] is not None and (job["version_id"], job["file_id"]) in running:
-                continue  # the same file is already being fetched: never twice at once
+                continue
+            if job["model_id"] is not None and (job["model_id"] in models_unresolved or (
+                    job["version_id"] is None and job["model_id"] in models_busy)):
+                continue
             running.add((job["version_id"], job["file_id"]))
+            models_busy.add(job["model_id"])
+            if job["version_id"] is None:
+                models_unresolved.add(job["model_id"])
             worker = idle.pop(0)
             job = self.store.begin_attempt(job["id"])
             spec = {"job_id": job["id"], "model_id": job["model_id"], "version_id": job["version_id"],
@@ -775,6 +810,8 @@ class Supervisor:
             log.info("manifest.json changed: %d entries", len(self.manifest.entries))
             self.sync_manifest("edit")
             self.send_manifest_to_updater()
+            for msg in list(self.pending_updates.values()):
+                self.apply_update(msg)
 
     def send_manifest_to_updater(self) -> None:
         self.send(self.children["updater"], {"type": "manifest", "entries": self.manifest.entries})
@@ -831,13 +868,20 @@ class Supervisor:
                   sha256=None, priority=10, source="api", requeue_finished=False) -> tuple[dict, bool]:
         if version_id is not None:
             existing = self.store.find_active(version_id=version_id, file_id=file_id)
+            if existing is None and model_id is not None:  # an unresolved "newest of model N" may be it
+                existing = next((j for j in self.store.active_jobs()
+                                 if j["model_id"] == model_id and j["version_id"] is None), None)
         else:  # "the newest of model N": any queued or running job of that model is it
             existing = next((j for j in self.store.active_jobs() if j["model_id"] == model_id), None)
         if existing:
             return existing, False
-        if requeue_finished and version_id is not None:
-            previous = [j for j in self.store.list_jobs(limit=1000)
-                        if j["version_id"] == version_id and (file_id is None or j["file_id"] in (None, file_id))]
+        if requeue_finished:
+            if version_id is not None:
+                previous = [j for j in self.store.list_jobs(limit=1000)
+                            if j["version_id"] == version_id and (file_id is None or j["file_id"] in (None, file_id))]
+            else:
+                previous = [j for j in self.store.list_jobs(limit=1000)
+                            if j["model_id"] == model_id and j["source"] == source]
             if previous:
                 job = self.store.update_job(
                     previous[0]["id"], state=JobState.QUEUED, attempts=0, error=None, reason=None, not_before=0,
@@ -933,8 +977,7 @@ class Supervisor:
             return  # the model left the manifest while the check ran
         new["model_type"] = old["model_type"]
         if self.cfg.manifest_mode == "append" and old.get("modelVersionId") != new.get("modelVersionId"):
-            added = {k: v for k, v in old.items() if k not in new and k not in ("filename", "sha256", "url",
-                                                                                 "updatedAt", "fileId")}
+            added = {k: v for k, v in old.items() if k not in new and k not in VERSION_FIELDS}
             added.update(new)
             if any(e["modelId"] == model_id and e.get("modelVersionId") == new.get("modelVersionId")
                    and e.get("fileId") == new.get("fileId") for e in entries):
@@ -942,18 +985,29 @@ class Supervisor:
             entries.append(added)
             entry = added
         else:
-            old.update(new)  # custom fields, priority and model_type stay where they are
+            # What described the old file goes; custom fields, priority and model_type stay.
+            for key in VERSION_FIELDS:
+                if key not in new:
+                    old.pop(key, None)
+            old.update(new)  # keys already there keep their place in the entry
             entry = old
-        self.save_manifest(entries)
-        self.manifest.entries = entries if self.manifest.error is None else self.manifest.entries
+        queue = dict(model_id=model_id, version_id=entry.get("modelVersionId"), file_id=entry.get("fileId"),
+                     model_type=entry["model_type"], filename=entry.get("filename"), sha256=entry.get("sha256"),
+                     priority=entry_priority(entry), source="update", requeue_finished=True)
+        if not self.save_manifest(entries):
+            # A person's save is pending or broken: fetch the file now, but record and announce
+            # the update only once their manifest is valid again (applied anew after that poll).
+            if model_id not in self.pending_updates:
+                self.queue_job(**queue)
+            self.pending_updates[model_id] = msg
+            return
+        self.pending_updates.pop(model_id, None)
         log.info("model %s: new version %s (was %s), file %s", model_id, new.get("modelVersionId"),
                  previous_version_id, new.get("filename"))
         self.emit("model_update", model_id=model_id, version_id=new.get("modelVersionId"),
                   previous_version_id=previous_version_id, sha256=new.get("sha256"),
                   updatedAt=new.get("updatedAt"), filename=new.get("filename"))
-        self.queue_job(model_id=model_id, version_id=entry.get("modelVersionId"), file_id=entry.get("fileId"),
-                       model_type=entry["model_type"], filename=entry.get("filename"), sha256=entry.get("sha256"),
-                       priority=entry_priority(entry), source="update", requeue_finished=True)
+        self.queue_job(**queue)
 
     # --- control socket (web process) -----------------------------------------------------
 

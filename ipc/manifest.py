@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import re
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,43 +171,84 @@ class ManifestFile:
         self.error = None
         return self.entries
 
-    def poll(self) -> str | None:
+    def poll(self, now_ns: int | None = None) -> str | None:
         """"changed" after a valid save by someone else, "invalid" after a bad one (reported once
         per save), None when nothing changed. A bad save leaves `entries` as they were."""
         stat = quick_stat(self.path)
         if stat == self._stat:
             return None
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        if stat is not None and now_ns - stat[0] < SETTLE_NS:
+            return None  # an editor may still be writing it: look again at the next poll
         self._stat = stat
-        state = file_state(self.path)
-        if state.digest == self._known.digest and state.exists == self._known.exists:
-            self._known = state
-            return None
         try:
-            text = self.path.read_text(encoding="utf-8") if state.exists else ""
-            entries = parse_manifest(text, self.path)
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            data = None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else ""
+        if digest == self._known.digest and (data is not None) == self._known.exists:
+            return None
+        self._known = FileState(data is not None, stat[0] if stat else 0, stat[1] if stat else 0, digest)
+        try:
+            entries = parse_manifest(data.decode("utf-8") if data is not None else "", self.path)
         except (ManifestError, UnicodeDecodeError) as exc:
-            self.error = str(exc)
-            self._known = state
+            self.error = str(exc) if isinstance(exc, ManifestError) else f"{self.path}: not UTF-8 text: {exc}"
             return "invalid"
         self.entries = entries
-        self._known = state
         self.error = None
         return "changed"
 
     def save(self, entries: list[dict]) -> bool:
         """Write `entries` unless the file holds a save we have not taken in yet (or a broken
-        one, which must stay as its author left it). Returns whether it wrote."""
+        one, which must stay as its author left it), or another program holds a lock on it.
+        Returns whether it wrote."""
         if self.error is not None:
-            return False
-        current = file_state(self.path)
-        if current.digest != self._known.digest or current.exists != self._known.exists:
             return False
         from ipc.throttle import file_lock
 
         data = render(entries)
-        with file_lock(self.lock_path):
-            atomic_write(self.path, data)
+        with file_lock(self.lock_path), _lock_if_free(self.path) as locked:
+            if not locked:
+                return False  # an editor or script holds manifest.json: try again later
+            current = file_state(self.path)
+            if current.digest != self._known.digest or current.exists != self._known.exists:
+                return False
+            try:
+                atomic_write(self.path, data)
+            except PermissionError:  # Windows: an editor has the file open without sharing
+                return False
+            stat = quick_stat(self.path)
         self.entries = entries
-        self._known = file_state(self.path)
-        self._stat = quick_stat(self.path)
+        # What we wrote, not a re-read: a save landing right after ours must still look new.
+        self._known = FileState(True, stat[0] if stat else 0, stat[1] if stat else 0,
+                                hashlib.sha256(data).hexdigest())
+        self._stat = stat
         return True
+
+
+SETTLE_NS = 300_000_000  # a save younger than this may be half-written
+
+
+@contextmanager
+def _lock_if_free(path: Path):
+    """Hold an advisory lock on the file itself while we replace it, so tools that lock it
+    (`flock manifest.json …`) and the daemon never write at once. Yields False if it is held."""
+    if os.name == "nt":  # Windows editors lock by opening without sharing; os.replace then fails
+        yield True
+        return
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ipc.states import ACTIVE_STATES, JobState, check_transition
+from ipc.states import ACTIVE_STATES, FINAL_STATES, JobState, check_transition
 
 SCHEMA_VERSION = 1
 
@@ -238,6 +238,18 @@ class JobStore:
         rows = self._query("SELECT COALESCE(SUM(bytes_total), 0) AS n FROM jobs WHERE state = ?",
                            (JobState.DONE.value,))
         return int(rows[0]["n"])
+
+    def prune(self, older_than_s: float = 30 * 86400, now: float | None = None) -> tuple[int, int]:
+        """Forget finished jobs and delivered events older than `older_than_s`, so months of
+        running do not grow the database without end. Returns (jobs, events) removed."""
+        cutoff = utc_now_iso((time.time() if now is None else now) - older_than_s)
+        finished = [s.value for s in FINAL_STATES]
+        jobs = self._write(
+            f"DELETE FROM jobs WHERE state IN ({','.join('?' * len(finished))}) AND updated_at < ?",
+            (*finished, cutoff),
+        ).rowcount
+        events = self._write("DELETE FROM events WHERE delivered != 0 AND ts < ?", (cutoff,)).rowcount
+        return jobs, events
 
     # --- events ---------------------------------------------------------------------------
 

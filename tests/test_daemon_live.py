@@ -310,3 +310,37 @@ def test_a_child_that_cannot_boot_stops_the_daemon_with_its_cause(fake_civitai, 
         wait_until(lambda: not any(pid_alive(p) for p in daemon._all_pids), 10, message="children gone")
     finally:
         blocker.close()
+
+
+def test_cancel_then_retry_never_runs_one_job_on_two_workers(fake_civitai, daemon_factory):
+    add_simple_model(fake_civitai, size=8 * MiB)
+    fake_civitai.set_fault(5000, "drip", bps=2 * MiB)
+    daemon = daemon_factory(base_config(fake_civitai, workers=2))
+    daemon.start()
+    job = daemon.api("POST", "/api/jobs", json={"version_id": 1000}).json()["job"]
+    part = daemon.models_dir / "checkpoint" / ".model.safetensors.part"
+    wait_until(lambda: part.exists() and part.stat().st_size > MiB, 30, message="a partial file")
+    assert daemon.api("DELETE", f"/api/jobs/{job['id']}").status_code == 200
+    assert daemon.api("POST", f"/api/jobs/{job['id']}/retry").status_code == 200
+    fake_civitai.clear_faults()
+    done = daemon.wait_event("download_completed", timeout=60)
+    assert done["path"] == "checkpoint/model.safetensors"  # not an alternate name: one writer only
+    assert not list((daemon.models_dir / "checkpoint").glob(".*.part*"))
+    assert not [p for p in (daemon.models_dir / "checkpoint").iterdir() if p.name != "model.safetensors"]
+    assert not daemon.events("worker_restarted")  # a cancel is not a crash
+    assert daemon.stop() == 0
+
+
+def test_the_newest_of_a_model_and_its_version_by_url_are_one_job(fake_civitai, daemon_factory):
+    add_simple_model(fake_civitai, size=4 * MiB)
+    fake_civitai.set_fault(5000, "drip", times=1, bps=2 * MiB)
+    daemon = daemon_factory(base_config(fake_civitai, workers=2))
+    daemon.start()
+    first = daemon.api("POST", "/api/jobs", json={"model_id": 100})
+    second = daemon.api("POST", "/api/jobs",
+                        json={"url": f"https://civitai.com/models/100/slug?modelVersionId=1000"})
+    assert first.status_code == 201
+    assert second.status_code == 200 and second.json()["job"]["id"] == first.json()["job"]["id"]
+    daemon.wait_event("download_completed", timeout=60)
+    assert sorted(p.name for p in (daemon.models_dir / "checkpoint").iterdir()) == ["model.safetensors"]
+    assert daemon.stop() == 0

@@ -90,3 +90,30 @@ def test_save_refuses_when_the_file_changed_underneath(tmp_path):
     path.write_text('[{"modelId": 1, "model_type": "vae"}]')
     assert mf.save([]) is False
     assert json.loads(path.read_text())[0]["modelId"] == 1
+
+
+def test_a_lock_held_by_another_program_defers_our_write(tmp_path):
+    import fcntl
+
+    path = tmp_path / "manifest.json"
+    path.write_text("[]")
+    mf = ManifestFile(path, tmp_path / "manifest.lock")
+    mf.load()
+    with open(path) as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as `flock manifest.json …` would
+        assert mf.save([{"modelId": 1, "model_type": "vae"}]) is False
+    assert path.read_text() == "[]"
+    assert mf.save([{"modelId": 1, "model_type": "vae"}]) is True
+
+
+def test_a_save_right_after_ours_is_still_seen_and_half_written_saves_wait(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text("[]")
+    mf = ManifestFile(path, tmp_path / "manifest.lock")
+    mf.load()
+    assert mf.save([{"modelId": 1, "model_type": "vae"}])
+    path.write_text('[{"modelId": 2, "model_type": "vae"}]')
+    st = os.stat(path)
+    assert mf.poll(now_ns=st.st_mtime_ns + 1000) is None  # too fresh: maybe still being written
+    assert mf.poll(now_ns=st.st_mtime_ns + 10**9) == "changed"
+    assert mf.entries[0]["modelId"] == 2

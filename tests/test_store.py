@@ -66,3 +66,17 @@ def test_counts_and_kv(store):
     store.add_job(model_id=1)
     assert store.job_counts()["queued"] == 1
     assert store.incr_kv("metrics.worker_restarts") == 1 and store.get_kv("metrics.worker_restarts") == 1
+
+
+def test_prune_forgets_only_old_finished_jobs_and_delivered_events(store):
+    old_done = store.add_job(model_id=1)
+    store.update_job(old_done["id"], state="cancelled")
+    active = store.add_job(model_id=2)
+    delivered = store.add_event("e", {}, ts=1000.0)["id"]
+    pending = store.add_event("e", {}, ts=1000.0)["id"]
+    store.mark_delivered(delivered)
+    import time as _time
+
+    assert store.prune(older_than_s=3600, now=_time.time() + 7200) == (1, 1)
+    assert store.get_job(old_done["id"]) is None and store.get_job(active["id"]) is not None
+    assert [e["id"] for e in store.events_after(0)] == [pending]

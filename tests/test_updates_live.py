@@ -220,7 +220,7 @@ def test_a_live_edit_is_queued_and_a_broken_edit_is_reported_and_left_alone(fake
     daemon.manifest_path.write_text(broken)
     error = daemon.wait_event("manifest_error", timeout=10)
     assert "manifest.json" in error["error"] and "entry 2" in error["error"] and "model_type" in error["error"]
-    assert "manifest edit not taken" in daemon.log_text()
+    wait_until(lambda: "manifest edit not taken" in daemon.log_text(), 10, message="the log line")  # logs are async
     wait_until(lambda: error["id"] in receiver.delivered_ids(), 10, message="the manifest_error webhook")
     shown = daemon.api("GET", "/api/manifest").json()
     assert [e["modelId"] for e in shown["entries"]] == [100, 200]

@@ -378,7 +378,7 @@ class _Job:
         folder = self._folder(model_type)
         candidates = list(dict.fromkeys([wanted, alternate_filename(wanted, res.version_id),
                                          alternate_filename(wanted, res.version_id, res.file_id)]))
-        name, state = self._choose_name(folder, candidates, sha, res.size_bytes)
+        name, state = self._choose_name(folder, candidates, sha, res.size_bytes, res)
         self.rel_name = f"{model_type}/{name}"
         try:
             self._report({**resolved, "filename": name})
@@ -414,7 +414,8 @@ class _Job:
                                f"{base}", reason="path_conflict")
         return real_folder
 
-    def _choose_name(self, folder: Path, candidates: list[str], sha: str | None, estimate: int | None):
+    def _choose_name(self, folder: Path, candidates: list[str], sha: str | None, estimate: int | None,
+                     res: Resolved):
         """The first candidate that already holds this file ("same"), or that is free and whose
         partial file this job could claim ("free"; self._fd is then the claimed partial file)."""
         for name in candidates:
@@ -422,8 +423,14 @@ class _Job:
             if state == "same":
                 return name, state
             if state == "free":
-                if self._claim_part(folder / part_filename(name)):
+                part = folder / part_filename(name)
+                if self._claim_part(part):
                     return name, state
+                holder = self._read_sidecar(part.with_name(part.name + ".json")) or {}
+                if holder.get("version_id") == res.version_id and holder.get("file_id") == res.file_id:
+                    # The very same file is on its way in another job: wait for it, never fetch twice.
+                    raise CivitaiError(f"{folder.name}/{name} is being downloaded by another job right now; "
+                                       "this one waits for it", reason="busy", retryable=True, retry_after_s=10)
                 log.info("%s/%s is being downloaded by another job; trying another name", folder.name, name)
             else:
                 log.info("%s/%s is taken by a different file; it is never overwritten", folder.name, name)
@@ -772,6 +779,7 @@ class _Job:
         very file), under the lock every job takes for this step. Returns (name, skipped)."""
         part = self.part_path
         with file_lock(self.ctx.locks_dir / "finalize.lock"):
+            self._check_stop()  # a cancel that came in during the last bytes: nothing reaches the final path
             for name in names:
                 target = folder / name
                 state = self._target_state(target, digest, estimate)

@@ -49,7 +49,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     jobs: queue.Queue = queue.Queue()
     stop = threading.Event()
     cancelled: set[int] = set()
-    current = {"job_id": None}
+    current = {"job_id": None, "assigned": None}
 
     def on_sigterm(signum, frame):
         # The supervisor's kill for a stuck job, or shutdown: stop at the next chunk, keep the part.
@@ -74,9 +74,12 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
                 return
             kind = msg.get("type") if isinstance(msg, dict) else None
             if kind == "job":
+                current["assigned"] = int(msg["job"]["job_id"])
+                cancelled.discard(current["assigned"])  # a fresh assignment clears a stale cancel
                 jobs.put(msg["job"])
             elif kind == "cancel":
-                cancelled.add(int(msg["job_id"]))
+                if current["assigned"] == int(msg["job_id"]):  # a late cancel must not hit a later retry
+                    cancelled.add(int(msg["job_id"]))
             elif kind == "stop":
                 stop.set()
                 jobs.put(None)
