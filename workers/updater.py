@@ -362,7 +362,6 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
         wake.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    parent_pid = os.getppid()
 
     def request_check(why: str) -> None:
         with lock:
@@ -373,11 +372,7 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
     def read_channel():
         while not stop.is_set():
             try:
-                if not conn.poll(1.0):
-                    if os.name != "nt" and os.getppid() != parent_pid:
-                        raise EOFError("the supervisor is gone")
-                    continue
-                msg = conn.recv()
+                msg = channel.recv()
             except (EOFError, OSError):
                 break
             kind = msg.get("type") if isinstance(msg, dict) else None

@@ -21,6 +21,15 @@ class Channel:
     def __init__(self, conn):
         self.conn = conn
         self._lock = threading.Lock()
+        self._parent_pid = os.getppid()
+
+    def recv(self) -> dict:
+        """The next message; EOFError once the supervisor is gone: EOF on the pipe, or (fork
+        leaves copies of pipe ends in siblings) this process was handed to another parent."""
+        while not self.conn.poll(1.0):
+            if os.name != "nt" and os.getppid() != self._parent_pid:
+                raise EOFError("the supervisor is gone")
+        return self.conn.recv()
 
     def send(self, msg: dict) -> None:
         with self._lock:
@@ -58,16 +67,10 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
-    parent_pid = os.getppid()
-
     def read_channel():
         while True:
             try:
-                if not conn.poll(1.0):
-                    if os.name != "nt" and os.getppid() != parent_pid:
-                        raise EOFError("the supervisor is gone")
-                    continue
-                msg = conn.recv()
+                msg = channel.recv()
             except (EOFError, OSError):
                 stop.set()
                 jobs.put(None)
