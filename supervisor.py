@@ -28,7 +28,7 @@ from pathlib import Path
 from ipc import VERSION, sdnotify
 from ipc.config import EX_CONFIG, Config, ConfigError, ensure_jwt_secret, load_config
 from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
-from ipc.logsetup import install_fork_forwarding, setup_supervisor_logging
+from ipc.logsetup import child_log_handler, setup_supervisor_logging
 from ipc.manifest import ManifestError, ManifestFile, entry_priority, parse_manifest, validate_entry
 from ipc.naming import part_filename
 from ipc.states import ACTIVE_STATES, ChildState, JobState
@@ -85,6 +85,7 @@ class Child:
     boot_failures: collections.deque = field(default_factory=lambda: collections.deque(maxlen=BOOT_FAILURE_LIMIT))
     last_error: str = ""
     stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
+    log_handler: object = None  # this child's own multiprocessing-logging queue (fork only)
 
     def public(self) -> dict:
         return {"name": self.name, "kind": self.kind, "pid": self.pid, "state": str(self.state),
@@ -264,9 +265,13 @@ class Supervisor:
                 from workers.worker import worker_main as target
             else:
                 from workers.updater import updater_main as target
+            log_channel = self.log_queue
+            if self.fork:
+                self.close_log_handler(child)
+                child.log_handler = log_channel = child_log_handler(child.name)
             proc = self.ctx.Process(
                 target=_child_entry, name=child.name,
-                args=(target, child.name, child_conn, str(self.cfg.config_path), self.log_queue,
+                args=(target, child.name, child_conn, str(self.cfg.config_path), log_channel,
                       self.supervisor_fds() if self.fork else ()),
                 daemon=False,
             )
@@ -290,6 +295,19 @@ class Supervisor:
                     if pipe is not None:
                         fds.append(pipe.fileno())
         return fds
+
+    def close_log_handler(self, child: Child) -> None:
+        """Stop the thread that wrote a dead child's records (after it drained them)."""
+        handler, child.log_handler = child.log_handler, None
+        if handler is None:
+            return
+        try:
+            # Our copy of the write end: without it, a record the child was killed in the middle
+            # of writing ends in EOF for the reading thread instead of a wait for ever.
+            handler.queue._writer.close()
+        except (AttributeError, OSError):
+            pass
+        threading.Thread(target=handler.close, name=f"{child.name}-log-close", daemon=True).start()
 
     def _spawn_fresh(self, child: Child) -> None:
         """The web and webhook processes: fresh interpreters, never forked from us."""
@@ -395,6 +413,7 @@ class Supervisor:
             was_state, reason = child.state, child.kill_reason
             self.job_lost(child, code)
             child.proc = None
+            self.close_log_handler(child)
             child.pid = None
             if self.stopping or was_state == ChildState.STOPPING:
                 child.state = ChildState.STOPPED
@@ -1208,9 +1227,7 @@ def cmd_run(config_path: str) -> int:
         log.warning("%s", warning)
     ensure_jwt_secret(cfg)
     supervisor = Supervisor(cfg, manifest)
-    if supervisor.fork:
-        install_fork_forwarding()
-    elif supervisor.log_queue is not None:
+    if not supervisor.fork and supervisor.log_queue is not None:
         import logging.handlers
 
         listener = logging.handlers.QueueListener(supervisor.log_queue, *logging.getLogger().handlers,

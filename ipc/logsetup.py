@@ -1,7 +1,8 @@
 """Logging for every process: one rotating file (data/logs/daemon.log) and stderr.
 
 On Linux the workers are forked and multiprocessing-logging carries their records to the
-supervisor, which alone writes the file (several writers rotating one file would corrupt it).
+supervisor, which alone writes the file (several writers rotating one file would corrupt it);
+each child gets a queue of its own (see child_log_handler).
 Where there is no fork (Windows), children get a multiprocessing queue and a QueueHandler, and
 the supervisor runs a QueueListener. The web process is a fresh interpreter: it logs to stderr
 and the supervisor relays those lines.
@@ -69,18 +70,50 @@ def setup_supervisor_logging(log_path: Path, secrets: tuple[str, ...] = (), leve
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-def install_fork_forwarding() -> None:
-    """Wrap the root handlers so forked children's records reach them through a queue."""
-    import multiprocessing_logging
+class _ToRootHandlers(logging.Handler):
+    """Hands a record from a child to the supervisor's own handlers (file and stderr)."""
 
-    multiprocessing_logging.install_mp_handler()
+    def __init__(self, handlers: list[logging.Handler]):
+        super().__init__()
+        self.targets = list(handlers)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in self.targets:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
+def child_log_handler(name: str) -> logging.Handler:
+    """A multiprocessing-logging handler of one child's own, made in the supervisor just before
+    that child is forked: the child logs into it, the supervisor's thread writes the records.
+
+    One queue per child, never one for all: a queue's write lock is a semaphore shared by its
+    writers, and a writer SIGKILLed while holding it would silence every other process (and
+    hang their exit). With a queue each, only the dead child's own queue is left locked."""
+    from multiprocessing_logging import MultiProcessingHandler
+
+    handler = MultiProcessingHandler(f"log-{name}", sub_handler=_ToRootHandlers(logging.getLogger().handlers))
+    handler.setFormatter(logging.Formatter(FORMAT))
+    return handler
+
+
+def use_handler_in_child(handler: logging.Handler, secrets: tuple[str, ...] = ()) -> None:
+    """In a forked child: its records go only to its own queue (the inherited file and stderr
+    handlers belong to the supervisor, the log file's only writer)."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    handler.addFilter(RedactingFilter(secrets))
+    root.addHandler(handler)
 
 
 def setup_child_logging(log_queue, secrets: tuple[str, ...] = (), level=logging.INFO) -> None:
-    """In a spawned child: everything to the supervisor's queue. With fork (log_queue None)
-    the inherited handlers already forward."""
+    """In a child: with fork, `log_queue` is the child's own multiprocessing-logging handler;
+    with spawn (Windows, where a Queue has no cross-process write lock) the shared queue."""
     root = logging.getLogger()
-    if log_queue is not None:
+    if isinstance(log_queue, logging.Handler):
+        use_handler_in_child(log_queue, secrets)
+    elif log_queue is not None:
         for handler in list(root.handlers):
             root.removeHandler(handler)
         handler = logging.handlers.QueueHandler(log_queue)

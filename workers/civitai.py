@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import re
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -229,6 +230,7 @@ class Download:
         else:
             self.total_size = self.content_length
         self._aborted = False
+        self._failure: BaseException | None = None  # raised by the next readinto(), after the bytes before it
         self._raw = resp.raw
         fp = getattr(self._raw, "_fp", None)
         encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
@@ -253,7 +255,11 @@ class Download:
         """Put the next bytes of the body into `view`: as many as arrive within about
         FILL_WINDOW_S, at least one byte; 0 at the end of the body (which may be early: the
         caller compares with the expected length). Raises OSError or http.client/urllib3
-        errors when the connection fails."""
+        errors when the connection fails, but only once the bytes that arrived before the
+        failure were handed over: a line that breaks every few hundred KiB still makes progress."""
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
         if self._buffered is None:
             read1 = getattr(self._raw, "read1", None)
             data = read1(len(view)) if read1 is not None else self._raw.read(len(view), decode_content=False)
@@ -264,15 +270,33 @@ class Download:
         got = 0
         deadline = time.monotonic() + FILL_WINDOW_S
         while got < limit:
-            n = self._buffered.readinto1(view[got:limit])
+            if got:
+                # Only read on when more is already there: a stall must not hold back (and a kill
+                # at `timeout` must not lose) what this call has received so far.
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._readable(left):
+                    break
+            try:
+                n = self._buffered.readinto1(view[got:limit])
+            except Exception as exc:
+                if not got:
+                    raise
+                self._failure = exc
+                break
             if not n:
                 self._remaining = 0  # the connection closed early
                 break
             got += n
-            if time.monotonic() >= deadline:
-                break
         self._remaining = max(0, self._remaining - got)
         return got
+
+    def _readable(self, timeout_s: float) -> bool:
+        if self._sock is None:
+            return True
+        try:
+            return bool(select.select([self._sock], [], [], timeout_s)[0])
+        except (OSError, ValueError):
+            return True
 
     def read_small(self, limit: int = ERROR_BODY_LIMIT) -> bytes:
         try:

@@ -173,25 +173,44 @@ class PartWriter:
         return self.dfd >= 0
 
     def write(self, view: memoryview) -> None:
-        """Write `view` (a slice from the start of a page-aligned buffer when direct)."""
+        """Write `view` (a slice from the start of a page-aligned buffer when direct). With
+        direct I/O at most the last DIRECT_ALIGN - 1 bytes wait in the staging buffer, so a
+        kill -9 loses no more than that of what reached write()."""
         if self.dfd < 0:
             self._plain(view)
             return
-        if self.staged == 0 and len(view) % DIRECT_ALIGN == 0:
-            self._direct(view)
-            return
+        if self.staged == 0:
+            aligned = len(view) - len(view) % DIRECT_ALIGN
+            if aligned:
+                self._direct(view[:aligned])
+                if self.dfd < 0:  # fell back to plain writes: the rest goes there too
+                    self._plain(view[aligned:])
+                    return
+            view = view[aligned:]
         pos, n = 0, len(view)
         while pos < n:
             k = min(n - pos, STAGE_SIZE - self.staged)
             self._stage_view[self.staged: self.staged + k] = view[pos: pos + k]
             self.staged += k
             pos += k
-            if self.staged == STAGE_SIZE:
-                self.staged = 0
-                self._direct(self._stage_view)
-                if self.dfd < 0:  # fell back to plain writes: the rest goes there too
-                    self._plain(view[pos:])
-                    return
+            self._flush_stage()
+            if self.dfd < 0:
+                self._plain(view[pos:])
+                return
+
+    def _flush_stage(self) -> None:
+        """Write the whole blocks of the staging buffer; keep only the tail that is not one."""
+        aligned = self.staged - self.staged % DIRECT_ALIGN
+        if not aligned:
+            return
+        tail = self.staged - aligned
+        self._direct(self._stage_view[:aligned])
+        if self.dfd < 0:  # fell back: the tail goes through the page cache too
+            self._plain(self._stage_view[aligned:self.staged])
+            self.staged = 0
+            return
+        self._stage_view[:tail] = self._stage_view[aligned:self.staged]
+        self.staged = tail
 
     def _direct(self, view: memoryview) -> None:
         pos, n = 0, len(view)
