@@ -507,3 +507,8 @@ def test_error_message_as_worker_message():
     err = CivitaiError("boom", reason="server_error", retryable=True, retry_after_s=3.0, status=500)
     assert err.as_message(5) == {"type": "error", "job_id": 5, "error": "boom", "retryable": True,
                                  "retry_after_s": 3.0, "reason": "server_error"}
+
+
+def test_requests_identify_the_daemon_not_python_requests():
+    client = CivitaiClient("https://civitai.com/api/v1")
+    assert not client.session.headers["User-Agent"].startswith("python-requests")

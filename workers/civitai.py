@@ -369,7 +369,8 @@ class CivitaiClient:
         self.throttle = throttle
         self.timeout_s = float(timeout_s)
         self.session = session if session is not None else requests.Session()
-        self.session.headers.setdefault("User-Agent", USER_AGENT)
+        if str(self.session.headers.get("User-Agent", "")).startswith("python-requests"):
+            self.session.headers["User-Agent"] = USER_AGENT  # requests' default is always there
         self._cdn_session = requests.Session()
         self._cdn_session.headers["User-Agent"] = USER_AGENT
         self._cdn_session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
