@@ -1,6 +1,7 @@
 """Test harness: the real daemon as a process tree in a temporary folder, and polling helpers."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -13,6 +14,14 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def free_port() -> int:

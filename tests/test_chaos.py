@@ -16,7 +16,6 @@ depends on timing too. CHAOS_SECONDS sets the length of the chaos loop (default 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
@@ -29,7 +28,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.helpers import base_config, descendants, pid_alive, wait_until
+from tests.helpers import base_config, descendants, pid_alive, sha256_file, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +41,6 @@ ACTIVE = ("queued", "downloading", "verifying")
 # Events that end a job's attempt as seen from the event log (daemon_started ends all of them).
 ATTEMPT_ENDS = {"download_completed", "download_skipped", "download_failed", "download_retry", "download_cancelled"}
 TRACEBACK = "Traceback (most recent call last)"
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ts_of(event: dict) -> float:

@@ -2,7 +2,6 @@
 stalls, restarts, bad input. Every test stops what it starts."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -12,17 +11,9 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, base_config, free_port, pid_alive, wait_until
+from tests.helpers import REPO, base_config, free_port, pid_alive, sha256_file, wait_until
 
 MiB = 1024 * 1024
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def add_simple_model(fake, model_id=100, version_id=1000, file_id=5000, size=256 * 1024, name="model.safetensors",
