@@ -705,6 +705,9 @@ class Supervisor:
 
     def retry_or_fail(self, job: dict, error: str, reason: str, retryable: bool, retry_after_s) -> None:
         job_id = job["id"]
+        if reason == "busy":
+            # The same file was on its way in another job: waiting for it is not a failed attempt.
+            job = self.store.update_job(job_id, attempts=max(0, job["attempts"] - 1))
         if retryable and job["attempts"] < job["max_attempts"]:
             delay = float(retry_after_s) if retry_after_s else min(300.0, 2.0 * 2 ** max(0, job["attempts"] - 1))
             delay *= 1 + 0.2 * (secrets.randbelow(1000) / 1000)  # jitter: workers don't retry in lockstep
