@@ -898,15 +898,11 @@ class Supervisor:
         if existing:
             return existing, False
         if requeue_finished:
-            if version_id is not None:
-                previous = [j for j in self.store.list_jobs(limit=1000)
-                            if j["version_id"] == version_id and (file_id is None or j["file_id"] in (None, file_id))]
-            else:
-                previous = [j for j in self.store.list_jobs(limit=1000)
-                            if j["model_id"] == model_id and j["source"] == source]
+            previous = self.store.latest_finished(model_id=model_id, version_id=version_id, file_id=file_id,
+                                                  source=source)
             if previous:
                 job = self.store.update_job(
-                    previous[0]["id"], state=JobState.QUEUED, attempts=0, error=None, reason=None, not_before=0,
+                    previous["id"], state=JobState.QUEUED, attempts=0, error=None, reason=None, not_before=0,
                     priority=priority, bytes_done=0, speed_bps=0,
                     **({"filename": filename} if filename else {}), **({"sha256": sha256.lower()} if sha256 else {}),
                 )

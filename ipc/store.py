@@ -171,6 +171,24 @@ class JobStore:
             )
         return rows[0] if rows else None
 
+    def latest_finished(self, *, model_id=None, version_id=None, file_id=None, source=None) -> dict | None:
+        """The newest finished job for the same file (or, unresolved, the same model from the same
+        source): queuing that one again keeps the history to one row per file."""
+        finished = [s.value for s in FINAL_STATES]
+        marks = ",".join("?" * len(finished))
+        if version_id is not None:
+            rows = self._query(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) AND version_id = ? "
+                "AND (? IS NULL OR file_id IS NULL OR file_id = ?) ORDER BY id DESC LIMIT 1",
+                [*finished, version_id, file_id, file_id],
+            )
+        else:
+            rows = self._query(
+                f"SELECT * FROM jobs WHERE state IN ({marks}) AND model_id = ? AND source = ? ORDER BY id DESC LIMIT 1",
+                [*finished, model_id, source],
+            )
+        return rows[0] if rows else None
+
     def runnable_jobs(self, now: float, limit: int = 64) -> list[dict]:
         return self._query(
             "SELECT * FROM jobs WHERE state = ? AND not_before <= ? ORDER BY priority, id LIMIT ?",

@@ -80,3 +80,18 @@ def test_prune_forgets_only_old_finished_jobs_and_delivered_events(store):
     assert store.prune(older_than_s=3600, now=_time.time() + 7200) == (1, 1)
     assert store.get_job(old_done["id"]) is None and store.get_job(active["id"]) is not None
     assert [e["id"] for e in store.events_after(0)] == [pending]
+
+
+def test_latest_finished_by_file_or_by_model_and_source(store):
+    a = store.add_job(model_id=1, version_id=2, file_id=3)
+    store.update_job(a["id"], state="failed")
+    b = store.add_job(model_id=1, version_id=2, file_id=3)
+    store.update_job(b["id"], state="cancelled")
+    store.add_job(model_id=1, version_id=2, file_id=3)  # active: not finished
+    assert store.latest_finished(version_id=2, file_id=3)["id"] == b["id"]
+    assert store.latest_finished(version_id=2, file_id=None)["id"] == b["id"]
+    assert store.latest_finished(version_id=2, file_id=4) is None
+    m = store.add_job(model_id=9, source="manifest")
+    store.update_job(m["id"], state="failed")
+    assert store.latest_finished(model_id=9, source="manifest")["id"] == m["id"]
+    assert store.latest_finished(model_id=9, source="api") is None
