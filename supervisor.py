@@ -29,7 +29,7 @@ from ipc import VERSION, sdnotify
 from ipc.config import EX_CONFIG, Config, ConfigError, ensure_jwt_secret, load_config
 from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
 from ipc.logsetup import child_log_handler, setup_supervisor_logging
-from ipc.manifest import ManifestError, ManifestFile, entry_priority, parse_manifest, validate_entry
+from ipc.manifest import ManifestError, ManifestFile, entry_priority, validate_entry
 from ipc.naming import part_filename
 from ipc.states import ACTIVE_STATES, ChildState, JobState
 from ipc.store import JobStore, public_job, utc_now_iso

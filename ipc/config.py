@@ -203,9 +203,9 @@ def load_config(path: str | os.PathLike, environ: dict | None = None) -> tuple[C
         try:
             values[key] = _VALIDATORS[key](value)
         except ValueError as exc:
-            if key in SECRET_KEYS:  # never echo a secret back, even a malformed one
-                exc = ValueError(f"key '{key}': expected a string")
-            raise ConfigError(f"{path}: {exc}") from None
+            # Never echo a secret back, even a malformed one.
+            problem = f"key '{key}': expected a string" if key in SECRET_KEYS else str(exc)
+            raise ConfigError(f"{path}: {problem}") from None
     for key in ("civitai_api_key", "jwt_secret", "webhook_secret"):
         if _is_placeholder(values.get(key, "")):
             values[key] = ""

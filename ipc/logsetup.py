@@ -21,13 +21,17 @@ LOG_BACKUPS = 5
 
 _QUERY_RE = re.compile(r"(https?://[^\s?#\"']+)\?[^\s\"']*")
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
-_TOKEN_FRAGMENT_RE = re.compile(r"(#token=)[A-Za-z0-9._-]+")
+_JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*")
+# token=… in a query string or a login link's fragment (#token=…), and the like.
+_TOKEN_PARAM_RE = re.compile(r"(?i)\b((?:access_)?token|jwt|authorization)=[^&\s\"]*")
 
 
 def redact(text: str) -> str:
-    """Remove what must never reach a log: URL query strings (signed CDN URLs), bearer tokens."""
+    """Remove what must never reach a log: URL query strings (signed CDN URLs), bearer tokens,
+    anything shaped like a JWT, token=… parameters. Used by every process's log path."""
     text = _QUERY_RE.sub(r"\1?…", text)
-    return _BEARER_RE.sub(r"\1***", text)
+    text = _BEARER_RE.sub(r"\1***", text)
+    return _TOKEN_PARAM_RE.sub(r"\1=***", _JWT_RE.sub("***", text))
 
 
 class RedactingFilter(logging.Filter):

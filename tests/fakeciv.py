@@ -33,7 +33,6 @@ import random
 import re
 import secrets
 import socket
-import socketserver
 import struct
 import threading
 import time

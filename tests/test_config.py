@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ipc.config import ConfigError, Config, ensure_jwt_secret, jwt_secret, load_config
+from ipc.config import ConfigError, ensure_jwt_secret, jwt_secret, load_config
 from tests.helpers import REPO
 
 
@@ -43,7 +43,7 @@ def test_comments_and_trailing_commas(tmp_path):
 def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     sub = tmp_path / "etc"
     sub.mkdir()
-    path = write(sub, '{"download_dir": "models"}')
+    write(sub, '{"download_dir": "models"}')
     monkeypatch.chdir(tmp_path)
     cfg, _ = load_config("etc/config.json", environ={})
     assert cfg.download_path == (sub / "models").resolve()

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -329,7 +328,7 @@ def test_the_newest_of_a_model_and_its_version_by_url_are_one_job(fake_civitai, 
     daemon.start()
     first = daemon.api("POST", "/api/jobs", json={"model_id": 100})
     second = daemon.api("POST", "/api/jobs",
-                        json={"url": f"https://civitai.com/models/100/slug?modelVersionId=1000"})
+                        json={"url": "https://civitai.com/models/100/slug?modelVersionId=1000"})
     assert first.status_code == 201
     assert second.status_code == 200 and second.json()["job"]["id"] == first.json()["job"]["id"]
     daemon.wait_event("download_completed", timeout=60)

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 
+from ipc.config import PLACEHOLDER_RE
 from ipc.naming import model_type_from_api, safe_filename
 from ipc.throttle import Throttle
 
@@ -33,7 +34,6 @@ ERROR_BODY_LIMIT = 64 * 1024
 FILL_WINDOW_S = 0.05  # Download.readinto() returns what arrived within this time
 IDS_PER_REQUEST = 100  # GET /models accepts limit <= 100
 TEXT_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".md")
-_PLACEHOLDER_RE = re.compile(r"^\s*<[^>]*>\s*$")
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.I)
 
 
@@ -365,7 +365,7 @@ class CivitaiClient:
         self.origin = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", ""))
         self._origin_key = url_origin(self.api_url)
         key = (api_key or "").strip()
-        self._api_key = "" if _PLACEHOLDER_RE.match(key) else key
+        self._api_key = "" if PLACEHOLDER_RE.match(key) else key
         self.throttle = throttle
         self.timeout_s = float(timeout_s)
         self.session = session if session is not None else requests.Session()

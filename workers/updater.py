@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Callable
 
 import requests
