@@ -161,14 +161,21 @@ def test_rate_limit_honours_retry_after(fake_civitai, daemon_factory):
     assert daemon.stop() == 0
 
 
-def test_kill_9_of_a_downloading_worker_resumes_from_the_partial_file(fake_civitai, daemon_factory):
-    size = 8 * MiB
-    add_simple_model(fake_civitai, size=size)
-    fake_civitai.set_fault(5000, "drip", times=1, bps=2 * MiB)
-    daemon = daemon_factory(base_config(fake_civitai, workers=1), [{"modelId": 100, "model_type": "checkpoint"}])
+def start_a_dripping_download(fake, daemon_factory, size):
+    """One worker fetching `size` bytes at 2 MiB/s (the first attempt only); returns once more
+    than 2 MiB of it are in the partial file."""
+    add_simple_model(fake, size=size)
+    fake.set_fault(5000, "drip", times=1, bps=2 * MiB)
+    daemon = daemon_factory(base_config(fake, workers=1), [{"modelId": 100, "model_type": "checkpoint"}])
     daemon.start()
     part = daemon.models_dir / "checkpoint" / ".model.safetensors.part"
     wait_until(lambda: part.exists() and part.stat().st_size > 2 * MiB, 30, message="a partial file of 2 MiB")
+    return daemon
+
+
+def test_kill_9_of_a_downloading_worker_resumes_from_the_partial_file(fake_civitai, daemon_factory):
+    size = 8 * MiB
+    daemon = start_a_dripping_download(fake_civitai, daemon_factory, size)
     worker_pid = daemon.children()["worker-1"]
     os.kill(worker_pid, signal.SIGKILL)
     restarted = daemon.wait_event("worker_restarted", timeout=30)
@@ -187,12 +194,7 @@ def test_kill_9_of_a_downloading_worker_resumes_from_the_partial_file(fake_civit
 
 def test_kill_9_of_the_whole_tree_then_restart_resumes(fake_civitai, daemon_factory):
     size = 8 * MiB
-    add_simple_model(fake_civitai, size=size)
-    fake_civitai.set_fault(5000, "drip", times=1, bps=2 * MiB)
-    daemon = daemon_factory(base_config(fake_civitai, workers=1), [{"modelId": 100, "model_type": "checkpoint"}])
-    daemon.start()
-    part = daemon.models_dir / "checkpoint" / ".model.safetensors.part"
-    wait_until(lambda: part.exists() and part.stat().st_size > 2 * MiB, 30, message="a partial file of 2 MiB")
+    daemon = start_a_dripping_download(fake_civitai, daemon_factory, size)
     daemon.kill_tree()
     assert not (daemon.models_dir / "checkpoint" / "model.safetensors").exists()
     daemon.start()
