@@ -22,8 +22,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Union
 
 SERVICE_NAME = "civitai-daemon"
 DESCRIPTION = "Civitai download daemon"
@@ -242,7 +243,7 @@ class Run:
 Step = Union[MakeDir, WriteFile, RemoveFile, Run]
 # A step is a MakeDir, WriteFile, RemoveFile or Run. A runner takes (argv, cwd) and returns
 # (exit code, output); tests pass a fake one.
-Runner = Callable[[Sequence[str], Optional[str]], Tuple[int, str]]
+Runner = Callable[[Sequence[str], str | None], tuple[int, str]]
 
 
 def run_subprocess(argv: Sequence[str], cwd: str | None) -> tuple[int, str]:
@@ -307,11 +308,11 @@ class Host:
     is_admin: bool = False
     which: Callable[[str], str | None] = shutil.which
     system_unit_dir: str = SYSTEM_UNIT_DIR
-    private_tmp: Tuple[str, ...] = ("/tmp", "/var/tmp")   # hidden from the service by PrivateTmp=yes
+    private_tmp: tuple[str, ...] = ("/tmp", "/var/tmp")   # hidden from the service by PrivateTmp=yes
     writable: Callable[[str], bool] = lambda path: os.access(path, os.W_OK)
 
     @classmethod
-    def current(cls, platform: str) -> "Host":
+    def current(cls, platform: str) -> Host:
         euid = os.geteuid() if hasattr(os, "geteuid") else None
         is_admin = euid == 0
         if os.name == "nt":

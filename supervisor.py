@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import http.client
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -20,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import http.client
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -13,7 +13,7 @@ import logging
 import queue
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("control")
 
@@ -60,7 +60,7 @@ class ControlServer:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def start(self) -> "ControlServer":
+    def start(self) -> ControlServer:
         self._thread.start()
         return self
 

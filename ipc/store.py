@@ -8,7 +8,7 @@ import json
 import sqlite3
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ipc.states import ACTIVE_STATES, FINAL_STATES, JobState, check_transition
@@ -76,7 +76,7 @@ _WRITABLE = set(PUBLIC_JOB_FIELDS) - {"id", "created_at", "updated_at"} | {
 
 
 def utc_now_iso(ts: float | None = None) -> str:
-    dt = datetime.fromtimestamp(time.time() if ts is None else ts, tz=timezone.utc)
+    dt = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 

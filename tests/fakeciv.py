@@ -39,10 +39,11 @@ import time
 import traceback
 import urllib.parse
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import formatdate, parsedate_to_datetime
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["FakeCivitai", "RecordedRequest", "fake_civitai", "BLOCK_SIZE"]
 
@@ -64,7 +65,7 @@ _STATUS_CODES = {400, 401, 403, 404, 410, 429, 500, 502, 503, 504}
 
 
 def _iso_now(delta_s: float = 0.0) -> str:
-    t = datetime.now(timezone.utc) + timedelta(seconds=delta_s)
+    t = datetime.now(UTC) + timedelta(seconds=delta_s)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
@@ -76,7 +77,7 @@ def _parse_iso(s: str | None) -> datetime | None:
     except ValueError:
         return None
     if d.tzinfo is None:
-        d = d.replace(tzinfo=timezone.utc)
+        d = d.replace(tzinfo=UTC)
     return d
 
 
@@ -275,7 +276,7 @@ class _Server(http.server.ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
 
-    def __init__(self, addr, handler, fake: "FakeCivitai", kind: str):
+    def __init__(self, addr, handler, fake: FakeCivitai, kind: str):
         self.fake = fake
         self.kind = kind
         self.conns: set[socket.socket] = set()
@@ -443,7 +444,7 @@ class FakeCivitai:
         for t in self._threads:
             t.join(timeout=2)
 
-    def __enter__(self) -> "FakeCivitai":
+    def __enter__(self) -> FakeCivitai:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -604,7 +605,7 @@ class FakeCivitai:
 
     def _availability(self, v: dict) -> str:
         ends = _parse_iso(v["early_access_ends_at"])
-        return "EarlyAccess" if ends and ends > datetime.now(timezone.utc) else "Public"
+        return "EarlyAccess" if ends and ends > datetime.now(UTC) else "Public"
 
     def _version_core(self, v: dict) -> dict:
         m = self._models[v["model_id"]]
@@ -1256,7 +1257,7 @@ def _int(s: str) -> int | None:
 
 
 def _iso_of(ts: float) -> str:
-    t = datetime.fromtimestamp(ts, timezone.utc)
+    t = datetime.fromtimestamp(ts, UTC)
     return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 

@@ -138,7 +138,7 @@ class Daemon:
     def command(self, *args: str) -> list[str]:
         return [sys.executable, str(REPO / "supervisor.py"), *args, "--config", str(self.config_path)]
 
-    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> "Daemon":
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> Daemon:
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         env.pop("CIVITAI_API_KEY", None)

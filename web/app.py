@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 from bottle import Bottle, HTTPResponse, JSONPlugin, redirect, request, response, static_file
@@ -34,7 +34,6 @@ JOB_FIELDS = ("model_id", "version_id", "file_id", "url", "priority", "model_typ
 
 
 from ipc import VERSION  # noqa: E402  (re-exported for the routes)
-
 
 # --- request helpers ----------------------------------------------------------------------
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from bottle import request
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import gevent
 import gevent.queue

@@ -10,8 +10,8 @@ import logging
 import struct
 
 from gevent.pywsgi import WSGIHandler, WSGIServer
-from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.exceptions import WebSocketError
+from geventwebsocket.handler import WebSocketHandler
 from geventwebsocket.websocket import WebSocket
 
 from web.app import WS_AUTHORIZE_KEY

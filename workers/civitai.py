@@ -11,7 +11,7 @@ import select
 import socket
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
@@ -105,7 +105,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -702,7 +702,7 @@ def parse_time(value) -> float | None:
     except ValueError:
         return None
     if when.tzinfo is None:  # older responses have no zone; Civitai's clock is UTC
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return when.timestamp()
 
 

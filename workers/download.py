@@ -15,9 +15,9 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from ipc.naming import alternate_filename, is_valid_model_type, part_filename, safe_filename
 from ipc.throttle import file_lock

@@ -26,8 +26,8 @@ import signal
 import threading
 import time
 import traceback
-from datetime import timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC
 
 import requests
 
@@ -437,7 +437,7 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
     def next_check_iso() -> str | None:
         candidates = []
         if scheduler.next_run is not None:
-            candidates.append(scheduler.next_run.astimezone(timezone.utc).timestamp())  # naive = local time
+            candidates.append(scheduler.next_run.astimezone(UTC).timestamp())  # naive = local time
         with lock:
             if state["retry_at"] is not None:
                 candidates.append(state["retry_at"])

@@ -18,7 +18,7 @@ READY_LINE = "@ready"  # tells the supervisor (reading our stderr) that we boote
 
 
 def main(argv=None) -> int:
-    from ipc.config import ConfigError, EX_CONFIG, load_config
+    from ipc.config import EX_CONFIG, ConfigError, load_config
     from ipc.logsetup import RedactingFilter
     from ipc.webhooks import WebhookSender
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import os
 import pwd
 import re
-import shutil
-import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -15,9 +12,6 @@ import pytest
 
 import install
 from install import Host, Layout
-
-SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")
 
 
 def service_account() -> str:
@@ -197,39 +191,6 @@ def test_unit_escapes_specifiers(tmp_path):
     layout = Layout("linux", "/srv/100%", "/srv/100%/config.json", "/srv/100%/data/models")
     s = unit_settings(install.systemd_unit(layout, False, ("ann", "ann"), read_only_entries=[]))
     assert s["WorkingDirectory"] == ["/srv/100%%"]
-
-
-@needs_systemd_analyze
-@pytest.mark.parametrize("download", ["data/models", "/srv/civitai-models"])
-def test_systemd_analyze_verify_is_silent_and_security_within_3(tmp_path, download):
-    checkout = make_checkout(tmp_path, config=f'{{"download_dir": "{download}"}}')
-    layout = install.load_layout(str(checkout), None, "linux")
-    unit = write_unit(tmp_path, layout)
-    verify = subprocess.run([SYSTEMD_ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    assert verify.returncode == 0 and verify.stdout == "" and verify.stderr == "", verify.stdout + verify.stderr
-    security = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=true", "--threshold=30", str(unit)],
-                              capture_output=True, text=True, timeout=60)
-    assert security.returncode == 0, security.stdout + security.stderr
-    exposure = float(re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout).group(1))
-    assert exposure <= 3.0
-
-
-@needs_systemd_analyze
-def test_systemd_analyze_accepts_the_user_unit(tmp_path):
-    checkout = make_checkout(tmp_path)
-    layout = install.load_layout(str(checkout), None, "linux")
-    unit = write_unit(tmp_path, layout, user_unit=True)
-    runtime = tmp_path / "run"
-    runtime.mkdir(mode=0o700)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
-    verify = subprocess.run([SYSTEMD_ANALYZE, "--user", "verify", str(unit)], capture_output=True, text=True,
-                            timeout=60, env=env)
-    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
-    security = subprocess.run([SYSTEMD_ANALYZE, "--user", "security", "--offline=true", "--threshold=30", str(unit)],
-                              capture_output=True, text=True, timeout=60, env=env)
-    assert security.returncode == 0, security.stdout + security.stderr
-    s = unit_settings(unit.read_text())
-    assert "User" not in s and s["WantedBy"] == ["default.target"]
 
 
 # --- installing and removing on Linux --------------------------------------------------------------

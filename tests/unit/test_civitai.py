@@ -32,7 +32,7 @@ from workers.civitai import (
     sniff_error_body,
 )
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent.parent / "data"
 API = "https://civitai.test/api/v1"
 ORIGIN = "https://civitai.test"
 CDN = "https://cdn.example.net"
@@ -427,9 +427,8 @@ def test_download_expired_cdn_link_is_resolved_again(rsps):
 def test_download_cdn_refusing_every_link_is_retryable(rsps, caplog):
     add_redirect(rsps)
     rsps.get(SIGNED.split("?")[0], status=400, body="<Error><Code>ExpiredToken</Code></Error>")
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(CivitaiError) as err:
-            make_client().open_download(57618, 41079)
+    with caplog.at_level(logging.DEBUG), pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
     assert (err.value.reason, err.value.retryable, err.value.status) == ("forbidden", True, 400)
     assert len(rsps.calls) == 6  # three links, each refused
     assert_no_secret(err.value)

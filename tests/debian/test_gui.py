@@ -14,7 +14,7 @@ CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or "/usr/b
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SCREENSHOT_DIR = Path(os.environ.get("GUI_SCREENSHOT_DIR", "")) if os.environ.get("GUI_SCREENSHOT_DIR") else None
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.debian, pytest.mark.browser]
 
 
 def make_browser():

@@ -57,7 +57,7 @@ class NotifySocket:
                 raise AssertionError(f"no {line} within {timeout} s; got {seen}")
             try:
                 lines, pid = self.receive(remaining)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             seen.append((lines, pid))
             if line in lines:
