@@ -15,7 +15,13 @@ from ipc import jsonc
 EX_CONFIG = 78
 PLACEHOLDER_RE = re.compile(r"^\s*<[^>]*>\s*$")
 JWT_SECRET_MIN_BYTES = 32
-SECRET_KEYS = ("civitai_api_key", "jwt_secret", "webhook_secret")
+SECRET_KEYS = ("civitai_api_key", "jwt_secret", "webhook_secret", "notify")
+# What SIGHUP cannot change in a running daemon (SPEC §2): the log names them.
+RESTART_KEYS = ("workers", "active_port", "bind", "download_dir", "tls_cert", "tls_key")
+DEFAULT_NOTIFY_EVENTS = ("download_completed", "download_failed", "model_update", "model_update_error",
+                         "manifest_error", "child_fatal")
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b(?:/s|ps)?)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -44,6 +50,18 @@ class Config:
     manifest_mode: str = "replace"
     update_time: str = "04:00"
     allow_unsafe: bool = False
+    layout: str = "plain"
+    folders: dict = field(default_factory=dict)  # Civitai type -> folder (relative to download_dir)
+    sidecars: bool = True
+    preview_nsfw: bool = False
+    connections: int = 4
+    max_speed: int = 0  # bytes per second across all workers; 0: no cap
+    speed_schedule: tuple = ()  # (from_minute, to_minute, bytes_per_s) windows, local time
+    notify: tuple[str, ...] = field(default=(), repr=False)  # Apprise URLs: they hold tokens
+    notify_events: tuple[str, ...] = DEFAULT_NOTIFY_EVENTS
+    tls_cert: str = ""
+    tls_key: str = ""
+    update_every: float = 0.0  # seconds between update checks instead of the daily update_time; 0: daily
     # Where the file was; every relative path resolves against its folder.
     config_path: Path = field(default=Path("config.json"), compare=False)
 
@@ -96,10 +114,16 @@ class Config:
             if f.name == "config_path":
                 continue
             value = getattr(self, f.name)
-            if f.name in SECRET_KEYS:
+            if f.name == "notify":
+                value = ["***"] * len(value)
+            elif f.name in SECRET_KEYS:
                 value = "***" if value else ""
+            elif f.name == "speed_schedule":
+                value = [{"from": _hhmm(a), "to": _hhmm(b), "max_speed": bps} for a, b, bps in value]
             elif isinstance(value, tuple):
                 value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
             out[f.name] = value
         return out
 
@@ -148,8 +172,124 @@ _VALIDATORS = {
     "civitai_url": lambda v: _url("civitai_url", v, allow_empty=False),
     "manifest_mode": lambda v: _check("manifest_mode", v, '"replace" or "append"', v in ("replace", "append")) or v,
     "update_time": lambda v: _update_time(v),
-    "allow_unsafe": lambda v: _check("allow_unsafe", v, "true or false", isinstance(v, bool)) or v,
+    "allow_unsafe": lambda v: _bool("allow_unsafe", v),
+    "layout": lambda v: _check("layout", v, '"plain", "comfyui" or "a1111"', v in ("plain", "comfyui", "a1111")) or v,
+    "folders": lambda v: _folders(v),
+    "sidecars": lambda v: _bool("sidecars", v),
+    "preview_nsfw": lambda v: _bool("preview_nsfw", v),
+    "connections": lambda v: _number("connections", v, 1, 16, integer=True),
+    "max_speed": lambda v: parse_rate("max_speed", v),
+    "speed_schedule": lambda v: _speed_schedule(v),
+    "notify": lambda v: _notify(v),
+    "notify_events": lambda v: _strings("notify_events", v),
+    "tls_cert": lambda v: _string("tls_cert", v).strip(),
+    "tls_key": lambda v: _string("tls_key", v).strip(),
+    "update_every": lambda v: _update_every(v),
 }
+
+
+def _bool(name, value):
+    _check(name, value, "true or false", isinstance(value, bool))
+    return value
+
+
+def _strings(name, value):
+    ok = isinstance(value, list) and all(isinstance(x, str) and x.strip() for x in value)
+    _check(name, value, "a list of strings", ok)
+    return tuple(x.strip() for x in value)
+
+
+def _notify(value):
+    if isinstance(value, str):  # one URL is a list of one
+        value = [value] if value.strip() else []
+    ok = isinstance(value, list) and all(isinstance(x, str) and "://" in x for x in value)
+    if not ok:
+        # The URLs hold tokens: say what is wrong without echoing them.
+        raise ValueError("key 'notify': expected a list of Apprise URLs such as \"tgram://…\" or \"json://…\"")
+    return tuple(x.strip() for x in value)
+
+
+def _folders(value):
+    from ipc.naming import FolderError, check_folder
+
+    _check("folders", value, 'an object such as {"LORA": "loras/civitai"}', isinstance(value, dict))
+    out = {}
+    for key, folder in value.items():
+        if not key.strip():
+            raise ValueError("key 'folders': a Civitai model type (such as \"LORA\") is empty")
+        try:
+            out[key.strip()] = check_folder(folder)
+        except FolderError as exc:
+            raise ValueError(f"key 'folders.{key}': {exc}") from None
+    return out
+
+
+def parse_rate(name: str, value) -> int:
+    """Bytes per second from a number or a string such as "20MB", "5 MiB", "800k", "2.5 MB/s"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        _check(name, value, "0 or more bytes per second", value >= 0)
+        return int(value)
+    m = _RATE_RE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"key '{name}': expected bytes per second or a size such as \"20MB\" or \"5 MiB\", "
+                         f"got {value!r}")
+    number, prefix, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+    if binary and not prefix:
+        raise ValueError(f"key '{name}': expected a size such as \"20MB\" or \"5 MiB\", got {value!r}")
+    power = "kmgt".index(prefix) + 1 if prefix else 0
+    return int(number * (1024 if binary else 1000) ** power)
+
+
+def _minutes(name, value) -> int:
+    ok = isinstance(value, str) and re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", value) is not None
+    _check(name, value, 'a 24-hour time "HH:MM"', ok)
+    return int(value[:2]) * 60 + int(value[3:5])
+
+
+def _hhmm(minutes: int) -> str:
+    return f"{minutes // 60:02d}:{minutes % 60:02d}"
+
+
+def _speed_schedule(value):
+    _check("speed_schedule", value, 'a list of {"from": "HH:MM", "to": "HH:MM", "max_speed": …}',
+           isinstance(value, list))
+    out = []
+    for i, window in enumerate(value):
+        where = f"speed_schedule[{i}]"
+        _check(where, window, 'an object {"from": "HH:MM", "to": "HH:MM", "max_speed": …}',
+               isinstance(window, dict) and {"from", "to", "max_speed"} <= set(window))
+        start, end = _minutes(f"{where}.from", window["from"]), _minutes(f"{where}.to", window["to"])
+        _check(f"{where}.to", window["to"], "a time other than its 'from'", start != end)
+        out.append((start, end, parse_rate(f"{where}.max_speed", window["max_speed"])))
+    return tuple(out)
+
+
+def parse_duration(name: str, value) -> float:
+    """Seconds from a string such as "6h", "90m", "1d" or a number of seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"key '{name}': expected a duration such as \"6h\", \"90m\" or \"1d\", got {value!r}")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2).lower()]
+
+
+def _update_every(value):
+    if isinstance(value, str) and not value.strip():
+        return 0.0
+    seconds = parse_duration("update_every", value)
+    _check("update_every", value, 'at least "1h" (or "" for the daily update_time)', seconds >= 3600)
+    return seconds
+
+
+def config_changes(old: "Config", new: "Config") -> tuple[list[str], list[str]]:
+    """What a reload changes: (keys that take effect live, keys that need a restart)."""
+    live, restart = [], []
+    for f in dataclasses.fields(Config):
+        if f.name == "config_path" or getattr(old, f.name) == getattr(new, f.name):
+            continue
+        (restart if f.name in RESTART_KEYS else live).append(f.name)
+    return live, restart
 
 
 def _bind(value):
@@ -204,7 +344,7 @@ def load_config(path: str | os.PathLike, environ: dict | None = None) -> tuple[C
             values[key] = _VALIDATORS[key](value)
         except ValueError as exc:
             # Never echo a secret back, even a malformed one.
-            problem = f"key '{key}': expected a string" if key in SECRET_KEYS else str(exc)
+            problem = f"key '{key}': expected a string" if key in SECRET_KEYS and key != "notify" else str(exc)
             raise ConfigError(f"{path}: {problem}") from None
     for key in ("civitai_api_key", "jwt_secret", "webhook_secret"):
         if _is_placeholder(values.get(key, "")):

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipc import jsonc
-from ipc.naming import is_valid_model_type, safe_filename
+from ipc.naming import folder_problem, safe_filename
 
 DEFAULT_PRIORITY = 10
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 KNOWN_FIELDS = ("modelId", "modelVersionId", "fileId", "model_type", "sha256", "url", "filename",
-                "priority", "updatedAt")
+                "priority", "updatedAt", "file_type", "format", "fp")
+# Optional selectors of an entry that names no fileId yet, matched against Civitai's file list.
+SELECTOR_FIELDS = ("file_type", "format", "fp")
 
 
 class ManifestError(Exception):
@@ -43,9 +45,11 @@ def validate_entry(entry, where: str) -> dict:
     if not _positive_int(entry["modelId"]):
         raise bad("modelId", "a positive integer")
     if "model_type" not in entry:
-        raise ManifestError(f"{where}: field 'model_type' is required (a folder name such as \"checkpoint\" or \"lora\")")
-    if not is_valid_model_type(entry["model_type"]):
-        raise bad("model_type", "a folder name of lower-case letters, digits, '_' or '-'")
+        raise ManifestError(f"{where}: field 'model_type' is required (the folder under download_dir, such as "
+                            f"\"checkpoint\", \"Lora\" or \"models/Stable-diffusion\")")
+    problem = folder_problem(entry["model_type"])
+    if problem:
+        raise ManifestError(f"{where}: field 'model_type': {problem}")
     for field in ("modelVersionId", "fileId"):
         if entry.get(field) is not None and not _positive_int(entry[field]):
             raise bad(field, "a positive integer")
@@ -57,6 +61,10 @@ def validate_entry(entry, where: str) -> dict:
         name = entry["filename"]
         if not isinstance(name, str) or safe_filename(name) != name:
             raise bad("filename", "a plain file name without folders or special characters")
+    for field in SELECTOR_FIELDS:
+        if entry.get(field) is not None and not (isinstance(entry[field], str) and entry[field].strip()):
+            raise bad(field, "a string such as " + {"file_type": '"Model" or "VAE"', "format": '"SafeTensor"',
+                                                    "fp": '"fp16"'}[field])
     for field in ("url", "updatedAt"):
         if entry.get(field) is not None and not isinstance(entry[field], str):
             raise bad(field, "a string")

@@ -74,14 +74,65 @@ def test_unknown_key_is_a_warning_naming_it(tmp_path):
     ("allow_unsafe", "yes", "true or false"),
     ("allowed_hosts", "nas.local", "list"),
     ("bind", "my host", "IP address"),
+    ("layout", "ComfyUI", '"comfyui"'),
+    ("folders", ["loras"], "object"),
+    ("folders", {"LORA": "../x"}, "'..'"),
+    ("folders", {"LORA": "CON"}, "reserved"),
+    ("connections", 17, "from 1 to 16"),
+    ("connections", 0, "from 1 to 16"),
+    ("max_speed", "fast", "20MB"),
+    ("max_speed", -5, "0 or more"),
+    ("max_speed", "5 i", "20MB"),
+    ("speed_schedule", {"from": "08:00"}, "list"),
+    ("speed_schedule", [{"from": "8am", "to": "23:00", "max_speed": 1}], "HH:MM"),
+    ("speed_schedule", [{"from": "08:00", "to": "08:00", "max_speed": 1}], "other than"),
+    ("speed_schedule", [{"from": "08:00", "to": "09:00"}], "max_speed"),
+    ("sidecars", "on", "true or false"),
+    ("preview_nsfw", 1, "true or false"),
+    ("update_every", "30m", "at least"),
+    ("update_every", "often", "duration"),
+    ("notify_events", "download_failed", "list"),
 ])
 def test_wrong_type_or_range_names_file_and_key(tmp_path, key, value, needle):
     path = write(tmp_path, json.dumps({key: value}))
     with pytest.raises(ConfigError) as err:
         load_config(path, environ={})
     message = str(err.value)
-    assert str(path) in message and f"'{key}'" in message and needle in message
+    assert str(path) in message and f"'{key}" in message and needle in message
     assert "\n" not in message
+
+
+def test_new_keys_parse_rates_windows_and_durations(tmp_path):
+    path = write(tmp_path, json.dumps({
+        "layout": "a1111", "folders": {"LORA": "models/Lora/civitai"}, "connections": 8, "max_speed": "20MB",
+        "speed_schedule": [{"from": "08:00", "to": "23:00", "max_speed": "5 MiB"},
+                           {"from": "23:00", "to": "08:00", "max_speed": 0}],
+        "update_every": "6h", "notify": ["json://127.0.0.1:9/x?token=abc"], "sidecars": False}))
+    cfg, warnings = load_config(path, environ={})
+    assert warnings == []
+    assert cfg.layout == "a1111" and cfg.folders == {"LORA": "models/Lora/civitai"} and cfg.connections == 8
+    assert cfg.max_speed == 20_000_000
+    assert cfg.speed_schedule == ((480, 1380, 5 * 1024 * 1024), (1380, 480, 0))
+    assert cfg.update_every == 6 * 3600 and cfg.sidecars is False
+    public = cfg.public_dict()
+    assert public["notify"] == ["***"] and "abc" not in json.dumps(public)
+    assert public["speed_schedule"][0] == {"from": "08:00", "to": "23:00", "max_speed": 5 * 1024 * 1024}
+
+
+def test_a_bad_notify_url_is_named_without_echoing_it(tmp_path):
+    path = write(tmp_path, json.dumps({"notify": ["tgram-bot-token-123"]}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert "'notify'" in str(err.value) and "tgram-bot-token-123" not in str(err.value)
+
+
+def test_config_changes_tell_live_keys_from_restart_keys(tmp_path):
+    from ipc.config import config_changes
+
+    old, _ = load_config(write(tmp_path, '{"throttle": 2, "workers": 2}'), environ={})
+    new, _ = load_config(write(tmp_path, '{"throttle": 5, "workers": 3, "max_speed": "1MB"}'), environ={})
+    live, restart = config_changes(old, new)
+    assert sorted(live) == ["max_speed", "throttle"] and restart == ["workers"]
 
 
 def test_syntax_error_gives_line_and_column(tmp_path):
@@ -128,6 +179,6 @@ def test_check_command_exit_codes(tmp_path):
     bad = run_check(tmp_path, '{"workers": "many"}')
     assert bad.returncode == 78
     assert "config.json" in bad.stderr and "'workers'" in bad.stderr and "many" in bad.stderr
-    broken = run_check(tmp_path, "{}", '[{"modelId": 1, "model_type": "Check Point"}]')
+    broken = run_check(tmp_path, "{}", '[{"modelId": 1, "model_type": "Check/../Point"}]')
     assert broken.returncode == 78
     assert "manifest.json" in broken.stderr and "entry 0" in broken.stderr and "'model_type'" in broken.stderr
