@@ -9,6 +9,7 @@ and the supervisor relays those lines.
 """
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import re
@@ -125,3 +126,48 @@ def setup_child_logging(log_queue, secrets: tuple[str, ...] = (), level=logging.
         root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+# --- fresh interpreters (web, webhooks): records as lines on stderr, relayed at their level ---
+
+RELAY_PREFIX = "@log "
+
+
+class RelayFormatter(logging.Formatter):
+    """One stderr line per record, `@log {"l": levelno, "n": logger, "m": message}`: the
+    supervisor reads it back at the record's own level (a traceback stays one record)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message = f"{message}\n{self.formatException(record.exc_info)}"
+        elif record.exc_text:
+            message = f"{message}\n{record.exc_text}"
+        return RELAY_PREFIX + json.dumps({"l": record.levelno, "n": record.name, "m": message},
+                                         ensure_ascii=False, separators=(",", ":"))
+
+
+def setup_relayed_logging(secrets: tuple[str, ...] = (), level=logging.INFO) -> None:
+    """In a fresh interpreter the supervisor started: every record goes to stderr as a relay line."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RelayFormatter())
+    handler.addFilter(RedactingFilter(secrets))
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def parse_relayed_line(line: str) -> tuple[int, str, str]:
+    """(level, logger name, message) of a line from a fresh interpreter's stderr. A line that is
+    not a relay record (a crash before logging was set up, a C library's warning) is a WARNING:
+    it should not be there, and `journalctl -p warning` must show it."""
+    if line.startswith(RELAY_PREFIX):
+        try:
+            data = json.loads(line[len(RELAY_PREFIX):])
+            return int(data["l"]), str(data["n"]), str(data["m"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return logging.WARNING, "", line
