@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipc import jsonc
+from ipc.files import atomic_write, file_lock
 from ipc.naming import folder_problem, safe_filename
 
 DEFAULT_PRIORITY = 10
@@ -123,40 +124,6 @@ def quick_stat(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename durable. Windows cannot open a directory: the rename is durable enough there."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, os.replace, fsync of the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            mode = os.stat(path).st_mode & 0o777
-            os.chmod(tmp, mode)
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
 class ManifestFile:
     """The supervisor's hold on manifest.json: the last good entries, and whether the file on
     disk is still what we last read or wrote (if not, a person saved it)."""
@@ -212,8 +179,6 @@ class ManifestFile:
         Returns whether it wrote."""
         if self.error is not None:
             return False
-        from ipc.throttle import file_lock
-
         data = render(entries)
         with file_lock(self.lock_path), _lock_if_free(self.path) as locked:
             if not locked:

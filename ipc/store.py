@@ -1,6 +1,9 @@
 """The job store (SQLite, WAL): jobs, events, downloaded files and small state. The source of truth.
 
-The supervisor is the only process that changes jobs; the web process opens it read-only.
+The supervisor is the only process that changes jobs; the web process opens it read-only, the
+webhook process writes only delivery marks. A database that is locked by another program or on
+a full disk raises StoreUnavailable (the caller backs off and tries again); one that cannot be
+opened at all raises StoreOpenError with a sentence for the user.
 """
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ipc.states import ACTIVE_STATES, FINAL_STATES, JobState, check_transition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,6 +48,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, priority, id);
 CREATE INDEX IF NOT EXISTS jobs_version ON jobs(version_id, file_id);
+CREATE INDEX IF NOT EXISTS jobs_model ON jobs(model_id, version_id);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     event TEXT NOT NULL,
@@ -65,14 +71,34 @@ CREATE TABLE IF NOT EXISTS kv (
 );
 """
 
+# Columns added after schema 1, added to an older database at open (ALTER TABLE ADD COLUMN).
+_ADDED_COLUMNS = {
+    "jobs": (
+        ("model_name", "TEXT"), ("version_name", "TEXT"), ("base_model", "TEXT"),
+        ("file_type", "TEXT"), ("format", "TEXT"), ("fp", "TEXT"),  # selectors of an entry
+        ("waiting_since", "REAL"),  # first of a run of waits that are no failure (unhashed file)
+    ),
+}
+
 PUBLIC_JOB_FIELDS = (
-    "id", "model_id", "version_id", "file_id", "model_type", "filename", "state", "priority",
-    "bytes_done", "bytes_total", "speed_bps", "attempts", "error", "created_at", "updated_at",
-    "max_attempts", "reason", "sha256", "path", "source",
+    "id", "model_id", "version_id", "file_id", "model_type", "filename", "model_name", "version_name",
+    "base_model", "state", "priority", "bytes_done", "bytes_total", "speed_bps", "attempts", "error",
+    "not_before", "created_at", "updated_at", "max_attempts", "reason", "sha256", "path", "source",
 )
 _WRITABLE = set(PUBLIC_JOB_FIELDS) - {"id", "created_at", "updated_at"} | {
-    "url", "updated_at_civitai", "not_before",
+    "url", "updated_at_civitai", "not_before", "file_type", "format", "fp", "waiting_since",
 }
+_UNAVAILABLE_WORDS = ("locked", "busy", "disk is full", "disk i/o error", "database or disk is full",
+                      "unable to open", "readonly database")
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be written right now (locked by another program, disk full): try
+    again later. str() is a sentence for /health and the log."""
+
+
+class StoreOpenError(Exception):
+    """The database cannot be opened or is not a database: one sentence naming the file."""
 
 
 def utc_now_iso(ts: float | None = None) -> str:
@@ -80,64 +106,167 @@ def utc_now_iso(ts: float | None = None) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-def public_job(row: dict) -> dict:
-    return {k: row.get(k) for k in PUBLIC_JOB_FIELDS}
+def public_job(row: dict, now: float | None = None) -> dict:
+    out = {k: row.get(k) for k in PUBLIC_JOB_FIELDS}
+    # not_before is shown only while the job really waits for a time.
+    not_before = row.get("not_before") or 0
+    waiting = row.get("state") == JobState.QUEUED and not_before > (time.time() if now is None else now)
+    out["not_before"] = utc_now_iso(not_before) if waiting else None
+    return out
+
+
+def _unavailable(exc: sqlite3.Error, path: Path) -> StoreUnavailable | None:
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.OperationalError) and any(w in text for w in _UNAVAILABLE_WORDS):
+        if "full" in text:
+            return StoreUnavailable(f"the disk holding {path} is full: free some space")
+        if "locked" in text or "busy" in text:
+            return StoreUnavailable(f"{path} is locked by another program")
+        return StoreUnavailable(f"{path} cannot be written: {exc}")
+    return None
 
 
 class JobStore:
     def __init__(self, path: str | Path, readonly: bool = False, timeout_s: float = 10.0):
         self.path = Path(path)
         self.readonly = readonly
-        if readonly:
-            # mode=ro still sees the writer's WAL; it cannot create the file.
-            uri = f"file:{self.path.as_posix()}?mode=ro"
-            self._conn = sqlite3.connect(uri, uri=True, timeout=timeout_s, check_same_thread=False)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
-        with self._lock:
+        self._depth = 0  # nesting of transaction()
+        try:
+            if readonly:
+                # mode=ro still sees the writer's WAL; it cannot create the file.
+                uri = f"file:{self.path.as_posix()}?mode=ro"
+                self._conn = sqlite3.connect(uri, uri=True, timeout=timeout_s, check_same_thread=False,
+                                             isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(str(self.path), timeout=timeout_s, check_same_thread=False,
+                                             isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
             if not readonly:
-                self._conn.execute("PRAGMA journal_mode=WAL")
-                # NORMAL in WAL mode loses at most the last commits on power loss, never consistency.
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-                self._conn.executescript(_SCHEMA)
-                self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                self._conn.commit()
+                self._open_for_writing()
+            else:
+                self._conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as exc:
+            busy = _unavailable(exc, self.path)
+            if busy is not None and "locked" in str(busy):
+                raise StoreUnavailable(str(busy)) from None
+            raise StoreOpenError(self._open_problem(exc)) from None
+
+    def _open_for_writing(self) -> None:
+        conn = self._conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode loses at most the last commits on power loss, never consistency.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table, columns in _ADDED_COLUMNS.items():  # before the indexes that may use them
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if have and name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            for table, columns in _ADDED_COLUMNS.items():  # a new database
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _open_problem(self, exc: sqlite3.Error) -> str:
+        text = str(exc)
+        if "not a database" in text or "malformed" in text or "file is encrypted" in text:
+            return (f"{self.path} is damaged or not a database ({text}); move it away (the daemon then "
+                    f"starts with an empty job list and queues the manifest again) or restore it from a backup")
+        if "unable to open" in text:
+            return f"{self.path} cannot be opened ({text}); check that its folder exists and is writable"
+        return f"{self.path} cannot be used: {text}"
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Everything in the block commits together or not at all (nested blocks join the outer
+        one). Raises StoreUnavailable when the database is locked or the disk full."""
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._guard(lambda: self._conn.execute("BEGIN IMMEDIATE"))
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if outer and self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if outer:
+                try:
+                    self._guard(lambda: self._conn.execute("COMMIT"))
+                except StoreUnavailable:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+
+    def _guard(self, fn):
+        try:
+            return fn()
+        except sqlite3.Error as exc:
+            busy = _unavailable(exc, self.path)
+            if busy is not None:
+                raise busy from None
+            raise
+
     def _query(self, sql: str, args=()) -> list[dict]:
         with self._lock:
-            return [dict(r) for r in self._conn.execute(sql, args).fetchall()]
+            return self._guard(lambda: [dict(r) for r in self._conn.execute(sql, args).fetchall()])
 
     def _write(self, sql: str, args=()) -> sqlite3.Cursor:
-        with self._lock:
-            cur = self._conn.execute(sql, args)
-            self._conn.commit()
-            return cur
+        with self._lock, self.transaction():
+            return self._guard(lambda: self._conn.execute(sql, args))
 
     # --- jobs -----------------------------------------------------------------------------
 
     def add_job(self, *, model_id, version_id=None, file_id=None, model_type=None, filename=None,
                 priority=10, max_attempts=4, sha256=None, source="manifest", bytes_total=None,
-                url=None, updated_at_civitai=None) -> dict:
+                url=None, updated_at_civitai=None, file_type=None, format=None, fp=None,
+                state=JobState.QUEUED) -> dict:
         now = utc_now_iso()
-        cur = self._write(
-            """INSERT INTO jobs (model_id, version_id, file_id, model_type, filename, state, priority,
-                   max_attempts, sha256, source, bytes_total, url, updated_at_civitai, created_at, updated_at)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-            (model_id, version_id, file_id, model_type, filename, JobState.QUEUED.value, priority,
-             max_attempts, sha256.lower() if sha256 else None, source, bytes_total, url,
-             updated_at_civitai, now, now),
-        )
+        row = {"model_id": model_id, "version_id": version_id, "file_id": file_id, "model_type": model_type,
+               "filename": filename, "state": str(state), "priority": priority, "max_attempts": max_attempts,
+               "sha256": sha256.lower() if sha256 else None, "source": source, "bytes_total": bytes_total,
+               "url": url, "updated_at_civitai": updated_at_civitai, "file_type": file_type, "format": format,
+               "fp": fp, "created_at": now, "updated_at": now}
+        cur = self._write(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                          list(row.values()))
         return self.get_job(cur.lastrowid)
 
+    def set_fields(self, job_id: int, fields: dict) -> str:
+        """Write columns of a job without reading it back (the ledger keeps its own copy and
+        checks transitions itself). Returns the updated_at it wrote."""
+        bad = set(fields) - _WRITABLE
+        if bad:
+            raise KeyError(f"not writable: {sorted(bad)}")
+        stamp = utc_now_iso()
+        values = [str(v) if isinstance(v, JobState) else v for v in fields.values()]
+        cols = ", ".join(f"{k} = ?" for k in fields)
+        self._write(f"UPDATE jobs SET {cols}, updated_at = ? WHERE id = ?", [*values, stamp, job_id])
+        return stamp
+
     def get_job(self, job_id: int) -> dict | None:
+        if not isinstance(job_id, int) or not 0 < job_id < 2**63:
+            return None  # no such row can exist (SQLite ids are signed 64-bit)
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return rows[0] if rows else None
 
@@ -203,7 +332,7 @@ class JobStore:
         bad = set(fields) - _WRITABLE
         if bad:
             raise KeyError(f"not writable: {sorted(bad)}")
-        with self._lock:
+        with self._lock, self.transaction():
             if "state" in fields:
                 current = self.get_job(job_id)
                 if current is None:
@@ -217,7 +346,7 @@ class JobStore:
 
     def begin_attempt(self, job_id: int) -> dict:
         """Persist the attempt before the work starts: a crash right after still counts it."""
-        with self._lock:
+        with self._lock, self.transaction():
             job = self.get_job(job_id)
             check_transition(job["state"], JobState.DOWNLOADING)
             self._write(
@@ -229,14 +358,15 @@ class JobStore:
 
     def recover_unfinished(self) -> list[dict]:
         """After any stop: jobs that were running go back to the queue, attempts kept."""
-        rows = self._query(
-            "SELECT * FROM jobs WHERE state IN (?, ?)",
-            (JobState.DOWNLOADING.value, JobState.VERIFYING.value),
-        )
-        self._write(
-            "UPDATE jobs SET state = ?, speed_bps = 0, updated_at = ? WHERE state IN (?, ?)",
-            (JobState.QUEUED.value, utc_now_iso(), JobState.DOWNLOADING.value, JobState.VERIFYING.value),
-        )
+        with self.transaction():
+            rows = self._query(
+                "SELECT * FROM jobs WHERE state IN (?, ?)",
+                (JobState.DOWNLOADING.value, JobState.VERIFYING.value),
+            )
+            self._write(
+                "UPDATE jobs SET state = ?, speed_bps = 0, updated_at = ? WHERE state IN (?, ?)",
+                (JobState.QUEUED.value, utc_now_iso(), JobState.DOWNLOADING.value, JobState.VERIFYING.value),
+            )
         return rows
 
     def job_counts(self) -> dict[str, int]:
@@ -317,6 +447,10 @@ class JobStore:
         rows = self._query("SELECT * FROM files WHERE path = ?", (path,))
         return rows[0] if rows else None
 
+    def all_files(self) -> dict[str, dict]:
+        """Every recorded file by path: one query for a whole manifest sync."""
+        return {row["path"]: row for row in self._query("SELECT * FROM files")}
+
     # --- small state ----------------------------------------------------------------------
 
     def get_kv(self, key: str, default=None):
@@ -327,7 +461,7 @@ class JobStore:
         self._write("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     def incr_kv(self, key: str, by: int = 1) -> int:
-        with self._lock:
+        with self._lock, self.transaction():
             value = int(self.get_kv(key, 0)) + by
             self.set_kv(key, value)
             return value

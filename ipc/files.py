@@ -1,0 +1,153 @@
+"""The file-system primitives every process shares, one copy each: locks between processes that
+die with their holder, atomic replacement, and making a rename durable. The OS-specific calls
+live here and nowhere else."""
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+O_BINARY = getattr(os, "O_BINARY", 0)
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+if os.name == "nt":  # pragma: no cover - exercised on Windows only
+    import msvcrt
+
+    def lock_fd(fd: int) -> None:
+        """Block until this process holds the lock of the open file `fd`."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        while True:
+            try:
+                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
+                return
+            except OSError:
+                continue
+
+    def unlock_fd(fd: int) -> None:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+
+    def try_lock_fd(fd: int) -> bool:
+        """Lock an open file for this process without waiting; False if another holds it."""
+        os.lseek(fd, 0, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+else:
+    import fcntl
+
+    def lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def unlock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def try_lock_fd(fd: int) -> bool:
+        """Lock an open file for this process without waiting; False if another holds it."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return False
+            return True  # a file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded
+        return True
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[int]:
+    """An exclusive lock between processes, held for the `with` block; the kernel drops it if
+    the holder dies, so a killed process can never freeze the others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o600)
+    try:
+        lock_fd(fd)
+        try:
+            yield fd
+        finally:
+            unlock_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable. Windows cannot open a directory; its renames are
+    journaled by NTFS, so there is nothing to do there."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Temp file in the same folder, fsync, os.replace, fsync of the folder. The file keeps its
+    permissions (or gets `mode`)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o600 if mode is None else mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if mode is None:
+            try:
+                os.chmod(tmp, os.stat(path).st_mode & 0o777)
+            except OSError:
+                os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+class PidLock:
+    """One daemon per data folder: an exclusive lock on data/daemon.pid, held for the life of
+    the process and dropped by the kernel when it dies (kill -9 included), on Linux and Windows.
+    The file holds the holder's pid so that a second start can name it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd = -1
+
+    def acquire(self) -> int | None:
+        """Take the lock; returns None, or the pid of the running holder when it is taken."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
+        if not try_lock_fd(fd):
+            try:
+                os.lseek(fd, 1 if os.name == "nt" else 0, os.SEEK_SET)  # Windows: byte 0 is locked
+                raw = os.read(fd, 64).decode("ascii", "replace").split()
+                holder = int(raw[0]) if raw and raw[0].isdigit() else -1
+            finally:
+                os.close(fd)
+            return holder
+        # Windows locks byte 0 of the file: write the pid after it, keeping byte 0 a space.
+        stamp = f" {os.getpid()}\n".encode("ascii") if os.name == "nt" else f"{os.getpid()}\n".encode("ascii")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, stamp)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
