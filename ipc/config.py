@@ -282,7 +282,7 @@ def _update_every(value):
     return seconds
 
 
-def config_changes(old: "Config", new: "Config") -> tuple[list[str], list[str]]:
+def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """What a reload changes: (keys that take effect live, keys that need a restart)."""
     live, restart = [], []
     for f in dataclasses.fields(Config):

@@ -225,3 +225,129 @@ def _lock_if_free(path: Path):
         yield True
     finally:
         os.close(fd)
+
+
+# --- pure merges: what a download or an update does to the entries -------------------------
+
+# Manifest fields that describe one version's file: an update replaces them all together.
+VERSION_FIELDS = ("modelVersionId", "fileId", "sha256", "url", "filename", "updatedAt")
+
+
+def _norm(value) -> str | None:
+    return str(value).strip().lower() if value not in (None, "") else None
+
+
+def entry_selectors(entry: dict) -> tuple:
+    return tuple(_norm(entry.get(k)) for k in SELECTOR_FIELDS)
+
+
+def entry_file_key(entry: dict) -> tuple:
+    """Which file an entry asks for: two entries with the same key are one (SPEC §4)."""
+    if entry.get("fileId") is not None:
+        return ("file", entry.get("modelVersionId"), entry["fileId"])
+    if entry.get("modelVersionId") is not None:
+        return ("version", entry["modelVersionId"], entry_selectors(entry))
+    return ("model", entry["modelId"], entry_selectors(entry), entry.get("model_type"))
+
+
+def duplicate_entries(entries: list[dict]) -> list[tuple[int, int]]:
+    """(index, index of the first entry it repeats) for each entry that names a file an earlier
+    entry already names."""
+    first: dict[tuple, int] = {}
+    out = []
+    for i, entry in enumerate(entries):
+        key = entry_file_key(entry)
+        if key in first:
+            out.append((i, first[key]))
+        else:
+            first[key] = i
+    return out
+
+
+def entry_to_job_spec(entry: dict) -> dict:
+    """What the ledger queues for an entry."""
+    return {"model_id": entry["modelId"], "version_id": entry.get("modelVersionId"), "file_id": entry.get("fileId"),
+            "model_type": entry["model_type"], "filename": entry.get("filename") or None,
+            "sha256": entry.get("sha256") or None, "priority": entry_priority(entry),
+            **{k: entry.get(k) for k in SELECTOR_FIELDS}}
+
+
+def find_job_entry(entries: list[dict], job: dict) -> int | None:
+    """The index of the entry a finished job fulfils: the one naming its file, else the one
+    that asked for it without naming a file yet (same model, folder and selectors)."""
+    for i, entry in enumerate(entries):
+        if (entry["modelId"] == job["model_id"] and entry.get("fileId") is not None
+                and entry.get("fileId") == job["file_id"]):
+            return i
+    selectors = tuple(_norm(job.get(k)) for k in SELECTOR_FIELDS)
+    for i, entry in enumerate(entries):
+        if (entry["modelId"] == job["model_id"] and entry.get("fileId") is None
+                and entry.get("modelVersionId") in (None, job["version_id"])
+                and entry_selectors(entry) == selectors and entry["model_type"] == job["model_type"]):
+            return i
+    return None
+
+
+def record_download(entries: list[dict], job: dict) -> tuple[list[dict], bool]:
+    """After a download: the entry records what was fetched and the name actually used. A job
+    the user added from the API or the GUI without an entry gets one. Returns (entries, changed)."""
+    fields = {"modelId": job["model_id"], "modelVersionId": job["version_id"], "fileId": job["file_id"],
+              "model_type": job["model_type"], "sha256": (job.get("sha256") or "").upper(),
+              "url": job.get("url"), "filename": job.get("filename"), "updatedAt": job.get("updated_at_civitai")}
+    fields = {k: v for k, v in fields.items() if v not in (None, "")}
+    out = [dict(e) for e in entries]
+    index = find_job_entry(out, job)
+    if index is None:
+        if job.get("source") != "api":
+            return entries, False  # the entry left the manifest while the file downloaded
+        target: dict = {}
+        out.append(target)
+        if job.get("priority") not in (None, DEFAULT_PRIORITY):
+            fields["priority"] = job["priority"]
+    else:
+        target = out[index]
+        fields.pop("model_type", None)  # the entry's folder choice stays
+    before = dict(target)
+    target.update(fields)
+    if target == before and index is not None:
+        return entries, False
+    return out, True
+
+
+def _describes(entry: dict, new: dict) -> bool:
+    """Whether `entry` already records the file `new` describes (same ids, hash and date)."""
+    if entry.get("modelVersionId") != new.get("modelVersionId") or entry.get("fileId") != new.get("fileId"):
+        return False
+    return all(str(entry.get(k) or "").lower() == str(new[k]).lower() for k in ("sha256", "updatedAt") if new.get(k))
+
+
+def apply_update(entries: list[dict], update: dict, mode: str) -> tuple[list[dict], dict | None]:
+    """A newer version (or a file replaced in place) for the entry that names
+    (previous_version_id, previous_file_id) of model_id. `replace`: that entry takes the new
+    file's fields, keeping its custom fields, priority and folder; `append`: a new entry is
+    added beside it. Returns (entries, the entry to download) or (entries, None) when the entry
+    is gone. Applying the same update twice changes nothing the second time."""
+    model_id, new = update["model_id"], dict(update["entry"])
+    prev_v, prev_f = update.get("previous_version_id"), update.get("previous_file_id")
+    out = [dict(e) for e in entries]
+    present = next((e for e in out if e["modelId"] == model_id and _describes(e, new)), None)
+    if present is not None:
+        return entries, present
+    candidates = [e for e in out if e["modelId"] == model_id and e.get("modelVersionId") == prev_v]
+    old = next((e for e in candidates if prev_f is not None and e.get("fileId") == prev_f), None)
+    if old is None and candidates and (prev_f is None or all(e.get("fileId") is None for e in candidates)):
+        old = candidates[0]
+    if old is None:
+        return entries, None
+    new["model_type"] = old["model_type"]
+    if mode == "append" and old.get("modelVersionId") != new.get("modelVersionId"):
+        added = {k: v for k, v in old.items() if k not in new and k not in VERSION_FIELDS}
+        added.update(new)
+        out.append(added)
+        return out, added
+    # What described the old file goes; custom fields, priority and model_type stay in place.
+    for key in VERSION_FIELDS:
+        if key not in new:
+            old.pop(key, None)
+    old.update(new)
+    return out, old

@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS manifest_pending (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL
+);
 """
 
 # Columns added after schema 1, added to an older database at open (ALTER TABLE ADD COLUMN).
@@ -450,6 +454,17 @@ class JobStore:
     def all_files(self) -> dict[str, dict]:
         """Every recorded file by path: one query for a whole manifest sync."""
         return {row["path"]: row for row in self._query("SELECT * FROM files")}
+
+    # --- manifest changes not yet written to manifest.json -------------------------------------
+
+    def add_manifest_op(self, op: dict) -> int:
+        return self._write("INSERT INTO manifest_pending (op) VALUES (?)", (json.dumps(op, default=str),)).lastrowid
+
+    def manifest_ops(self) -> list[tuple[int, dict]]:
+        return [(r["id"], json.loads(r["op"])) for r in self._query("SELECT * FROM manifest_pending ORDER BY id")]
+
+    def clear_manifest_ops(self, up_to_id: int) -> None:
+        self._write("DELETE FROM manifest_pending WHERE id <= ?", (up_to_id,))
 
     # --- small state ----------------------------------------------------------------------
 
