@@ -1,14 +1,25 @@
-"""The supervisor: the main loop that owns job states and the manifest, runs the children
-(download workers, the updater, the web process), enforces timeouts and shuts down cleanly.
-
-One loop, as in gunicorn's arbiter: signal handlers only queue the signal; each tick reads the
-children's messages, reaps, restarts, kills stuck workers, dispatches jobs and polls the
-manifest. Every step is safe to run again.
+"""The supervisor: the arbiter of the daemon. One loop that sleeps until something is due (a child's
+message, a signal, a timer), then runs small idempotent steps: read messages, reap and restart
+children, enforce deadlines, dispatch jobs, watch the manifest. The rules live elsewhere: jobs in
+ipc/ledger.py, the manifest in ipc/keeper.py, children in ipc/children.py, control operations in
+ipc/operations.py. This file starts and stops them, and keeps the database's trouble (locked,
+disk full) from ever stopping the loop.
 """
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":
+    try:  # run without the project's environment: say how to run it, not a traceback
+        import multiprocessing_logging  # noqa: F401
+        import requests  # noqa: F401
+    except ImportError:
+        print("civitai-daemon: the project's packages are missing; run it with `uv run python supervisor.py` "
+              "(install uv with `pip install uv`)", file=sys.stderr)
+        sys.exit(1)
+
 import argparse
-import collections
+import dataclasses
 import http.client
 import logging
 import multiprocessing
@@ -17,165 +28,222 @@ import os
 import queue
 import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 
 from ipc import VERSION, sdnotify
-from ipc.config import EX_CONFIG, Config, ConfigError, ensure_jwt_secret, load_config
+from ipc.children import ChildPool, Exit, Fatal, ForkedChild, FreshChild, RELEASE_GRACE_S
+from ipc.config import EX_CONFIG, Config, ConfigError, config_changes, ensure_jwt_secret, load_config
 from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
+from ipc.files import PidLock
+from ipc.keeper import ManifestKeeper
+from ipc.ledger import JobLedger, Outcome
 from ipc.logsetup import child_log_handler, setup_supervisor_logging
-from ipc.manifest import ManifestError, ManifestFile, entry_priority, validate_entry
+from ipc.manifest import ManifestError, ManifestFile, duplicate_entries, entry_to_job_spec
+from ipc.messages import Msg
 from ipc.naming import part_filename
-from ipc.states import ACTIVE_STATES, ChildState, JobState
-from ipc.store import JobStore, public_job, utc_now_iso
+from ipc.operations import ControlOps
+from ipc.retry import STORE_RETRY
+from ipc.states import ChildKind, ChildState, KillReason
+from ipc.store import JobStore, StoreOpenError, StoreUnavailable, utc_now_iso
 
 REPO_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("supervisor")
 
-TICK_S = 0.25
-KILL_GRACE_S = 5.0
 SHUTDOWN_BUDGET_S = 18.0  # under the 20 s the contract promises
-CANCEL_GRACE_S = 2.0
-ACK_DEADLINE_S = 30.0  # a job sent to a worker that never acknowledges it is taken back
-BACKOFF_START_S = 1.0
-BACKOFF_MAX_S = 60.0
-HEALTHY_RESET_S = 600.0
-BOOT_FAILURE_LIMIT = 5
-BOOT_FAILURE_WINDOW_S = 60.0
-PROGRESS_STORE_INTERVAL_S = 1.0
-# Manifest fields that describe one version's file: an update replaces them all together.
-VERSION_FIELDS = ("modelVersionId", "fileId", "sha256", "url", "filename", "updatedAt")
-BOOT_DEADLINE_S = 60.0  # a child that has not said it is ready by then is killed as a boot failure
-READY_LINE = "@ready"  # what a fresh interpreter prints on stderr once it has booted
-# Children that run as fresh interpreters (`python -m MODULE --config PATH`), never forked.
-FRESH_INTERPRETERS = {"web": "web", "webhooks": "workers.webhooks"}
+STORE_BUSY_TIMEOUT_S = 0.5  # the loop never waits longer than this on a locked database
 MANIFEST_POLL_S = 1.0
+WEB_PROBE_S = 0.25
+PROGRESS_STORE_INTERVAL_S = 1.0
 PRUNE_EVERY_S = 86400.0
 KEEP_HISTORY_S = 30 * 86400  # finished jobs and delivered events are kept this long
-
-
-class Fatal(Exception):
-    """The daemon cannot go on; the message is the cause."""
-
-
-@dataclass
-class Child:
-    name: str
-    kind: str  # worker | updater | web
-    state: ChildState = ChildState.STOPPED
-    proc: object = None  # multiprocessing.Process or subprocess.Popen
-    conn: object = None  # supervisor's end of the Pipe (not for web)
-    pid: int | None = None
-    started_mono: float = 0.0
-    ready: bool = False
-    since: str = ""
-    job_id: int | None = None
-    assigned_mono: float = 0.0
-    acked_mono: float | None = None
-    term_sent_mono: float | None = None
-    kill_reason: str | None = None  # timeout | cancel | shutdown
-    restarts: int = 0
-    consecutive_failures: int = 0
-    restart_at_mono: float = 0.0
-    boot_failures: collections.deque = field(default_factory=lambda: collections.deque(maxlen=BOOT_FAILURE_LIMIT))
-    last_error: str = ""
-    stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=20))
-    log_handler: object = None  # this child's own multiprocessing-logging queue (fork only)
-
-    def public(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "pid": self.pid, "state": str(self.state),
-                "job_id": self.job_id, "restarts": self.restarts, "since": self.since}
-
-
-def _child_entry(target, name, conn, config_path, log_queue, inherited_fds=()):
-    """Runs in the child: drop what fork copied of the supervisor's own pipes and sockets (a
-    copy held here would hide a sibling's or the supervisor's death from the other end), then
-    run, reporting a crash at boot through the pipe so the supervisor can name it."""
-    for fd in inherited_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    try:
-        target(name, conn, config_path, log_queue)
-    except BaseException as exc:
-        if isinstance(exc, SystemExit) and not exc.code:
-            raise
-        logging.getLogger(name).exception("%s crashed", name)
-        try:
-            conn.send({"type": "fatal", "error": f"{type(exc).__name__}: {exc}"})
-        except Exception:
-            pass
-        raise
+MAX_SLEEP_S = 30.0
+FRESH_MODULES = {ChildKind.WEB: "web", ChildKind.WEBHOOKS: "workers.webhooks"}
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, manifest: ManifestFile, clock=time.monotonic):
+    def __init__(self, cfg: Config, manifest: ManifestFile, clock=time.monotonic, wall=time.time):
         self.cfg = cfg
-        self.manifest = manifest
         self.clock = clock
-        self.store = JobStore(cfg.db_path)
+        self.wall = wall
+        self.store = JobStore(cfg.db_path, timeout_s=STORE_BUSY_TIMEOUT_S)
+        self.ledger = JobLedger(self.store, max_attempts=cfg.max_attempts, clock=wall)
+        self.keeper = ManifestKeeper(manifest, self.store, cfg.manifest_mode, cfg.download_path, clock=clock)
+        self.ops = ControlOps(self)
         self.ctx = multiprocessing.get_context()
         self.fork = self.ctx.get_start_method() == "fork"
         self.log_queue = None if self.fork else self.ctx.Queue()
-        self.children: dict[str, Child] = {}
-        for i in range(cfg.workers):
-            self.children[f"worker-{i + 1}"] = Child(f"worker-{i + 1}", "worker")
-        self.children["updater"] = Child("updater", "updater")
-        self.children["web"] = Child("web", "web")
-        if cfg.webhook_url:
-            self.children["webhooks"] = Child("webhooks", "webhooks")
-        self.inbox: queue.Queue = queue.Queue()
+        self.pool = ChildPool(clock)
+        self.signals: queue.SimpleQueue = queue.SimpleQueue()  # a handler must not take a lock we hold
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
-        self._signals: queue.Queue = queue.Queue()
-        self.stopping = False
-        self.stop_deadline = 0.0
-        self.exit_code = 0
-        self.started_wall = time.time()
-        self.started_iso = utc_now_iso()
         self.control_token = secrets.token_hex(32)
         self.control: ControlServer | None = None
+        self.stopping = False
+        self.stop_deadline: float | None = None
+        self.exit_code = 0
+        self.started_wall = wall()
+        self.started_iso = utc_now_iso()
+        self.updater_info = {"last_check": None, "last_success": None, "next_check": None, "running": False}
+        # Database trouble: what could not be stored waits here, in order, and is tried again.
+        self.deferred: deque = deque()
+        self._store_problem: str | None = None
+        self._store_failures = 0
+        self._store_retry_at = 0.0
+        self._sync_due: str | None = None  # a manifest sync that could not run yet
+        self._events: list = []
+        self._txn_depth = 0
         self._progress_stored: dict[int, float] = {}
-        self.pending_updates: dict[int, dict] = {}  # model id -> update_found not yet in the manifest
-        self._cancel_deadline: dict[int, float] = {}
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
+        self._sent_entries: list | None = None
         self._ready_notified = False
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._next_watchdog = 0.0
-        self._health_checking = False
-        self.updater_info = {"last_check": None, "last_success": None, "next_check": None, "running": False}
+        self._web_probe_running = False
+        self._next_web_probe = 0.0
         self._load_updater_info()
+        self._build_children()
 
-    # --- events ---------------------------------------------------------------------------
+    # --- the children ------------------------------------------------------------------------
 
-    def emit(self, name: str, **fields) -> dict:
-        event = self.store.add_event(name, fields)
-        if self.control:
-            self.control.publish(event)
-        return event
+    def _build_children(self) -> None:
+        from workers.updater import updater_main
+        from workers.worker import worker_main
 
-    def publish_progress(self, job_id, bytes_done, bytes_total, speed_bps) -> None:
-        if self.control:
-            self.control.publish({"event": "download_progress", "ts": utc_now_iso(), "job_id": job_id,
-                                  "bytes_done": bytes_done, "bytes_total": bytes_total, "speed_bps": speed_bps})
+        def args_for(child):
+            return (str(self.cfg.config_path),)
 
-    # --- start and stop -------------------------------------------------------------------
+        log_handler_for = (lambda child: child_log_handler(child.name)) if self.fork else (lambda child: self.log_queue)
+        for i in range(self.cfg.workers):
+            self.pool.add(ForkedChild(f"worker-{i + 1}", ChildKind.WORKER, worker_main, args_for, self.ctx,
+                                      log_handler_for, self.supervisor_fds, on_change=self.on_child_change))
+        self.pool.add(ForkedChild("updater", ChildKind.UPDATER, updater_main, args_for, self.ctx, log_handler_for,
+                                  self.supervisor_fds, on_change=self.on_child_change))
+        self.pool.add(self._fresh_child("web", ChildKind.WEB))
+        if self.cfg.webhook_url:
+            self.pool.add(self._fresh_child("webhooks", ChildKind.WEBHOOKS))
+
+    def _fresh_child(self, name: str, kind: ChildKind) -> FreshChild:
+        def env_for(child):
+            env = dict(os.environ)
+            assert self.control is not None
+            env[ENV_ADDR] = self.control.address
+            env[ENV_TOKEN] = self.control_token
+            env["PYTHONUNBUFFERED"] = "1"
+            return env
+
+        return FreshChild(name, kind, FRESH_MODULES[kind], lambda child: ["--config", str(self.cfg.config_path)],
+                          env_for, on_ready=lambda child, pid: self.post("_child_ready", child=child.name, pid=pid),
+                          on_gone=lambda child, pid: self.wake(), cwd=REPO_DIR, on_change=self.on_child_change)
+
+    def supervisor_fds(self) -> list[int]:
+        """File descriptors a forked child must not keep: other children's pipes, the fresh
+        interpreters' stdin/stderr pipes, the control socket and the wake pipe."""
+        fds = [self._wake_r.fileno(), self._wake_w.fileno()]
+        if self.control is not None:
+            fds.append(self.control.fileno())
+        for other in self.pool:
+            if isinstance(other, ForkedChild) and other.conn is not None:
+                fds.append(other.conn.fileno())
+            elif isinstance(other, FreshChild):
+                fds.extend(other.pipe_fds())
+        return fds
+
+    def on_child_change(self, child, old: ChildState, new: ChildState, why: str) -> None:
+        if new == ChildState.FATAL:
+            self.emit_now("child_fatal", name=child.name, error=why)
+
+    # --- events and transactions ----------------------------------------------------------
+
+    @contextmanager
+    def txn(self) -> Iterator[None]:
+        """A unit of work on the database: job changes, manifest operations and the events they
+        cause commit together, then the events are published. On failure nothing is kept, the
+        in-memory copies are reloaded from the database, and StoreUnavailable is raised."""
+        if self._txn_depth:
+            yield
+            return
+        self._txn_depth = 1
+        self._events = []
+        try:
+            with self.store.transaction():
+                yield
+                stored = [self.store.add_event(name, fields) for name, fields in self._events]
+        except BaseException as exc:
+            self._resync()
+            if isinstance(exc, StoreUnavailable):
+                self._store_trouble(str(exc))
+            raise
+        finally:
+            self._txn_depth = 0
+            self._events = []
+        self._store_fine()
+        if self.control is not None:
+            for event in stored:
+                self.control.publish(event)
+
+    def note(self, outcome: Outcome) -> Outcome:
+        """Queue an outcome's events for the current transaction."""
+        self._events.extend(outcome.events)
+        return outcome
+
+    def emit(self, event: str, /, **fields) -> None:
+        self._events.append((event, fields))
+
+    def emit_now(self, event: str, /, **fields) -> None:
+        """An event outside any other work; kept for later if the database is busy."""
+        try:
+            with self.txn():
+                self.emit(event, **fields)
+        except StoreUnavailable:
+            self.deferred.append(("emit", event, fields))
+
+    def _resync(self) -> None:
+        """After a failed transaction: the ledger's and keeper's copies back to what is stored."""
+        held = dict(self.ledger.held)
+        try:
+            self.ledger.active.clear()
+            for job in self.store.active_jobs():
+                self.ledger._index(job)
+            self.ledger.held = {j: w for j, w in held.items() if j in self.ledger.active}
+            self.keeper.load()
+        except Exception:
+            log.exception("could not reload the job list after a failed write")
+
+    def _store_trouble(self, problem: str) -> None:
+        if self._store_problem is None:
+            log.error("the job database cannot be written: %s; downloads pause until it can", problem)
+        self._store_problem = problem
+        self._store_failures += 1
+        self._store_retry_at = self.clock() + STORE_RETRY.delay(self._store_failures)
+
+    def _store_fine(self) -> None:
+        if self._store_problem is not None and not self.deferred:
+            log.info("the job database can be written again")
+            self._store_problem = None
+            self._store_failures = 0
+
+    def degraded_reason(self) -> str | None:
+        if self._store_problem:
+            return f"the job database cannot be written: {self._store_problem}"
+        return None
+
+    # --- start and stop ---------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
         def handler(signum, frame):
-            self._signals.put(signum)
+            self.signals.put(signum)
             self.wake()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-        if hasattr(signal, "SIGBREAK"):  # Windows console Ctrl-Break
-            signal.signal(signal.SIGBREAK, handler)
+        for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGBREAK"):  # SIGBREAK: Ctrl-Break on Windows
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), handler)
 
     def wake(self) -> None:
         try:
@@ -183,29 +251,40 @@ class Supervisor:
         except OSError:
             pass
 
+    def post(self, op: str, **args) -> None:
+        """Hand something to the main loop from another thread."""
+        self.inbox.put((op, args, None))
+        self.wake()
+
     def run(self) -> int:
         self.install_signal_handlers()
-        recovered = self.store.recover_unfinished()
+        recovered = self.ledger.load()
         if recovered:
             log.info("recovered %d unfinished job(s) from the last run: %s", len(recovered),
                      ", ".join(str(j["id"]) for j in recovered))
+        replayed = self.keeper.load()
+        if replayed:
+            log.info("manifest.json: %d change(s) of the last run were not written yet; writing them now", replayed)
         if not self.cfg.webhook_url:
             # Nothing is owed without a receiver: a webhook_url set later must not get the history.
             self.store.mark_all_delivered()
         self.control = ControlServer(self.control_token, self.handle_control).start()
-        self.emit("daemon_started", version=VERSION)
-        self.sync_manifest("start")
-        for child in self.children.values():
-            self.spawn(child)
+        try:
+            with self.txn():
+                self.emit("daemon_started", version=VERSION)
+                self.sync_manifest("start")
+        except StoreUnavailable:
+            self._sync_due = "start"
+        self.keeper.flush(force=True)
+        self.pool.start_all()
         try:
             while True:
                 self.tick()
-                if self.stopping and self.all_stopped():
+                if self.stopping and self.pool.all_stopped():
                     break
-                if self.stopping and self.clock() > self.stop_deadline:
+                if self.stopping and self.stop_deadline is not None and self.clock() > self.stop_deadline:
                     log.warning("children did not stop in time; killing them")
-                    for child in self.children.values():
-                        self.kill_child(child)
+                    self.pool.kill_all()
                     break
         except Fatal as exc:
             log.critical("stopping: %s", exc)
@@ -213,334 +292,174 @@ class Supervisor:
             self.exit_code = 1
             self.begin_stop()
             deadline = self.clock() + 10
-            while not self.all_stopped() and self.clock() < deadline:
-                self.tick(raise_fatal=False)
-            for child in self.children.values():
-                self.kill_child(child)
+            while not self.pool.all_stopped() and self.clock() < deadline:
+                self.tick(fatal_ok=True)
+            self.pool.kill_all()
         finally:
             self.finish_stop()
         return self.exit_code
 
     def begin_stop(self) -> None:
+        """Stop taking jobs and tell every child to stop: nothing here may raise before that."""
         if self.stopping:
             return
         self.stopping = True
         self.stop_deadline = self.clock() + SHUTDOWN_BUDGET_S
         sdnotify.notify("STOPPING=1", "STATUS=draining")
         log.info("stopping: no new jobs; running downloads keep their partial files")
-        self.emit("daemon_stopping", version=VERSION)
-        for child in self.children.values():
-            self.stop_child(child)
+        self.pool.stop_all()
+        self.emit_now("daemon_stopping", version=VERSION)
 
     def finish_stop(self) -> None:
-        for job in self.store.active_jobs():
-            if job["state"] != JobState.QUEUED:
-                # A clean stop is not the job's fault: give the attempt back.
-                self.store.update_job(job["id"], state=JobState.QUEUED, speed_bps=0,
-                                      attempts=max(0, job["attempts"] - 1))
+        """Best effort: a clean stop gives running jobs their attempt back and writes the
+        manifest; whatever the database refuses now, the next start recovers."""
+        self.pool.kill_all()
+        try:
+            with self.txn():
+                for job in list(self.ledger.running()):
+                    self.ledger.give_back(job["id"])
+        except Exception as exc:
+            log.warning("could not give the running jobs back (%s); the next start recovers them", exc)
+        try:
+            if not self.keeper.flush(force=True):
+                log.warning("manifest.json could not be written now; the changes are kept and written at the next start")
+        except Exception:
+            log.exception("could not write manifest.json")
         if not self.cfg.webhook_url:
-            self.store.mark_all_delivered()
+            try:
+                self.store.mark_all_delivered()
+            except Exception:
+                pass
         if self.control:
             self.control.close()
+        for child in self.pool:
+            try:
+                child.close()
+            except Exception:
+                pass
         log.info("stopped")
 
-    def all_stopped(self) -> bool:
-        return all(c.state in (ChildState.STOPPED, ChildState.FATAL) for c in self.children.values())
+    # --- the loop ---------------------------------------------------------------------------
 
-    # --- children -------------------------------------------------------------------------
-
-    def spawn(self, child: Child) -> None:
-        child.ready = False
-        child.job_id = None
-        child.acked_mono = None
-        child.term_sent_mono = None
-        child.kill_reason = None
-        child.started_mono = self.clock()
-        child.since = utc_now_iso()
-        if child.kind in FRESH_INTERPRETERS:
-            self._spawn_fresh(child)
-        else:
-            parent_conn, child_conn = self.ctx.Pipe(duplex=True)
-            if child.kind == "worker":
-                from workers.worker import worker_main as target
+    def next_wait(self) -> float:
+        """Seconds until the next thing is due: the loop sleeps that long unless woken."""
+        now = self.clock()
+        due = [self._next_manifest_poll]
+        pool_due = self.pool.next_due(self.cfg.timeout, self.stop_deadline)
+        if pool_due is not None:
+            due.append(pool_due)
+        keeper_due = self.keeper.next_due()
+        if keeper_due is not None:
+            due.append(keeper_due)
+        if self.deferred or self._sync_due:
+            due.append(self._store_retry_at)
+        if self._watchdog_s:
+            due.append(self._next_watchdog)
+        web = self.pool.get("web")
+        if web is not None and web.state == ChildState.STARTING:
+            due.append(self._next_web_probe)
+        if any(isinstance(c, FreshChild) and c.live for c in self.pool):
+            due.append(now + 5.0)  # a fresh interpreter's end is seen by polling (and its stderr's EOF)
+        if not self.stopping and self.pool.idle_workers() and not self._store_problem:
+            if self.ledger.has_ready():
+                due.append(now)
             else:
-                from workers.updater import updater_main as target
-            log_channel = self.log_queue
-            if self.fork:
-                self.close_log_handler(child)
-                child.log_handler = log_channel = child_log_handler(child.name)
-            proc = self.ctx.Process(
-                target=_child_entry, name=child.name,
-                args=(target, child.name, child_conn, str(self.cfg.config_path), log_channel,
-                      self.supervisor_fds() if self.fork else ()),
-                daemon=False,
-            )
-            proc.start()
-            child_conn.close()
-            child.proc, child.conn, child.pid = proc, parent_conn, proc.pid
-        child.state = ChildState.STARTING
-        log.info("started %s (pid %s)", child.name, child.pid)
+                nxt = self.ledger.next_due()
+                if nxt is not None:
+                    due.append(now + max(0.0, nxt - self.wall()))
+        if self.stopping and self.stop_deadline is not None:
+            due.append(min(self.stop_deadline, now + 0.5))
+        return max(0.0, min(MAX_SLEEP_S, min(due) - now))
 
-    def supervisor_fds(self) -> list[int]:
-        """File descriptors a forked child must not keep: other children's pipes, the web
-        process's stdin/stderr pipes, the control socket and the wake pipe."""
-        fds = [self._wake_r.fileno(), self._wake_w.fileno()]
-        if self.control is not None:
-            fds.append(self.control.fileno())
-        for other in self.children.values():
-            if other.conn is not None:
-                fds.append(other.conn.fileno())
-            if other.kind in FRESH_INTERPRETERS and other.proc is not None:
-                for pipe in (other.proc.stdin, other.proc.stderr):
-                    if pipe is not None:
-                        fds.append(pipe.fileno())
-        return fds
-
-    def close_log_handler(self, child: Child) -> None:
-        """Stop the thread that wrote a dead child's records (after it drained them)."""
-        handler, child.log_handler = child.log_handler, None
-        if handler is None:
-            return
+    def tick(self, fatal_ok: bool = False) -> None:
+        waitables = [self._wake_r, *self.pool.waitables()]
         try:
-            # Our copy of the write end: without it, a record the child was killed in the middle
-            # of writing ends in EOF for the reading thread instead of a wait for ever.
-            handler.queue._writer.close()
-        except (AttributeError, OSError):
-            pass
-        threading.Thread(target=handler.close, name=f"{child.name}-log-close", daemon=True).start()
-
-    def _spawn_fresh(self, child: Child) -> None:
-        """The web and webhook processes: fresh interpreters, never forked from us."""
-        env = dict(os.environ)
-        env[ENV_ADDR] = self.control.address
-        env[ENV_TOKEN] = self.control_token
-        env["PYTHONUNBUFFERED"] = "1"
-        kwargs = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            # Its own process group: Ctrl-C in a terminal reaches only us, and we stop it in order.
-            kwargs["start_new_session"] = True
-        proc = subprocess.Popen(
-            [sys.executable, "-m", FRESH_INTERPRETERS[child.kind], "--config", str(self.cfg.config_path)],
-            cwd=str(REPO_DIR), env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, **kwargs,
-        )
-        child.proc, child.conn, child.pid = proc, None, proc.pid
-        threading.Thread(target=self._relay_stderr, args=(child, proc), name=f"{child.name}-stderr",
-                         daemon=True).start()
-
-    def _relay_stderr(self, child: Child, proc) -> None:
-        """A fresh interpreter's stderr into our log (the one writer of the log file)."""
-        child_log = logging.getLogger(child.name)
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line == READY_LINE:
-                self.inbox.put(("_child_ready", {"pid": proc.pid, "name": child.name}, None))
-                self.wake()
-            elif line:
-                child.stderr_tail.append(line)
-                child_log.info("%s", line)
-
-    def child_alive(self, child: Child) -> bool:
-        if child.proc is None:
-            return False
-        if child.kind in FRESH_INTERPRETERS:
-            return child.proc.poll() is None
-        return child.proc.is_alive()
-
-    def child_exitcode(self, child: Child):
-        if child.kind in FRESH_INTERPRETERS:
-            return child.proc.poll()
-        return child.proc.exitcode
-
-    def stop_child(self, child: Child) -> None:
-        """Polite: idle workers exit on the sentinel; never SIGKILL a worker waiting for work."""
-        if child.state in (ChildState.STOPPED, ChildState.FATAL):
-            return
-        if child.state == ChildState.BACKOFF or child.proc is None:
-            child.state = ChildState.STOPPED
-            return
-        child.state = ChildState.STOPPING
-        if child.kind in FRESH_INTERPRETERS:
-            self.terminate(child, "shutdown")
-        else:
-            self.send(child, {"type": "stop"})
-
-    def terminate(self, child: Child, reason: str) -> None:
-        if child.term_sent_mono is not None or child.proc is None:
-            return
-        child.kill_reason = child.kill_reason or reason
-        child.term_sent_mono = self.clock()
-        try:
-            child.proc.terminate()
-        except (OSError, ProcessLookupError):
-            pass
-
-    def kill_child(self, child: Child) -> None:
-        if child.proc is not None and self.child_alive(child):
-            try:
-                child.proc.kill()
-            except (OSError, ProcessLookupError):
-                pass
-        if child.proc is not None and child.kind not in FRESH_INTERPRETERS:
-            child.proc.join(1)
-        child.state = ChildState.STOPPED
-
-    def send(self, child: Child, msg: dict) -> bool:
-        if child.conn is None:
-            return False
-        try:
-            child.conn.send(msg)
-            return True
-        except (OSError, EOFError, BrokenPipeError, ValueError):
-            return False
-
-    def reap(self, raise_fatal: bool = True) -> None:
-        now = self.clock()
-        for child in self.children.values():
-            if child.proc is None or child.state in (ChildState.STOPPED, ChildState.FATAL, ChildState.BACKOFF):
-                continue
-            if self.child_alive(child):
-                continue
-            self.drain_messages(child)
-            code = self.child_exitcode(child)
-            if child.kind not in FRESH_INTERPRETERS:
-                child.proc.join(0.1)
-            if child.conn is not None:
-                child.conn.close()
-                child.conn = None
-            was_state, reason = child.state, child.kill_reason
-            self.job_lost(child, code)
-            child.proc = None
-            self.close_log_handler(child)
-            child.pid = None
-            if self.stopping or was_state == ChildState.STOPPING:
-                child.state = ChildState.STOPPED
-                continue
-            reason = reason or "crash"
-            child.restarts += 1
-            if child.kind == "worker" and reason != "cancel":
-                self.store.incr_kv("metrics.worker_restarts")
-            if now - child.started_mono >= HEALTHY_RESET_S:
-                child.consecutive_failures = 0
-            if reason != "cancel":  # stopped for a user's cancel: not the child's failure
-                child.consecutive_failures += 1
-            if not child.ready and reason == "crash":
-                child.boot_failures.append(now)
-                if (len(child.boot_failures) == BOOT_FAILURE_LIMIT
-                        and now - child.boot_failures[0] <= BOOT_FAILURE_WINDOW_S):
-                    child.state = ChildState.FATAL
-                    cause = child.last_error or (child.stderr_tail[-1] if child.stderr_tail else f"exit code {code}")
-                    message = (f"{child.name} failed to start {BOOT_FAILURE_LIMIT} times in "
-                               f"{int(BOOT_FAILURE_WINDOW_S)} s; last cause: {cause}")
-                    if raise_fatal:
-                        raise Fatal(message)
-                    continue
-            delay = 0.0 if reason in ("timeout", "cancel") else min(
-                BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (child.consecutive_failures - 1))
-            child.state = ChildState.BACKOFF
-            child.restart_at_mono = now + delay
-            log.warning("%s exited (code %s, %s); restarting in %.0f s", child.name, code, reason, delay)
-            if child.kind == "worker" and reason != "cancel":
-                self.emit("worker_restarted", worker=child.name, reason=reason if reason == "timeout" else "crash",
-                          exitcode=code)
-
-    def restart_due(self) -> None:
-        if self.stopping:
-            return
-        now = self.clock()
-        for child in self.children.values():
-            if child.state == ChildState.BACKOFF and now >= child.restart_at_mono:
-                self.spawn(child)
-
-    def job_lost(self, child: Child, exitcode) -> None:
-        """The child died holding a job: put it back while attempts remain."""
-        job_id, child.job_id = child.job_id, None
-        if job_id is None:
-            return
-        job = self.store.get_job(job_id)
-        if job is None or job["state"] not in (JobState.DOWNLOADING, JobState.VERIFYING):
-            return
-        if child.kill_reason == "timeout":
-            error = (f"the download took longer than timeout = {self.cfg.timeout:g} s; "
-                     "raise `timeout` in config.json for large files on slow lines")
-            reason = "timeout"
-        elif child.kill_reason == "shutdown" or self.stopping:
-            self.store.update_job(job_id, state=JobState.QUEUED, speed_bps=0,
-                                  attempts=max(0, job["attempts"] - 1))
-            return
-        else:
-            error = f"the download worker died (exit code {exitcode})"
-            reason = "crash"
-        self.retry_or_fail(job, error, reason, retryable=True, retry_after_s=None)
-
-    # --- the loop -------------------------------------------------------------------------
-
-    def tick(self, raise_fatal: bool = True) -> None:
-        waitables = [self._wake_r]
-        for child in self.children.values():
-            if child.conn is not None:
-                waitables.append(child.conn)
-            if child.proc is not None and child.kind not in FRESH_INTERPRETERS:
-                waitables.append(child.proc.sentinel)
-        timeout = TICK_S
-        try:
-            ready = multiprocessing.connection.wait(waitables, timeout=timeout)
+            ready = multiprocessing.connection.wait(waitables, timeout=self.next_wait())
         except InterruptedError:
             ready = []
         if self._wake_r in ready:
             while self._wake_r.poll():
                 self._wake_r.recv_bytes()
-        for child in list(self.children.values()):
-            if child.conn is not None and child.conn in ready:
-                self.drain_messages(child)
         self.handle_signals()
         self.handle_inbox()
-        self.reap(raise_fatal)
-        self.restart_due()
-        self.enforce_timeouts()
-        self.check_web_ready()
+        for child in self.pool:
+            if isinstance(child, ForkedChild) and child.conn is not None and child.conn in ready:
+                self.read_messages(child)
+        self.retry_deferred()
+        try:
+            self.reap()
+        except Fatal:
+            if not fatal_ok:
+                raise
+        if not self.stopping:
+            self.pool.restart_due()
+        events = self.pool.enforce(self.cfg.timeout, self.stop_deadline)
+        for name, fields in events:
+            self.emit_now(name, **fields)
+        self.probe_web()
         if not self.stopping:
             self.dispatch()
             self.poll_manifest()
             self.prune_store()
+        self.flush_manifest()
         self.heartbeat()
-
-    def prune_store(self) -> None:
-        if self.clock() < self._next_prune:
-            return
-        self._next_prune = self.clock() + PRUNE_EVERY_S
-        jobs, events = self.store.prune(KEEP_HISTORY_S)
-        if jobs or events:
-            log.info("forgot %d finished job(s) and %d event(s) older than %d days", jobs, events,
-                     KEEP_HISTORY_S // 86400)
 
     def handle_signals(self) -> None:
         while True:
             try:
-                signum = self._signals.get_nowait()
+                signum = self.signals.get_nowait()
             except queue.Empty:
                 return
-            log.info("received %s", signal.Signals(signum).name)
-            self.begin_stop()
+            name = signal.Signals(signum).name
+            log.info("received %s", name)
+            if name == "SIGHUP":
+                self.reload_config()
+            else:
+                self.begin_stop()
 
     def heartbeat(self) -> None:
         if self._watchdog_s and self.clock() >= self._next_watchdog:
             sdnotify.notify("WATCHDOG=1")
             self._next_watchdog = self.clock() + self._watchdog_s / 2
 
-    def check_web_ready(self) -> None:
-        web = self.children["web"]
-        if web.state != ChildState.STARTING or self._health_checking:
+    def prune_store(self) -> None:
+        if self.clock() < self._next_prune:
             return
-        self._health_checking = True
+        self._next_prune = self.clock() + PRUNE_EVERY_S
+        try:
+            jobs, events = self.store.prune(KEEP_HISTORY_S)
+        except StoreUnavailable:
+            self._next_prune = self.clock() + 600
+            return
+        if jobs or events:
+            log.info("forgot %d finished job(s) and %d event(s) older than %d days", jobs, events,
+                     KEEP_HISTORY_S // 86400)
+
+    # --- children's lives -------------------------------------------------------------------
+
+    def reap(self) -> None:
+        for ex in self.pool.reap(self.stopping):
+            if isinstance(ex.child, ForkedChild):
+                for msg in ex.child.recv_all():  # what it said before it died comes first
+                    self.on_message(ex.child, msg)
+            ex.child.close()
+            if ex.job_id is not None:
+                self.apply("lost", ex)
+            elif ex.child.kind == ChildKind.WORKER and not ex.planned and ex.reason not in ("cancel", "reload"):
+                self.apply("restarted", ex)
+
+    def probe_web(self) -> None:
+        web = self.pool.get("web")
+        if web is None or web.state != ChildState.STARTING or self._web_probe_running:
+            return
+        if self.clock() < self._next_web_probe:
+            return
+        self._web_probe_running = True
+        self._next_web_probe = self.clock() + WEB_PROBE_S
+        host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "::", "localhost") else self.cfg.bind
 
         def probe():
             try:
-                host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "::", "localhost") else self.cfg.bind
-                if ":" in host:
-                    host = f"[{host}]"
                 # http.client, not urllib: an http_proxy in the environment must not see this.
                 conn = http.client.HTTPConnection(host.strip("[]"), self.cfg.active_port, timeout=1)
                 try:
@@ -550,18 +469,19 @@ class Supervisor:
                     conn.close()
             except Exception:
                 ok = False
-            self._health_checking = False
+            self._web_probe_running = False
             if ok:
-                self.inbox.put(("_web_ready", {}, None))
+                self.post("_web_ready")
+            else:
                 self.wake()
 
         threading.Thread(target=probe, name="web-health", daemon=True).start()
 
     def on_web_ready(self) -> None:
-        web = self.children["web"]
-        if web.state != ChildState.STARTING:
+        web = self.pool.get("web")
+        if web is None or web.state != ChildState.STARTING:
             return
-        web.state, web.ready = ChildState.RUNNING, True
+        web.mark_ready()
         if not self._ready_notified:
             self._ready_notified = True
             self.announce_gui()
@@ -570,8 +490,7 @@ class Supervisor:
     def announce_gui(self) -> None:
         from ipc.tokens import mint_token
 
-        secret = ensure_jwt_secret(self.cfg)
-        token = mint_token(secret, days=30)
+        token = mint_token(ensure_jwt_secret(self.cfg), days=30)
         host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "::") else self.cfg.bind
         url = f"http://{host}:{self.cfg.active_port}/gui"
         log.info("GUI at %s", url)
@@ -579,148 +498,149 @@ class Supervisor:
         # logged: the log file must hold no secret.
         print(f"civitai-daemon: open {url}#token={token} (valid 30 days)", file=sys.stderr, flush=True)
 
-    # --- messages from workers and the updater ------------------------------------------
+    # --- messages from workers and the updater ------------------------------------------------
 
-    def drain_messages(self, child: Child) -> None:
-        while child.conn is not None:
-            try:
-                if not child.conn.poll():
-                    return
-                msg = child.conn.recv()
-            except (EOFError, OSError):
-                child.conn.close()
-                child.conn = None
-                return
+    def read_messages(self, child: ForkedChild) -> None:
+        for msg in child.recv_all():
             try:
                 self.on_message(child, msg)
             except Exception:
                 log.exception("bad message from %s: %r", child.name, msg)
 
-    def on_message(self, child: Child, msg: dict) -> None:
+    def on_message(self, child, msg: dict) -> None:
         kind = msg.get("type")
-        if kind == "ready":
-            child.ready = True
-            if child.state == ChildState.STARTING:
-                child.state = ChildState.RUNNING
-            child.boot_failures.clear()
-            if child.kind == "updater":
+        if kind == Msg.READY:
+            child.mark_ready()
+            if child.kind == ChildKind.UPDATER:
                 self.updater_info["running"] = False  # a check cut short by its death is over
                 # The updater must not open SQLite itself (forked while our threads use it: a
                 # mutex inherited locked deadlocks it), so it gets the last check's time here.
-                self.send(child, {"type": "manifest", "entries": self.manifest.entries,
-                                  "last_success_ts": self.store.get_kv("updater.last_success_ts")})
+                child.send({"type": Msg.MANIFEST, "entries": self.keeper.entries,
+                            "last_success_ts": self.store.get_kv("updater.last_success_ts")})
+                self._sent_entries = self.keeper.entries
             return
-        if kind == "fatal":
+        if kind == Msg.FATAL:
             child.last_error = str(msg.get("error", ""))
             return
-        if child.kind == "updater":
-            self.on_updater_message(child, msg)
+        if child.kind == ChildKind.UPDATER:
+            self.on_updater_message(msg)
             return
         job_id = msg.get("job_id")
         if job_id is None or job_id != child.job_id:
-            return  # late message about a job taken back from this worker
-        if kind == "error" and child.kill_reason in ("timeout", "crash"):
-            return  # the worker is being stopped for it; job_lost() gives the real reason
-        if kind == "ack":
+            return  # a late message about a job taken back from this worker
+        if kind == Msg.ERROR and child.kill_reason in ("timeout", "crash"):
+            return  # the worker is being stopped for it; the ledger gives the real reason when it dies
+        if kind == Msg.ACK:
             child.acked_mono = self.clock()
-        elif kind == "resolved":
-            self.on_resolved(job_id, msg)
-        elif kind == "progress":
+        elif kind == Msg.PROGRESS:
             self.on_progress(job_id, msg)
-        elif kind == "verifying":
-            job = self.store.get_job(job_id)
-            if job and job["state"] == JobState.DOWNLOADING:
-                self.store.update_job(job_id, state=JobState.VERIFYING)
-        elif kind == "done":
-            child.job_id = None
-            self.on_done(job_id, msg)
-        elif kind == "error":
-            child.job_id = None
-            self.on_error(job_id, msg)
-
-    def on_resolved(self, job_id: int, msg: dict) -> None:
-        fields = {k: msg[k] for k in ("model_id", "version_id", "file_id", "model_type", "filename", "sha256",
-                                      "bytes_total", "url") if msg.get(k) is not None}
-        if msg.get("updatedAt"):
-            fields["updated_at_civitai"] = msg["updatedAt"]
-        if "sha256" in fields:
-            fields["sha256"] = str(fields["sha256"]).lower()
-        job = self.store.get_job(job_id)
-        if job and job["model_type"]:
-            fields.pop("model_type", None)  # the user's folder choice wins over the API's type
-        if job and job["filename"]:
-            fields.pop("filename", None)
-        self.store.update_job(job_id, **fields)
+        elif kind in (Msg.RESOLVED, Msg.VERIFYING, Msg.DONE, Msg.ERROR):
+            self.apply(kind, child.name, job_id, msg)
 
     def on_progress(self, job_id: int, msg: dict) -> None:
+        if self.control:
+            self.control.publish({"event": "download_progress", "ts": utc_now_iso(), "job_id": job_id,
+                                  "bytes_done": msg.get("bytes_done"), "bytes_total": msg.get("bytes_total"),
+                                  "speed_bps": msg.get("speed_bps")})
         now = self.clock()
-        self.publish_progress(job_id, msg.get("bytes_done"), msg.get("bytes_total"), msg.get("speed_bps"))
-        if now - self._progress_stored.get(job_id, 0) >= PROGRESS_STORE_INTERVAL_S:
-            self._progress_stored[job_id] = now
-            fields = {"bytes_done": int(msg.get("bytes_done") or 0), "speed_bps": float(msg.get("speed_bps") or 0)}
-            if msg.get("bytes_total"):
-                fields["bytes_total"] = int(msg["bytes_total"])
-            self.store.update_job(job_id, **fields)
-
-    def on_done(self, job_id: int, msg: dict) -> None:
-        self._progress_stored.pop(job_id, None)
-        self._cancel_deadline.pop(job_id, None)
-        job = self.store.get_job(job_id)
-        if job is None or job["state"] not in (JobState.DOWNLOADING, JobState.VERIFYING):
-            return
-        rel = str(msg["path"])
-        full = self.cfg.download_path / rel
+        if self._store_problem or now - self._progress_stored.get(job_id, 0) < PROGRESS_STORE_INTERVAL_S:
+            return  # progress is only a view: never worth a retry
+        self._progress_stored[job_id] = now
         try:
-            st = os.stat(full)
-            self.store.record_file(rel, msg["sha256"], st.st_size, st.st_mtime_ns, job["version_id"])
+            with self.txn():
+                self.ledger.on_progress(job_id, msg.get("bytes_done") or 0, msg.get("bytes_total"),
+                                        msg.get("speed_bps") or 0)
+        except StoreUnavailable:
+            pass
+
+    def apply(self, *item) -> bool:
+        """Store what a child said or what became of it; kept in order and tried again later if
+        the database cannot take it now (a job's last message is never dropped)."""
+        if self.deferred:
+            self.deferred.append(item)
+            return False
+        try:
+            self._apply(item)
+            return True
+        except StoreUnavailable:
+            self.deferred.append(item)
+            return False
+
+    def retry_deferred(self) -> None:
+        if self._sync_due and self.clock() >= self._store_retry_at and not self.deferred:
+            why, self._sync_due = self._sync_due, None
+            try:
+                with self.txn():
+                    self.sync_manifest(why)
+            except StoreUnavailable:
+                self._sync_due = why
+                return
+        while self.deferred and self.clock() >= self._store_retry_at:
+            try:
+                self._apply(self.deferred[0])
+            except StoreUnavailable:
+                return
+            self.deferred.popleft()
+        if not self.deferred:
+            self._store_fine()
+
+    def _apply(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "emit":
+            with self.txn():
+                self.emit(item[1], **item[2])
+            return
+        if kind in ("lost", "restarted"):
+            ex: Exit = item[1]
+            with self.txn():
+                if kind == "lost":
+                    outcome = self.note(self.ledger.job_lost(ex.job_id, ex.reason, ex.code, timeout_s=self.cfg.timeout,
+                                                             stopping=self.stopping))
+                if ex.child.kind == ChildKind.WORKER and not ex.planned and ex.reason != "cancel":
+                    self.store.incr_kv("metrics.worker_restarts")
+                    self.emit("worker_restarted", worker=ex.child.name,
+                              reason="timeout" if ex.reason == "timeout" else "crash", exitcode=ex.code)
+            if kind == "lost":
+                self.after_job_change(outcome)
+            return
+        if kind == "update":
+            self._apply_update(item[1])
+            return
+        _, child_name, job_id, msg = item
+        typ = msg["type"]
+        with self.txn():
+            if typ == Msg.RESOLVED:
+                outcome = self.ledger.on_resolved(job_id, msg)
+            elif typ == Msg.VERIFYING:
+                outcome = self.ledger.on_verifying(job_id)
+            elif typ == Msg.DONE:
+                outcome = self.note(self.ledger.on_done(job_id, msg, self._stat(msg["path"])))
+                if outcome.finished:
+                    self.keeper.apply({"op": "record", "job": dict(outcome.job)})
+                    log.info("job %s %s: %s", job_id, "already present" if msg.get("skipped") else "done",
+                             msg["path"])
+            else:
+                outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
+        if typ in (Msg.DONE, Msg.ERROR):
+            self._progress_stored.pop(job_id, None)
+            child = self.pool.get(child_name)
+            if child is not None and child.job_id == job_id:
+                child.job_id = None
+                child.release_job_by = None
+            self.after_job_change(outcome)
+
+    def _stat(self, rel: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.cfg.download_path / rel)
         except OSError:
-            log.warning("job %s: finished file %s is not there any more", job_id, rel)
-        job = self.store.update_job(
-            job_id, state=JobState.DONE, filename=msg["filename"], path=rel, sha256=str(msg["sha256"]).lower(),
-            bytes_done=int(msg["bytes"]), bytes_total=int(msg["bytes"]), speed_bps=0, error=None, reason=None,
-        )
-        name = "download_skipped" if msg.get("skipped") else "download_completed"
-        log.info("job %s %s: %s", job_id, "already present" if msg.get("skipped") else "done", rel)
-        self.emit(name, job_id=job_id, model_id=job["model_id"], version_id=job["version_id"],
-                  model_type=job["model_type"], filename=job["filename"], path=rel, sha256=job["sha256"],
-                  bytes=job["bytes_total"])
-        self.record_in_manifest(job)
+            log.warning("finished file %s is not there any more", rel)
+            return None
+        return st.st_size, st.st_mtime_ns
 
-    def on_error(self, job_id: int, msg: dict) -> None:
-        self._progress_stored.pop(job_id, None)
-        job = self.store.get_job(job_id)
-        if job is None:
-            return
-        if job_id in self._cancel_deadline or job["state"] == JobState.CANCELLED:
-            self._cancel_deadline.pop(job_id, None)
-            self.remove_partial(job)
-            return
-        if job["state"] not in (JobState.DOWNLOADING, JobState.VERIFYING):
-            return
-        if msg.get("reason") == "cancelled" and self.stopping:
-            self.store.update_job(job_id, state=JobState.QUEUED, speed_bps=0, attempts=max(0, job["attempts"] - 1))
-            return
-        self.retry_or_fail(job, str(msg.get("error") or "unknown error"), str(msg.get("reason") or "unknown"),
-                           bool(msg.get("retryable")), msg.get("retry_after_s"))
-
-    def retry_or_fail(self, job: dict, error: str, reason: str, retryable: bool, retry_after_s) -> None:
-        job_id = job["id"]
-        if reason == "busy":
-            # The same file was on its way in another job: waiting for it is not a failed attempt.
-            job = self.store.update_job(job_id, attempts=max(0, job["attempts"] - 1))
-        if retryable and job["attempts"] < job["max_attempts"]:
-            delay = float(retry_after_s) if retry_after_s else min(300.0, 2.0 * 2 ** max(0, job["attempts"] - 1))
-            delay *= 1 + 0.2 * (secrets.randbelow(1000) / 1000)  # jitter: workers don't retry in lockstep
-            self.store.update_job(job_id, state=JobState.QUEUED, error=error, reason=reason, speed_bps=0,
-                                  not_before=time.time() + delay)
-            log.warning("job %s attempt %s failed (%s); retrying in %.1f s", job_id, job["attempts"], error, delay)
-            self.emit("download_retry", job_id=job_id, attempt=job["attempts"], error=error, delay_s=round(delay, 3))
-        else:
-            if retryable:
-                error = f"{error} (gave up after {job['attempts']} attempts)"
-            self.store.update_job(job_id, state=JobState.FAILED, error=error, reason=reason, speed_bps=0)
-            log.error("job %s failed: %s", job_id, error)
-            self.emit("download_failed", job_id=job_id, error=error)
+    def after_job_change(self, outcome: Outcome) -> None:
+        """File work a committed job change asks for (outside the transaction)."""
+        if outcome.remove_partial and outcome.job is not None:
+            self.remove_partial(outcome.job)
 
     def remove_partial(self, job: dict) -> None:
         if not job.get("model_type") or not job.get("filename"):
@@ -732,302 +652,137 @@ class Supervisor:
             except OSError:
                 pass
 
-    # --- dispatch and timeouts ------------------------------------------------------------
+    def tell_holder(self, job_id: int, why: str) -> None:
+        """A cancel or a pause of a running job: its worker stops within RELEASE_GRACE_S or is stopped."""
+        holder = self.pool.holder(job_id)
+        if holder is not None:
+            holder.send({"type": Msg.CANCEL, "job_id": job_id})
+            holder.release_job_by = self.clock() + RELEASE_GRACE_S
 
-    def dispatch(self) -> None:
-        idle = [c for c in self.children.values()
-                if c.kind == "worker" and c.state == ChildState.RUNNING and c.ready and c.job_id is None]
-        if not idle:
-            return
-        held = {c.job_id for c in self.children.values() if c.job_id is not None}
-        busy = [j for j in self.store.active_jobs() if j["state"] != JobState.QUEUED or j["id"] in held]
-        running = {(j["version_id"], j["file_id"]) for j in busy if j["version_id"] is not None}
-        # "The newest of model N" is not known until a worker resolves it: keep it apart from
-        # any other job of that model, so one file is never fetched twice at once.
-        models_unresolved = {j["model_id"] for j in busy if j["version_id"] is None}
-        models_busy = {j["model_id"] for j in busy}
-        for job in self.store.runnable_jobs(time.time(), limit=len(idle) + len(busy)):
-            if job["id"] in held:
-                continue  # a cancelled-then-retried job whose worker has not let go yet
-            if job["version_id"] is not None and (job["version_id"], job["file_id"]) in running:
-                continue
-            if job["model_id"] is not None and (job["model_id"] in models_unresolved or (
-                    job["version_id"] is None and job["model_id"] in models_busy)):
-                continue
-            running.add((job["version_id"], job["file_id"]))
-            models_busy.add(job["model_id"])
-            if job["version_id"] is None:
-                models_unresolved.add(job["model_id"])
-            worker = idle.pop(0)
-            job = self.store.begin_attempt(job["id"])
-            spec = {"job_id": job["id"], "model_id": job["model_id"], "version_id": job["version_id"],
-                    "file_id": job["file_id"], "model_type": job["model_type"], "filename": job["filename"],
-                    "sha256": job["sha256"], "attempt": job["attempts"]}
-            worker.job_id, worker.assigned_mono, worker.acked_mono = job["id"], self.clock(), None
-            if not self.send(worker, {"type": "job", "job": spec}):
-                worker.job_id = None
-                self.store.update_job(job["id"], state=JobState.QUEUED, attempts=max(0, job["attempts"] - 1))
-                continue
-            log.info("job %s -> %s (attempt %s/%s)", job["id"], worker.name, job["attempts"], job["max_attempts"])
-            self.emit("download_started", job_id=job["id"], attempt=job["attempts"])
-            if not idle:
-                return
+    # --- the updater ----------------------------------------------------------------------------
 
-    def enforce_timeouts(self) -> None:
-        now = self.clock()
-        for child in self.children.values():
-            if child.proc is None or child.state in (ChildState.STOPPED, ChildState.FATAL, ChildState.BACKOFF):
-                continue
-            if child.term_sent_mono is not None:
-                if now - child.term_sent_mono >= KILL_GRACE_S and self.child_alive(child):
-                    log.warning("%s ignored SIGTERM for %.0f s; killing it", child.name, KILL_GRACE_S)
-                    try:
-                        child.proc.kill()
-                    except (OSError, ProcessLookupError):
-                        pass
-                continue
-            if child.state == ChildState.STOPPING and self.stopping and child.kind not in FRESH_INTERPRETERS:
-                # Let the sentinel work, but not past the budget.
-                if now > self.stop_deadline - KILL_GRACE_S - 1:
-                    self.terminate(child, "shutdown")
-                continue
-            if child.state == ChildState.STARTING and now - child.started_mono > BOOT_DEADLINE_S:
-                log.warning("%s did not finish booting in %.0f s; restarting it", child.name, BOOT_DEADLINE_S)
-                child.last_error = f"did not finish booting in {BOOT_DEADLINE_S:.0f} s"
-                self.terminate(child, "crash")
-                continue
-            if child.kind != "worker" or child.job_id is None:
-                continue
-            if child.acked_mono is None:
-                if now - child.assigned_mono > ACK_DEADLINE_S:
-                    log.warning("%s never acknowledged job %s; restarting it", child.name, child.job_id)
-                    self.terminate(child, "crash")
-                continue
-            if now - child.acked_mono > self.cfg.timeout:
-                log.warning("job %s on %s ran past timeout = %g s; stopping the worker",
-                            child.job_id, child.name, self.cfg.timeout)
-                self.emit("download_timeout", job_id=child.job_id, timeout_s=self.cfg.timeout)
-                self.terminate(child, "timeout")
-        for job_id, deadline in list(self._cancel_deadline.items()):
-            if now >= deadline:
-                holder = next((c for c in self.children.values() if c.job_id == job_id), None)
-                if holder is not None:
-                    log.warning("job %s did not stop within %.0f s of its cancel; stopping %s",
-                                job_id, CANCEL_GRACE_S, holder.name)
-                    self.terminate(holder, "cancel")
-                self._cancel_deadline.pop(job_id, None)
-
-    # --- manifest -------------------------------------------------------------------------
-
-    def poll_manifest(self) -> None:
-        now = self.clock()
-        if now < self._next_manifest_poll:
-            return
-        self._next_manifest_poll = now + MANIFEST_POLL_S
-        result = self.manifest.poll()
-        if result == "invalid":
-            log.error("manifest edit not taken: %s (the last good manifest stays in force)", self.manifest.error)
-            self.emit("manifest_error", error=self.manifest.error)
-        elif result == "changed":
-            log.info("manifest.json changed: %d entries", len(self.manifest.entries))
-            self.sync_manifest("edit")
-            self.send_manifest_to_updater()
-            for msg in list(self.pending_updates.values()):
-                self.apply_update(msg)
-
-    def send_manifest_to_updater(self) -> None:
-        self.send(self.children["updater"], {"type": "manifest", "entries": self.manifest.entries})
-
-    def save_manifest(self, entries: list[dict]) -> bool:
-        if self.manifest.save(entries):
-            self.send_manifest_to_updater()
-            return True
-        log.warning("manifest.json was changed by someone else or is invalid; not overwriting it "
-                    "(the change will be made again once it is valid)")
-        return False
-
-    def file_present(self, entry: dict) -> bool:
-        """True when the entry's file is on disk and is what we verified (size, mtime, hash)."""
-        name, sha = entry.get("filename"), entry.get("sha256")
-        if not name:
-            return False
-        rel = f"{entry['model_type']}/{name}"
-        try:
-            st = os.lstat(self.cfg.download_path / rel)
-        except OSError:
-            return False
-        record = self.store.get_file(rel)
-        return bool(record and record["size"] == st.st_size and record["mtime_ns"] == st.st_mtime_ns
-                    and (not sha or record["sha256"] == str(sha).lower()))
-
-    def sync_manifest(self, why: str) -> int:
-        """Queue every entry whose file is missing or differs. Returns the number queued."""
-        queued = 0
-        active = self.store.active_jobs()
-        for entry in self.manifest.entries:
-            model_id, version_id = entry["modelId"], entry.get("modelVersionId")
-            if version_id is None:
-                if any(j["model_id"] == model_id for j in active):
-                    continue
-            else:
-                if self.file_present(entry):
-                    continue
-                if self.store.find_active(version_id=version_id, file_id=entry.get("fileId")):
-                    continue
-            job, created = self.queue_job(
-                model_id=model_id, version_id=version_id, file_id=entry.get("fileId"),
-                model_type=entry["model_type"], filename=entry.get("filename") or None,
-                sha256=entry.get("sha256") or None, priority=entry_priority(entry), source="manifest",
-                requeue_finished=True,
-            )
-            queued += int(created)
-            active.append(job)
-        if queued:
-            log.info("manifest (%s): %d file(s) queued", why, queued)
-        return queued
-
-    def queue_job(self, *, model_id=None, version_id=None, file_id=None, model_type=None, filename=None,
-                  sha256=None, priority=10, source="api", requeue_finished=False) -> tuple[dict, bool]:
-        if version_id is not None:
-            existing = self.store.find_active(version_id=version_id, file_id=file_id)
-            if existing is None and model_id is not None:  # an unresolved "newest of model N" may be it
-                existing = next((j for j in self.store.active_jobs()
-                                 if j["model_id"] == model_id and j["version_id"] is None), None)
-        else:  # "the newest of model N": any queued or running job of that model is it
-            existing = next((j for j in self.store.active_jobs() if j["model_id"] == model_id), None)
-        if existing:
-            return existing, False
-        if requeue_finished:
-            previous = self.store.latest_finished(model_id=model_id, version_id=version_id, file_id=file_id,
-                                                  source=source)
-            if previous:
-                job = self.store.update_job(
-                    previous["id"], state=JobState.QUEUED, attempts=0, error=None, reason=None, not_before=0,
-                    priority=priority, bytes_done=0, speed_bps=0,
-                    **({"filename": filename} if filename else {}), **({"sha256": sha256.lower()} if sha256 else {}),
-                )
-                self.emit_queued(job)
-                return job, True
-        job = self.store.add_job(model_id=model_id, version_id=version_id, file_id=file_id, model_type=model_type,
-                                 filename=filename, priority=priority, max_attempts=self.cfg.max_attempts,
-                                 sha256=sha256, source=source)
-        self.emit_queued(job)
-        return job, True
-
-    def emit_queued(self, job: dict) -> None:
-        self.emit("download_queued", job_id=job["id"], model_id=job["model_id"], version_id=job["version_id"],
-                  model_type=job["model_type"], filename=job["filename"], priority=job["priority"])
-
-    def record_in_manifest(self, job: dict) -> None:
-        """After a download: the entry records what was fetched and the name actually used."""
-        entries = [dict(e) for e in self.manifest.entries]
-        fields = {"modelId": job["model_id"], "modelVersionId": job["version_id"], "fileId": job["file_id"],
-                  "model_type": job["model_type"], "sha256": (job["sha256"] or "").upper(),
-                  "url": job["url"], "filename": job["filename"], "updatedAt": job["updated_at_civitai"]}
-        fields = {k: v for k, v in fields.items() if v not in (None, "")}
-        target = None
-        for entry in entries:
-            if entry["modelId"] != job["model_id"]:
-                continue
-            same_file = entry.get("modelVersionId") == job["version_id"] and entry.get("fileId") in (None, job["file_id"])
-            if same_file or entry.get("modelVersionId") is None:
-                target = entry
-                break
-        if target is None and job["source"] in ("api",):
-            if self.cfg.manifest_mode == "replace":
-                target = next((e for e in entries if e["modelId"] == job["model_id"]), None)
-            if target is None:
-                target = {}
-                entries.append(target)
-        if target is None:
-            return
-        before = dict(target)
-        if "priority" not in target and job["source"] == "api" and job["priority"] != 10:
-            fields["priority"] = job["priority"]
-        if target.get("model_type"):
-            fields.pop("model_type", None)  # the entry's folder choice stays
-        target.update(fields)
-        if target != before:
-            self.save_manifest(entries)
-
-    # --- updater --------------------------------------------------------------------------
-
-    def _load_updater_info(self) -> None:
-        for key in ("last_check", "last_success", "next_check"):
-            self.updater_info[key] = self.store.get_kv(f"updater.{key}")
-
-    def on_updater_message(self, child: Child, msg: dict) -> None:
+    def on_updater_message(self, msg: dict) -> None:
         kind = msg.get("type")
-        if kind == "check_started":
+        if kind == Msg.CHECK_STARTED:
             self.updater_info["running"] = True
-        elif kind == "schedule":
+        elif kind == Msg.SCHEDULE:
             self.updater_info["next_check"] = msg.get("next_check")
-            self.store.set_kv("updater.next_check", msg.get("next_check"))
-        elif kind == "check_done":
+            self._set_kv("updater.next_check", msg.get("next_check"))
+        elif kind == Msg.CHECK_DONE:
             self.updater_info["running"] = False
             self.updater_info["last_check"] = msg.get("ts")
-            self.store.set_kv("updater.last_check", msg.get("ts"))
+            self._set_kv("updater.last_check", msg.get("ts"))
             if msg.get("ok"):
                 self.updater_info["last_success"] = msg.get("ts")
-                self.store.set_kv("updater.last_success", msg.get("ts"))
-                self.store.set_kv("updater.last_success_ts", msg.get("unix_ts"))
+                self._set_kv("updater.last_success", msg.get("ts"))
+                self._set_kv("updater.last_success_ts", msg.get("unix_ts"))
             log.log(logging.INFO if msg.get("ok") else logging.WARNING,
                     "update check %s: %s model(s), %s update(s), %s error(s), %s request(s) in %.1f s%s",
                     "done" if msg.get("ok") else "failed", msg.get("models"), msg.get("updates"),
                     msg.get("errors"), msg.get("requests"), float(msg.get("duration_s") or 0),
                     f"; {msg['error']}" if msg.get("error") else "")
-        elif kind == "update_found":
-            self.apply_update(msg)
-        elif kind == "update_error":
+        elif kind == Msg.UPDATE_FOUND:
+            self.apply("update", msg)
+        elif kind == Msg.UPDATE_ERROR:
             log.warning("update check for model %s failed: %s", msg.get("model_id"), msg.get("error"))
-            self.emit("model_update_error", model_id=msg.get("model_id"), error=msg.get("error"))
+            self.emit_now("model_update_error", model_id=msg.get("model_id"), error=msg.get("error"))
 
-    def apply_update(self, msg: dict) -> None:
-        """A newer version (or a file replaced in place): record it per manifest_mode and queue it."""
-        model_id, new = msg["model_id"], dict(msg["entry"])
-        previous_version_id = msg.get("previous_version_id")
-        entries = [dict(e) for e in self.manifest.entries]
-        old = next((e for e in entries if e["modelId"] == model_id
-                    and e.get("modelVersionId") == previous_version_id), None)
-        if old is None:
-            old = next((e for e in entries if e["modelId"] == model_id), None)
-        if old is None:
-            return  # the model left the manifest while the check ran
-        new["model_type"] = old["model_type"]
-        if self.cfg.manifest_mode == "append" and old.get("modelVersionId") != new.get("modelVersionId"):
-            added = {k: v for k, v in old.items() if k not in new and k not in VERSION_FIELDS}
-            added.update(new)
-            if any(e["modelId"] == model_id and e.get("modelVersionId") == new.get("modelVersionId")
-                   and e.get("fileId") == new.get("fileId") for e in entries):
-                return
-            entries.append(added)
-            entry = added
-        else:
-            # What described the old file goes; custom fields, priority and model_type stay.
-            for key in VERSION_FIELDS:
-                if key not in new:
-                    old.pop(key, None)
-            old.update(new)  # keys already there keep their place in the entry
-            entry = old
-        queue = dict(model_id=model_id, version_id=entry.get("modelVersionId"), file_id=entry.get("fileId"),
-                     model_type=entry["model_type"], filename=entry.get("filename"), sha256=entry.get("sha256"),
-                     priority=entry_priority(entry), source="update", requeue_finished=True)
-        if not self.save_manifest(entries):
-            # A person's save is pending or broken: fetch the file now, but record and announce
-            # the update only once their manifest is valid again (applied anew after that poll).
-            if model_id not in self.pending_updates:
-                self.queue_job(**queue)
-            self.pending_updates[model_id] = msg
+    def _set_kv(self, key: str, value) -> None:
+        try:
+            self.store.set_kv(key, value)
+        except StoreUnavailable:
+            pass  # the updater's clock is only shown; it is sent again with the next check
+
+    def _load_updater_info(self) -> None:
+        for key in ("last_check", "last_success", "next_check"):
+            self.updater_info[key] = self.store.get_kv(f"updater.{key}")
+
+    def _apply_update(self, msg: dict) -> None:
+        """A newer version (or a file replaced in place): recorded per manifest_mode, queued."""
+        update = {"model_id": msg["model_id"], "previous_version_id": msg.get("previous_version_id"),
+                  "previous_file_id": msg.get("previous_file_id"), "entry": msg["entry"]}
+        with self.txn():
+            entry = self.keeper.apply({"op": "update", "update": update, "mode": self.cfg.manifest_mode})
+            if entry is None:
+                return  # the entry left the manifest while the check ran
+            new = msg["entry"]
+            log.info("model %s: new version %s (was %s), file %s", msg["model_id"], new.get("modelVersionId"),
+                     msg.get("previous_version_id"), new.get("filename"))
+            self.emit("model_update", model_id=msg["model_id"], version_id=new.get("modelVersionId"),
+                      previous_version_id=msg.get("previous_version_id"), sha256=new.get("sha256"),
+                      updatedAt=new.get("updatedAt"), filename=new.get("filename"), file_id=new.get("fileId"))
+            self.note(self.ledger.queue(entry_to_job_spec(entry), source="update", requeue_finished=True))
+
+    # --- the manifest -----------------------------------------------------------------------------
+
+    def poll_manifest(self) -> None:
+        if self.clock() < self._next_manifest_poll:
             return
-        self.pending_updates.pop(model_id, None)
-        log.info("model %s: new version %s (was %s), file %s", model_id, new.get("modelVersionId"),
-                 previous_version_id, new.get("filename"))
-        self.emit("model_update", model_id=model_id, version_id=new.get("modelVersionId"),
-                  previous_version_id=previous_version_id, sha256=new.get("sha256"),
-                  updatedAt=new.get("updatedAt"), filename=new.get("filename"))
-        self.queue_job(**queue)
+        self._next_manifest_poll = self.clock() + MANIFEST_POLL_S
+        result = self.keeper.poll()
+        if result == "invalid":
+            log.error("manifest edit not taken: %s (the last good manifest stays in force)", self.keeper.error)
+            self.emit_now("manifest_error", error=self.keeper.error)
+        elif result == "changed":
+            log.info("manifest.json changed: %d entries", len(self.keeper.entries))
+            try:
+                with self.txn():
+                    self.sync_manifest("edit")
+            except StoreUnavailable:
+                self._sync_due = "edit"
 
-    # --- control socket (web process) -----------------------------------------------------
+    def sync_manifest(self, why: str) -> None:
+        """Queue every entry whose file is missing (call inside a transaction)."""
+        events, _ = self.keeper.sync(self.ledger, why)
+        self._events.extend(events)
+
+    def flush_manifest(self) -> None:
+        if self.keeper.dirty:
+            try:
+                self.keeper.flush()
+            except OSError as exc:
+                log.warning("manifest.json could not be written (%s); trying again", exc)
+        if self.keeper.entries is not self._sent_entries:
+            updater = self.pool.get("updater")
+            if updater is not None and updater.ready and updater.send({"type": Msg.MANIFEST,
+                                                                       "entries": self.keeper.entries}):
+                self._sent_entries = self.keeper.entries
+
+    # --- dispatch -------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        if self._store_problem or self.deferred:
+            return
+        idle = self.pool.idle_workers()
+        if not idle or not self.ledger.has_ready():
+            return
+        by_name = {c.name: c for c in idle}
+        try:
+            with self.txn():
+                assigned = self.ledger.take(list(by_name))
+                for _, _, outcome in assigned:
+                    self.note(outcome)
+        except StoreUnavailable:
+            return
+        now = self.clock()
+        for name, job, _ in assigned:
+            worker = by_name[name]
+            spec = {"job_id": job["id"], "model_id": job["model_id"], "version_id": job["version_id"],
+                    "file_id": job["file_id"], "model_type": job["model_type"], "filename": job["filename"],
+                    "sha256": job["sha256"], "attempt": job["attempts"], "file_type": job.get("file_type"),
+                    "format": job.get("format"), "fp": job.get("fp")}
+            worker.job_id, worker.assigned_mono, worker.acked_mono = job["id"], now, None
+            if not worker.send({"type": Msg.JOB, "job": spec}):
+                worker.job_id = None
+                try:
+                    with self.txn():
+                        self.ledger.give_back(job["id"])
+                except StoreUnavailable:
+                    pass  # recovered as a lost job when the worker is reaped, or at the next start
+                continue
+            log.info("job %s -> %s (attempt %s/%s)", job["id"], name, job["attempts"], job["max_attempts"])
+
+    # --- control socket ---------------------------------------------------------------------------
 
     def handle_control(self, op: str, args: dict):
         """Runs on a control thread: hand the op to the main loop and wait for its answer."""
@@ -1049,12 +804,12 @@ class Supervisor:
                 self.on_web_ready()
                 continue
             if op == "_child_ready":
-                child = self.children.get(args["name"])
+                child = self.pool.get(args["child"])
                 if child is not None and child.pid == args["pid"]:
-                    self.on_message(child, {"type": "ready", "pid": args["pid"]})
+                    child.mark_ready()
                 continue
             try:
-                result = self.control_op(op, args)
+                result = self.ops.handle(op, args)
             except ControlError as exc:
                 future.set_exception(exc)
             except Exception as exc:
@@ -1063,109 +818,48 @@ class Supervisor:
             else:
                 future.set_result(result)
 
-    def control_op(self, op: str, args: dict):
-        handler = getattr(self, f"op_{op}", None)
-        if handler is None:
-            raise ControlError(400, f"unknown operation {op!r}")
-        return handler(**args)
+    # --- SIGHUP -----------------------------------------------------------------------------------
 
-    def _job_or_404(self, job_id) -> dict:
-        job = self.store.get_job(int(job_id))
-        if job is None:
-            raise ControlError(404, f"no job with id {job_id}")
-        return job
-
-    def op_status(self) -> dict:
-        return {
-            "version": VERSION, "started_at": self.started_iso, "uptime_s": round(time.time() - self.started_wall, 1),
-            "children": [c.public() for c in self.children.values()], "queue": self.store.job_counts(),
-            "updater": dict(self.updater_info), "stopping": self.stopping,
-            "manifest_error": self.manifest.error,
-        }
-
-    def op_add_job(self, model_id=None, version_id=None, file_id=None, priority=None, model_type=None) -> dict:
-        if model_id is None and version_id is None:
-            raise ControlError(422, "give model_id or version_id")
-        job, created = self.queue_job(model_id=model_id, version_id=version_id, file_id=file_id,
-                                      model_type=model_type, priority=priority or 10, source="api")
-        return {"job": public_job(job), "created": created}
-
-    def op_set_priority(self, job_id, priority) -> dict:
-        job = self._job_or_404(job_id)
-        return {"job": public_job(self.store.update_job(job["id"], priority=int(priority)))}
-
-    def op_cancel_job(self, job_id) -> dict:
-        job = self._job_or_404(job_id)
-        if job["state"] not in ACTIVE_STATES:
-            raise ControlError(409, f"job {job_id} is {job['state']}; only queued or running jobs can be cancelled")
-        holder = next((c for c in self.children.values() if c.job_id == job["id"]), None)
-        job = self.store.update_job(job["id"], state=JobState.CANCELLED, speed_bps=0, error="cancelled by the user",
-                                    reason="cancelled")
-        if holder is not None:
-            self.send(holder, {"type": "cancel", "job_id": job["id"]})
-            self._cancel_deadline[job["id"]] = self.clock() + CANCEL_GRACE_S
-        else:
-            self.remove_partial(job)
-        log.info("job %s cancelled", job["id"])
-        self.emit("download_cancelled", job_id=job["id"])
-        return {"job": public_job(job)}
-
-    def op_retry_job(self, job_id) -> dict:
-        job = self._job_or_404(job_id)
-        if job["state"] not in (JobState.FAILED, JobState.CANCELLED):
-            raise ControlError(409, f"job {job_id} is {job['state']}; only failed or cancelled jobs can be retried")
-        job = self.store.update_job(job["id"], state=JobState.QUEUED, attempts=0, error=None, reason=None,
-                                    not_before=0)
-        self.emit_queued(job)
-        return {"job": public_job(job)}
-
-    def op_manifest(self) -> dict:
-        return {"entries": self.manifest.entries, "error": self.manifest.error}
-
-    def op_add_manifest_entry(self, entry) -> dict:
+    def reload_config(self) -> None:
+        """Re-read config.json: what can change live changes; what needs a restart is named."""
         try:
-            validate_entry(entry, "entry")
-        except ManifestError as exc:
-            raise ControlError(422, str(exc)) from None
-        if self.manifest.error is not None:
-            raise ControlError(409, f"manifest.json has an invalid edit; fix it first: {self.manifest.error}")
-        entries = [dict(e) for e in self.manifest.entries]
-        duplicate = next((e for e in entries if e["modelId"] == entry["modelId"]
-                          and e.get("modelVersionId") == entry.get("modelVersionId")), None)
-        if duplicate is not None:
-            raise ControlError(409, f"manifest.json already has an entry for model {entry['modelId']}"
-                               + (f" version {entry['modelVersionId']}" if entry.get("modelVersionId") else ""))
-        entries.append(entry)
-        if not self.save_manifest(entries):
-            raise ControlError(409, "manifest.json was just changed by someone else; try again")
-        self.sync_manifest("api")
-        job = (self.store.find_active(version_id=entry["modelVersionId"], file_id=entry.get("fileId"))
-               if entry.get("modelVersionId") else self.store.find_active(model_id=entry["modelId"]))
-        return {"entry": entry, "job": public_job(job) if job else None}
-
-    def op_delete_manifest_model(self, model_id) -> dict:
-        model_id = int(model_id)
-        entries = [e for e in self.manifest.entries if e["modelId"] != model_id]
-        removed = len(self.manifest.entries) - len(entries)
-        if not removed:
-            raise ControlError(404, f"manifest.json has no entry for model {model_id}")
-        if not self.save_manifest(entries):
-            raise ControlError(409, "manifest.json was just changed by someone else or is invalid; try again")
-        return {"removed": removed}
-
-    def op_check_updates(self) -> dict:
-        updater = self.children["updater"]
-        if updater.state != ChildState.RUNNING or not self.send(updater, {"type": "check_now"}):
-            raise ControlError(503, f"the updater is {updater.state}; try again shortly")
-        return {"started": True}
+            new, warnings = load_config(self.cfg.config_path)
+        except ConfigError as exc:
+            log.error("config.json not reloaded: %s (the running config stays)", exc)
+            return
+        for warning in warnings:
+            log.warning("%s", warning)
+        live, restart = config_changes(self.cfg, new)
+        if restart:
+            log.warning("config.json: %s only change(s) at the next start", ", ".join(restart))
+            new = dataclasses.replace(new, **{k: getattr(self.cfg, k) for k in restart})
+        if not live:
+            log.info("config.json reloaded: nothing to change live")
+            return
+        old, self.cfg = self.cfg, new
+        self.ledger.max_attempts = new.max_attempts
+        self.keeper.mode = new.manifest_mode
+        for child in self.pool:
+            if child.kind in (ChildKind.WORKER, ChildKind.UPDATER):
+                child.send({"type": Msg.CONFIG, "config": new})
+        web_keys = {"allowed_hosts", "civitai_api_key", "jwt_secret", "layout", "folders"}
+        for child in self.pool:
+            if (child.kind == ChildKind.WEB and web_keys & set(live)) or (
+                    child.kind == ChildKind.WEBHOOKS and {"webhook_url", "webhook_secret"} & set(live)):
+                child.terminate(KillReason.RELOAD, self.clock())  # restarted at once with the new config
+        if new.webhook_url and self.pool.get("webhooks") is None:
+            self.pool.add(self._fresh_child("webhooks", ChildKind.WEBHOOKS)).spawn(self.clock())
+        log.info("config.json reloaded: %s changed", ", ".join(live))
+        del old
 
 
-# --- command line ---------------------------------------------------------------------------
+# --- command line ---------------------------------------------------------------------------------
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="supervisor.py", description="Civitai download daemon")
     parser.add_argument("--config", default="config.json", help="path to config.json (default: ./config.json)")
+    parser.add_argument("--version", action="version", version=f"civitai-daemon {VERSION}")
     sub = parser.add_subparsers(dest="command")
     token = sub.add_parser("token", help="print a JWT for the API, signed with the configured secret")
     token.add_argument("--days", type=float, default=30, help="validity in days (default 30)")
@@ -1193,6 +887,9 @@ def cmd_check(config_path: str) -> int:
         return EX_CONFIG
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    for index, first in duplicate_entries(manifest.entries):
+        print(f"note: {cfg.manifest_path}: entry {index} (modelId {manifest.entries[index]['modelId']}) names the "
+              f"same file as entry {first}; they count as one", file=sys.stderr)
     print(f"{cfg.config_path}: ok; {cfg.manifest_path}: ok ({len(manifest.entries)} entries)")
     return 0
 
@@ -1218,14 +915,37 @@ def cmd_run(config_path: str) -> int:
     except (ConfigError, ManifestError) as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
-    if sys.platform != "win32":
+    lock = PidLock(cfg.data_dir / "daemon.pid")
+    try:
+        holder = lock.acquire()
+    except OSError as exc:
+        print(f"civitai-daemon: cannot use the data folder {cfg.data_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if holder is not None:
+        print(f"civitai-daemon: another daemon (pid {holder if holder > 0 else 'unknown'}) is already running on "
+              f"{cfg.data_dir}; stop it first, or give this one its own folder (--config elsewhere)", file=sys.stderr)
+        return 1
+    if sys.platform != "win32" and os.environ.get("CIVITAI_DAEMON_START_METHOD", "fork") == "fork":
         # multiprocessing-logging needs fork; the web process is a fresh interpreter anyway.
         multiprocessing.set_start_method("fork", force=True)
-    setup_supervisor_logging(cfg.log_path, secrets=(cfg.civitai_api_key, cfg.jwt_secret, cfg.webhook_secret))
+    else:
+        multiprocessing.set_start_method("spawn", force=True)
+    setup_supervisor_logging(cfg.log_path, secrets=(cfg.civitai_api_key, cfg.jwt_secret, cfg.webhook_secret,
+                                                    *cfg.notify))
     for warning in warnings:
         log.warning("%s", warning)
     ensure_jwt_secret(cfg)
-    supervisor = Supervisor(cfg, manifest)
+    try:
+        supervisor = Supervisor(cfg, manifest)
+    except StoreOpenError as exc:
+        log.critical("%s", exc)
+        print(f"civitai-daemon: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:
+        log.critical("%s", exc)
+        print(f"civitai-daemon: {exc}; stop the other program or try again", file=sys.stderr)
+        return 1
+    listener = None
     if not supervisor.fork and supervisor.log_queue is not None:
         import logging.handlers
 
@@ -1238,6 +958,10 @@ def cmd_run(config_path: str) -> int:
     except Exception:
         log.exception("fatal error")
         return 1
+    finally:
+        if listener is not None:
+            listener.stop()
+        lock.release()
 
 
 def main(argv=None) -> int:

@@ -51,9 +51,8 @@ else:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                return False
-            return True  # a file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded
+            # Held by another: False. A file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded.
+            return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
         return True
 
 

@@ -73,6 +73,11 @@ class ManifestKeeper:
     def dirty(self) -> bool:
         return bool(self._pending)
 
+    @property
+    def pending_count(self) -> int:
+        """Changes in force that manifest.json does not show yet."""
+        return len(self._pending)
+
     def load(self) -> int:
         """At start: the operations a crash left unwritten, applied again. Returns their number."""
         self._pending = self.store.manifest_ops()

@@ -106,6 +106,7 @@ class KillReason(StrEnum):
     CANCEL = "cancel"  # the user cancelled or paused its job and it did not let go in time
     SHUTDOWN = "shutdown"
     CRASH = "crash"  # it died by itself, or hung at boot
+    RELOAD = "reload"  # restarted to take a reloaded config
 
 
 class IllegalChildTransition(Exception):

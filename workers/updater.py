@@ -298,7 +298,8 @@ class UpdateChecker:
                                  entry.get("modelVersionId"), found["modelVersionId"], found["fileId"],
                                  ", ".join(changes))
                         self.report({"type": "update_found", "model_id": model_id,
-                                     "previous_version_id": entry.get("modelVersionId"), "entry": found,
+                                     "previous_version_id": entry.get("modelVersionId"),
+                                     "previous_file_id": entry.get("fileId"), "entry": found,
                                      "changes": changes})
                         updates += 1
                 except CivitaiError as exc:

@@ -109,8 +109,7 @@ def test_a_newer_version_is_found_downloaded_recorded_and_announced(fake_civitai
     assert "model 100: new version 1001 (was 1000)" in daemon.log_text()
 
     # The next check compares against the newest entry: nothing more to do.
-    check_now(daemon)
-    time.sleep(0.5)
+    check_now(daemon)  # returns when the check is done: its update_found messages came before
     assert len(daemon.events("model_update")) == 1
     assert len(daemon.read_manifest()) == len(entries)
     assert daemon.stop() == 0
@@ -181,7 +180,8 @@ def test_the_check_does_not_run_twice_after_a_restart_within_24_hours(fake_civit
 
     daemon.start()
     wait_until(lambda: "last successful update check" in daemon.log_text(), 15, message="the updater's start")
-    time.sleep(1.5)
+    # That line is the updater's decision at start; a check would have logged "update check now".
+    assert daemon.log_text().count("update check now") == 1
     assert len(api_metadata_requests(fake)) == checks
     status = updater_status(daemon)
     assert status["last_success"] == first["last_success"]
@@ -191,7 +191,7 @@ def test_the_check_does_not_run_twice_after_a_restart_within_24_hours(fake_civit
     wait_until(lambda: daemon.children().get("updater") not in (None, old_pid), 15, message="a new updater")
     wait_until(lambda: daemon.log_text().count("last successful update check") >= 2, 15,
                message="the new updater's start")
-    time.sleep(1.0)
+    assert daemon.log_text().count("update check now") == 1
     assert len(api_metadata_requests(fake)) == checks
     assert daemon.stop() == 0
 
@@ -216,7 +216,7 @@ def test_a_live_edit_is_queued_and_a_broken_edit_is_reported_and_left_alone(fake
     assert good[1]["added_by"] == "hand"
 
     # A broken save: reported, left exactly as written, the last good state stays in force.
-    broken = json.dumps(good + [{"modelId": 300, "model_type": "Bad Type!"}], indent=2) + "\n"
+    broken = json.dumps(good + [{"modelId": 300, "model_type": "Bad/../Type"}], indent=2) + "\n"
     daemon.manifest_path.write_text(broken)
     error = daemon.wait_event("manifest_error", timeout=10)
     assert "manifest.json" in error["error"] and "entry 2" in error["error"] and "model_type" in error["error"]
@@ -231,13 +231,15 @@ def test_a_live_edit_is_queued_and_a_broken_edit_is_reported_and_left_alone(fake
                                                                      size_bytes=64 * KiB, primary=True)]))
     check_now(daemon)
     daemon.wait_event("download_completed", lambda e: e["version_id"] == 1001)
-    time.sleep(1.5)
+    # The update and its download are waiting to be written, and are not.
+    wait_until(lambda: daemon.api("GET", "/api/status").json()["manifest_pending"] >= 1, 10,
+               message="the update to wait for a valid manifest")
     assert daemon.manifest_path.read_text() == broken
     assert not any(e["model_id"] == 300 for e in daemon.jobs())
     assert len(daemon.events("manifest_error")) == 1  # reported once per save
 
     # Fixed: taken in, and what is new is queued.
-    fixed = json.loads(broken.replace("Bad Type!", "lora"))
+    fixed = json.loads(broken.replace("Bad/../Type", "lora"))
     daemon.write_manifest(fixed)
     daemon.wait_event("download_completed", lambda e: e["model_id"] == 300, timeout=20)
     shown = daemon.api("GET", "/api/manifest").json()
