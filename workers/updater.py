@@ -392,6 +392,10 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
             elif kind == "check_now":
                 log.info("update check asked for")
                 request_check("asked")
+            elif kind == "config":  # SIGHUP: the live keys of a reloaded config
+                with lock:
+                    state["config"] = msg["config"]
+                wake.set()
             elif kind == "stop":
                 break
         stop.set()
@@ -406,7 +410,15 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
         session=CountingSession(),
     )
     scheduler = schedule.Scheduler()
-    scheduler.every().day.at(cfg.update_time).do(request_check, "daily")
+
+    def plan(cfg) -> None:
+        scheduler.clear()
+        if cfg.update_every:
+            scheduler.every(int(cfg.update_every)).seconds.do(request_check, "scheduled")
+        else:
+            scheduler.every().day.at(cfg.update_time).do(request_check, "daily")
+
+    plan(cfg)
 
     def run_check(why: str) -> None:
         with lock:
@@ -455,7 +467,8 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
                 last = state["last_success_ts"]
             if check_due_at_start(last):
                 why = "never checked" if last is None else f"last successful check {iso_utc(last)}"
-                log.info("update check now (%s), then daily at %s", why, cfg.update_time)
+                log.info("update check now (%s), then %s", why, f"every {cfg.update_every / 3600:g} h"
+                         if cfg.update_every else f"daily at {cfg.update_time}")
                 request_check("start")
             else:
                 log.info("last successful update check %s (%.1f h ago); next at %s",
@@ -474,11 +487,24 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
                 why, state["pending"], state["running"] = state["pending"], None, True
         if start:
             threading.Thread(target=run_check, args=(why,), name="update-check", daemon=True).start()
+        with lock:
+            new_cfg, state["config"] = state.get("config"), None
+        if new_cfg is not None:
+            if (new_cfg.update_time, new_cfg.update_every) != (cfg.update_time, cfg.update_every):
+                plan(new_cfg)
+            client.throttle.interval_s = float(new_cfg.throttle)
+            cfg = new_cfg
         next_iso = next_check_iso()
         if next_iso != sent_next:
             sent_next = next_iso
             channel.send({"type": "schedule", "next_check": next_iso})
-        wake.wait(1.0)
+        # Sleep until the schedule or a retry is due, or a message wakes us: an idle updater
+        # costs nothing.
+        due = [scheduler.idle_seconds] if scheduler.idle_seconds is not None else []
+        with lock:
+            if state["retry_at"] is not None:
+                due.append(state["retry_at"] - time.time())
+        wake.wait(min(3600.0, max(0.05, min(due))) if due else 3600.0)
         wake.clear()
     # A check still running is abandoned with the process; it was not a success, so the next
     # start checks again if it is due.
