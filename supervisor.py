@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ipc import VERSION, sdnotify
-from ipc.children import ChildPool, Exit, Fatal, ForkedChild, FreshChild, RELEASE_GRACE_S
+from ipc.children import RELEASE_GRACE_S, ChildPool, Exit, Fatal, ForkedChild, FreshChild
 from ipc.config import EX_CONFIG, Config, ConfigError, config_changes, ensure_jwt_secret, load_config
 from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
 from ipc.files import PidLock
@@ -866,6 +866,13 @@ def parse_args(argv):
     token.add_argument("--config", dest="sub_config", default=None)
     check = sub.add_parser("check", help="validate config.json and manifest.json; exit 0 or 78")
     check.add_argument("--config", dest="sub_config", default=None)
+    add = sub.add_parser("add", help="queue a model in the running daemon, as the GUI's \"Add a model\" does")
+    add.add_argument("model", help="a model id, v:<version id>, or a civitai.com / civitai.red link")
+    add.add_argument("--folder", default=None, help="the folder under download_dir (default: the layout's)")
+    add.add_argument("--priority", type=int, default=None, help="1 is the most urgent (default 10)")
+    add.add_argument("--config", dest="sub_config", default=None)
+    status = sub.add_parser("status", help="what the running daemon is doing: children, jobs, speed, updater")
+    status.add_argument("--config", dest="sub_config", default=None)
     args = parser.parse_args(argv)
     if getattr(args, "sub_config", None):
         args.config = args.sub_config
@@ -964,12 +971,32 @@ def cmd_run(config_path: str) -> int:
         lock.release()
 
 
+def cmd_client(args) -> int:
+    """`add` and `status`: through the running daemon's API."""
+    from ipc import cli
+
+    try:
+        cfg, _ = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    try:
+        if args.command == "add":
+            return cli.cmd_add(cfg, args.model, args.folder, args.priority)
+        return cli.cmd_status(cfg)
+    except cli.CliError as exc:
+        print(f"civitai-daemon: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "check":
         return cmd_check(args.config)
     if args.command == "token":
         return cmd_token(args.config, args.days)
+    if args.command in ("add", "status"):
+        return cmd_client(args)
     return cmd_run(args.config)
 
 

@@ -95,6 +95,14 @@ class Config:
         return self.data_dir / "locks"
 
     @property
+    def tls_cert_path(self) -> Path:
+        return self.base_dir / self.tls_cert if self.tls_cert else Path()
+
+    @property
+    def tls_key_path(self) -> Path:
+        return self.base_dir / self.tls_key if self.tls_key else Path()
+
+    @property
     def jwt_secret_path(self) -> Path:
         return self.data_dir / "jwt_secret"
 

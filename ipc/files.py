@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -150,3 +151,34 @@ class PidLock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class OutsideError(Exception):
+    """A folder that would lead outside its base (a symlink, or not a folder): the message says which."""
+
+
+def make_folder_inside(base: Path, rel: str) -> Path:
+    """Create `base/rel` (rel already checked by ipc.naming.check_folder) one component at a time,
+    following no symlink and creating nothing outside `base`. Returns the folder's real path."""
+    base = Path(os.path.abspath(base))
+    base.mkdir(parents=True, exist_ok=True)
+    current = base
+    for part in rel.split("/"):
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            try:
+                os.mkdir(current)
+            except FileExistsError:
+                pass
+            st = os.lstat(current)
+        if stat.S_ISLNK(st.st_mode):
+            raise OutsideError(f"{current} is a symlink: the daemon does not follow symlinked folders; "
+                               f"use a real folder inside {base}")
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutsideError(f"{current} exists but is not a folder: move it away")
+    real_base, real = base.resolve(), current.resolve()
+    if real != real_base and real_base not in real.parents:
+        raise OutsideError(f"{current} leads outside download_dir: the daemon only writes inside {base}")
+    return real

@@ -93,6 +93,8 @@ class JobLedger:
         self.rng = rng or random.Random()
         self.active: dict[int, dict] = {}
         self._by_key: dict[tuple, set[int]] = {}
+        self._keys: dict[int, set[tuple]] = {}  # job id -> every key it is known by (it keeps the
+        # one it was queued under after it resolves: "version V" and "newest of model M" stay it)
         self._ready: list[tuple[int, int]] = []  # (priority, id) of queued jobs due now
         self._delayed: list[tuple[float, int]] = []  # (not_before, id) of queued jobs due later
         self.held: dict[int, str] = {}  # job id -> the worker that holds it (from dispatch to its end)
@@ -106,6 +108,7 @@ class JobLedger:
         recovered = self.store.recover_unfinished()
         self.active.clear()
         self._by_key.clear()
+        self._keys.clear()
         self._ready.clear()
         self._delayed.clear()
         self.held.clear()
@@ -116,17 +119,21 @@ class JobLedger:
 
     def _index(self, job: dict) -> None:
         self.active[job["id"]] = job
-        self._by_key.setdefault(file_key(job), set()).add(job["id"])
+        self._add_key(job, file_key(job))
         if job["state"] == JobState.QUEUED:
             self._schedule(job)
 
-    def _unindex(self, job: dict, key: tuple | None = None) -> None:
-        key = file_key(job) if key is None else key
-        ids = self._by_key.get(key)
-        if ids is not None:
-            ids.discard(job["id"])
-            if not ids:
-                del self._by_key[key]
+    def _add_key(self, job: dict, key: tuple) -> None:
+        self._by_key.setdefault(key, set()).add(job["id"])
+        self._keys.setdefault(job["id"], set()).add(key)
+
+    def _unindex(self, job: dict) -> None:
+        for key in self._keys.pop(job["id"], ()):
+            ids = self._by_key.get(key)
+            if ids is not None:
+                ids.discard(job["id"])
+                if not ids:
+                    del self._by_key[key]
 
     def _schedule(self, job: dict) -> None:
         not_before = job.get("not_before") or 0
@@ -142,24 +149,21 @@ class JobLedger:
         if "state" in fields:
             check_transition(job["state"], fields["state"])
             fields["state"] = JobState(fields["state"])
-        old_key = file_key(job)
         job["updated_at"] = self.store.set_fields(job["id"], fields)
         job.update(fields)
         if job["state"] in ACTIVE_STATES:
             if job["id"] not in self.active:
                 self.active[job["id"]] = job
-                self._by_key.setdefault(file_key(job), set()).add(job["id"])
-            else:
-                new_key = file_key(job)
-                if new_key != old_key:
-                    self._unindex(job, old_key)
-                    self._by_key.setdefault(new_key, set()).add(job["id"])
+            if job.get("version_id") is not None and any(k[0] != "file" for k in self._keys.get(job["id"], ())):
+                # Queued without naming a file, it resolved to the version's primary (or selected) file.
+                self._add_key(job, ("version", job["version_id"], selectors_of(job)))
+            self._add_key(job, file_key(job))
             if job["state"] == JobState.QUEUED and ("state" in fields or "not_before" in fields
                                                     or "priority" in fields):
                 self._schedule(job)
         elif job["id"] in self.active:
             del self.active[job["id"]]
-            self._unindex(job, old_key)
+            self._unindex(job)
         return job
 
     def get(self, job_id: int) -> dict | None:

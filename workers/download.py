@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipc.naming import alternate_filename, is_valid_model_type, part_filename, safe_filename
+from ipc.files import OutsideError, make_folder_inside
+from ipc.naming import alternate_filename, folder_problem, part_filename, safe_filename
 from ipc.throttle import file_lock
 from workers.civitai import (
     TEXT_FILE_SUFFIXES,
@@ -380,9 +381,9 @@ class _Job:
             "resolve")
         self.subject = f"model version {res.version_id}"
         model_type = job.get("model_type") or res.model_type
-        if not is_valid_model_type(model_type):
-            raise CivitaiError(f"model_type {str(model_type)[:70]!r} is not a valid folder name "
-                               f"(lower-case letters, digits, _ and -): fix it in the manifest", reason="path_conflict")
+        problem = folder_problem(model_type)
+        if problem:
+            raise CivitaiError(f"model_type {problem}: fix it in the manifest", reason="path_conflict")
         wanted = safe_filename(job["filename"]) if job.get("filename") else res.filename
         sha = res.sha256 or _norm_sha(job.get("sha256"))
         self.rel_name = f"{model_type}/{wanted}"
@@ -419,19 +420,12 @@ class _Job:
                 "sha256": sha, "bytes": size, "skipped": skipped}
 
     def _folder(self, model_type: str) -> Path:
-        base = Path(os.path.abspath(self.ctx.download_dir))
-        folder = base / model_type
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise CivitaiError(f"{folder} exists but is not a folder: move it away", reason="path_conflict") from None
+            return make_folder_inside(self.ctx.download_dir, model_type)
+        except OutsideError as exc:
+            raise CivitaiError(str(exc), reason="path_conflict") from None
         except OSError as exc:
             raise self._disk_error(exc, "creating the folder for") from None
-        real_base, real_folder = base.resolve(), folder.resolve()
-        if real_folder.parent != real_base or not real_folder.is_dir():
-            raise CivitaiError(f"{folder} leads outside download_dir (a symlink?): the daemon only writes inside "
-                               f"{base}", reason="path_conflict")
-        return real_folder
 
     def _choose_name(self, folder: Path, candidates: list[str], sha: str | None, estimate: int | None,
                      res: Resolved):

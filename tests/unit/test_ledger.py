@@ -118,7 +118,10 @@ def test_resolution_reindexes_the_job_under_its_file(ledger):
     assert ledger.find_active({"version_id": 40, "file_id": 400})["id"] == job["id"]
     assert job["model_type"] == "lora", "the entry's folder wins over the API's type"
     assert job["sha256"] == "ab" * 32 and job["model_name"] == "Zxq Ink"
-    assert ledger.find_active({"model_id": 4, "model_type": "lora"}) is None
+    # ... and is still the answer to "the newest of model 4" it was queued as.
+    assert ledger.find_active({"model_id": 4, "model_type": "lora"})["id"] == job["id"]
+    assert ledger.find_active({"version_id": 40})["id"] == job["id"]
+    assert ledger.find_active({"version_id": 40, "file_id": 401}) is None
 
 
 # --- dispatch ---------------------------------------------------------------------------------------

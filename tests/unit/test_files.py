@@ -1,0 +1,65 @@
+"""The shared file primitives: folders made inside download_dir only, the data folder's pid lock,
+atomic writes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ipc.files import OutsideError, PidLock, atomic_write, make_folder_inside
+
+
+def test_folders_are_made_one_component_at_a_time_inside_the_base(tmp_path):
+    base = tmp_path / "models"
+    made = make_folder_inside(base, "models/Stable-diffusion/SDXL")
+    assert made == (base / "models" / "Stable-diffusion" / "SDXL").resolve() and made.is_dir()
+    assert make_folder_inside(base, "models/Stable-diffusion/SDXL") == made
+
+
+def test_a_symlinked_folder_is_never_followed(tmp_path):
+    base, outside = tmp_path / "models", tmp_path / "elsewhere"
+    base.mkdir()
+    outside.mkdir()
+    (base / "Lora").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(OutsideError, match="is a symlink"):
+        make_folder_inside(base, "Lora/SDXL")
+    assert not (outside / "SDXL").exists()
+
+
+def test_a_file_where_a_folder_goes_is_named(tmp_path):
+    base = tmp_path / "models"
+    base.mkdir()
+    (base / "Lora").write_text("x")
+    with pytest.raises(OutsideError, match="not a folder"):
+        make_folder_inside(base, "Lora/SDXL")
+
+
+def test_the_pid_lock_names_its_holder_and_dies_with_it(tmp_path):
+    path = tmp_path / "data" / "daemon.pid"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from ipc.files import PidLock\n"
+        "assert PidLock(%r).acquire() is None\n"
+        "print('held', flush=True); time.sleep(60)") % (os.getcwd(), str(path))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert PidLock(path).acquire() == holder.pid
+    finally:
+        holder.kill()
+        holder.wait(10)
+    lock = PidLock(path)
+    assert lock.acquire() is None, "the kernel dropped the dead holder's lock"
+    assert path.read_text().split()[0] == str(os.getpid())
+    lock.release()
+
+
+def test_atomic_write_keeps_the_mode_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "manifest.json"
+    target.write_text("[]")
+    os.chmod(target, 0o640)
+    atomic_write(target, b'[{"modelId": 1}]')
+    assert target.read_bytes() == b'[{"modelId": 1}]' and (os.stat(target).st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
