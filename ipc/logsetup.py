@@ -5,13 +5,15 @@ supervisor, which alone writes the file (several writers rotating one file would
 each child gets a queue of its own (see child_log_handler).
 Where there is no fork (Windows), children get a multiprocessing queue and a QueueHandler, and
 the supervisor runs a QueueListener. The web process is a fresh interpreter: it logs to stderr
-and the supervisor relays those lines.
+and the supervisor relays those lines. Under systemd, the supervisor's stderr lines carry the
+record's syslog priority (`<3>` …) for the journal.
 """
 from __future__ import annotations
 
 import json
 import logging
 import logging.handlers
+import os
 import re
 import sys
 from pathlib import Path
@@ -55,6 +57,46 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def journal_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (sd-daemon(3): 2 crit, 3 err, 4 warning, 6 info, 7 debug)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def stderr_is_journal(stream=None, environ=None) -> bool:
+    """Whether `stream` (stderr) is the journal's own stream: systemd sets JOURNAL_STREAM to its
+    "device:inode" (systemd.exec(5)). Compared, not just present: a shell started from a
+    systemd unit inherits the variable with its stderr on a terminal or a file."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat((sys.stderr if stream is None else stream).fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def journal_prefix(levelno: int, stream=None) -> str:
+    """What starts a line printed, not logged, on stderr: `<N>` when stderr is the journal."""
+    return f"<{journal_priority(levelno)}>" if stderr_is_journal(stream) else ""
+
+
+class JournalFormatter(logging.Formatter):
+    """Every line of a record (a traceback has many) starts with the record's priority `<N>`:
+    journald reads each line as an entry of its own, and a line without a prefix as info."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
 def setup_supervisor_logging(log_path: Path, secrets: tuple[str, ...] = (), level=logging.INFO) -> None:
     """Root logger of the main process: file + stderr, secrets filtered on every handler."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +108,10 @@ def setup_supervisor_logging(log_path: Path, secrets: tuple[str, ...] = (), leve
     file_handler = logging.handlers.RotatingFileHandler(
         log_path, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
     )
+    file_handler.setFormatter(formatter)
     stream_handler = logging.StreamHandler(sys.stderr)
+    stream_handler.setFormatter(JournalFormatter(FORMAT) if stderr_is_journal(sys.stderr) else formatter)
     for handler in (file_handler, stream_handler):
-        handler.setFormatter(formatter)
         handler.addFilter(redactor)
         root.addHandler(handler)
     root.setLevel(level)
