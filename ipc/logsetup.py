@@ -13,10 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import multiprocessing
+import multiprocessing.connection
 import os
 import re
 import sys
 from pathlib import Path
+
+from multiprocessing_logging import MultiProcessingHandler
 
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 MAX_LOG_BYTES = 10 * 1024 * 1024
@@ -131,6 +135,52 @@ class _ToRootHandlers(logging.Handler):
                 handler.handle(record)
 
 
+CLOSE_DRAIN_S = 0.1  # after close(): the records still in the pipe are written, then the thread ends
+
+
+class BlockingReceiveHandler(MultiProcessingHandler):
+    """multiprocessing-logging's handler with a receive thread that sleeps until a record or
+    close() comes. The library's polls its queue five times a second to notice close(): 24
+    wake-ups a second, measured, for an idle daemon with four workers."""
+
+    def __init__(self, name, sub_handler=None):
+        # Before the library's __init__, which starts the thread.
+        self._closing_r, self._closing_w = multiprocessing.Pipe(duplex=False)
+        super().__init__(name, sub_handler=sub_handler)
+
+    def _receive(self):
+        reader = self.queue._reader  # the read end that queue.get() polls
+        try:
+            while True:
+                ready = multiprocessing.connection.wait([reader, self._closing_r],
+                                                        CLOSE_DRAIN_S if self._is_closed else None)
+                if reader in ready:
+                    self.sub_handler.emit(self.queue.get())
+                elif self._closing_r in ready:
+                    self._closing_r.recv_bytes()  # close(): write what is left, then end
+                elif self._is_closed:
+                    break  # nothing more came for CLOSE_DRAIN_S after close()
+        except (EOFError, OSError):
+            pass  # every write end is closed: the child is gone, and its last record was read
+        finally:
+            self._closing_r.close()
+        self.queue.close()
+        self.queue.join_thread()
+
+    def close(self):
+        if self._is_closed:
+            return
+        self._is_closed = True
+        try:
+            self._closing_w.send_bytes(b"x")
+        except OSError:
+            pass  # the thread ended already (EOF)
+        self._receive_thread.join(5.0)  # a record cut short by a SIGKILL can hold it
+        self._closing_w.close()
+        self.sub_handler.close()
+        logging.Handler.close(self)
+
+
 def child_log_handler(name: str) -> logging.Handler:
     """A multiprocessing-logging handler of one child's own, made in the supervisor just before
     that child is forked: the child logs into it, the supervisor's thread writes the records.
@@ -138,9 +188,7 @@ def child_log_handler(name: str) -> logging.Handler:
     One queue per child, never one for all: a queue's write lock is a semaphore shared by its
     writers, and a writer SIGKILLed while holding it would silence every other process (and
     hang their exit). With a queue each, only the dead child's own queue is left locked."""
-    from multiprocessing_logging import MultiProcessingHandler
-
-    handler = MultiProcessingHandler(f"log-{name}", sub_handler=_ToRootHandlers(logging.getLogger().handlers))
+    handler = BlockingReceiveHandler(f"log-{name}", sub_handler=_ToRootHandlers(logging.getLogger().handlers))
     handler.setFormatter(logging.Formatter(FORMAT))
     return handler
 
