@@ -143,6 +143,8 @@ class BlockingReceiveHandler(MultiProcessingHandler):
     close() comes. The library's polls its queue five times a second to notice close(): 24
     wake-ups a second, measured, for an idle daemon with four workers."""
 
+    _is_closed: bool  # the library's
+
     def __init__(self, name, sub_handler=None):
         # Before the library's __init__, which starts the thread.
         self._closing_r, self._closing_w = multiprocessing.Pipe(duplex=False)
