@@ -169,6 +169,17 @@ class BlockingReceiveHandler(MultiProcessingHandler):
         self.queue.close()
         self.queue.join_thread()
 
+    def inherited_fds(self) -> list[int]:
+        """What a child forked for another job must close (supervisor_fds): a sibling holding
+        this queue's write end keeps EOF from the reading thread when this child dies."""
+        fds = []
+        for conn in (self.queue._reader, self.queue._writer, self._closing_r, self._closing_w):
+            try:
+                fds.append(conn.fileno())
+            except OSError:
+                pass  # closed already
+        return fds
+
     def close(self):
         if self._is_closed:
             return

@@ -104,6 +104,33 @@ def test_close_is_prompt_while_a_sibling_still_holds_the_write_end(collected):
         sibling.join(10)
 
 
+def sibling_closing(fds, done):
+    """_child_entry's first step: drop what fork copied of the other children's pipes."""
+    import os
+
+    for fd in fds:
+        os.close(fd)
+    done.wait(30)
+
+
+def test_with_its_fds_closed_in_siblings_the_thread_ends_when_the_child_dies(collected):
+    handler = child_log_handler("worker-1")
+    sibling_done = ctx.Event()
+    sibling = ctx.Process(target=sibling_closing, args=(handler.inherited_fds(), sibling_done))
+    sibling.start()
+    try:
+        child = ctx.Process(target=child_logs, args=(handler,))
+        child.start()
+        child.join(10)
+        handler.queue._writer.close()  # close_log_handler's first step, before close()
+        wait_until(lambda: not handler._receive_thread.is_alive(), 5, message="EOF to end the thread")
+        assert len(collected.records) == 2  # the last records were read before the EOF
+    finally:
+        sibling_done.set()
+        sibling.join(10)
+        handler.close()
+
+
 def context_switches(thread: threading.Thread) -> int:
     total = 0
     with open(f"/proc/self/task/{thread.native_id}/status") as fh:
