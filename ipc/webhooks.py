@@ -1,12 +1,5 @@
 """Webhook delivery: every stored event, in order, POSTed to `webhook_url` from a thread of its
-own, so a slow or dead receiver costs only its own retries, never a download; and the wake-up
-line from the supervisor to the webhook process (its stdin).
-
-The stdin protocol: the supervisor writes one byte (WAKE_BYTE; any byte counts, none carries
-data) after it stores an event, and the process looks at the event log at once; bytes are
-never counted, so a burst is one look. EOF means the supervisor is gone (even after kill -9) or
-wants a stop: the process sends what is queued and exits 0, as on SIGTERM.
-"""
+own, so a slow or dead receiver costs only its own retries, never a download."""
 from __future__ import annotations
 
 import base64
@@ -14,7 +7,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 
@@ -27,8 +19,6 @@ import requests
 from ipc.store import JobStore
 
 log = logging.getLogger("webhooks")
-
-WAKE_BYTE = b"\n"  # "\n": by hand, in a terminal, Enter asks for a look
 
 # Seconds between looks at the event log when no wake-up came: the first after an event, the
 # last (and the most an idle process waits) after nothing came for a while.
@@ -172,49 +162,3 @@ class WebhookSender:
         log.warning("webhook: gave up on event %s (%s) after %d tries: %s", event["id"], event["event"], TRIES, problem)
         return GAVE_UP
 
-
-class EventAnnouncer:
-    """The supervisor's end of the webhook process's stdin (`pipe`, Popen's stdin): `announce()`
-    after each stored event. It never blocks the caller and never raises."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-        self._closed = False
-        self._pending = threading.Event()
-        self._thread: threading.Thread | None = None
-        if os.name == "nt":
-            # Windows has no non-blocking pipes before Python 3.12: a thread of its own writes,
-            # so a frozen webhook process could only ever block that thread.
-            self._thread = threading.Thread(target=self._write_loop, name="webhooks-wake", daemon=True)
-            self._thread.start()
-        else:
-            os.set_blocking(pipe.fileno(), False)
-
-    def announce(self) -> None:
-        if self._thread is not None:
-            self._pending.set()
-        else:
-            self._write()
-
-    def close(self) -> None:
-        """Stop announcing (the pipe itself is Popen's: closing it is EOF, a stop)."""
-        self._closed = True
-        self._pending.set()
-
-    def _write(self) -> bool:
-        if self._closed or self._pipe.closed:
-            return False
-        try:
-            os.write(self._pipe.fileno(), WAKE_BYTE)
-        except BlockingIOError:
-            pass  # the pipe is full of bytes not read yet: a look is already due
-        except (OSError, ValueError):
-            return False  # the process is gone; the supervisor reaps it on its own
-        return True
-
-    def _write_loop(self) -> None:
-        while True:
-            self._pending.wait()
-            self._pending.clear()
-            if not self._write():
-                return

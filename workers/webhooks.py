@@ -5,13 +5,20 @@ DNS, SQLite) running in the supervisor's threads could hold a C-level lock at th
 worker is forked, and the worker would inherit it locked. Here a slow or dead receiver costs
 only this process. It owns the delivery marks of the event log; the supervisor owns the events.
 
-Its stdin is the supervisor's line to it (protocol in ipc/webhooks.py): a byte is "an event was
-stored", EOF is "the supervisor is gone". Nothing ever reads stdin through sys.stdin: a thread
-blocked inside sys.stdin's buffered reader holds that reader's lock, and the interpreter, which
-closes sys.stdin at exit, then aborts ("Fatal Python error: _enter_buffered_busy", SIGABRT) on
-every clean stop. On POSIX the main thread itself waits on stdin and on the signal wake-up pipe,
-so no thread reads at all; on Windows, whose select() takes only sockets, a thread reads the raw
-descriptor with os.read, which holds no lock the interpreter's shutdown needs.
+Its stdin is the supervisor's line to it, both ends of which are here (the supervisor's is
+EventAnnouncer): the supervisor writes one byte (WAKE_BYTE; any byte counts, none carries data)
+after it stores an event, and we look at the event log at once; bytes are never counted, so a
+burst is one look. EOF means the supervisor is gone (even after kill -9) or wants a stop: what
+is queued goes out and we exit 0, as on SIGTERM. Without a byte the event log is still looked at,
+less and less often (ipc/webhooks.py POLL_S). The module imports only the standard library at
+its top, so that the supervisor can import EventAnnouncer.
+
+Nothing ever reads stdin through sys.stdin: a thread blocked inside sys.stdin's buffered reader
+holds that reader's lock, and the interpreter, which closes sys.stdin at exit, then aborts
+("Fatal Python error: _enter_buffered_busy", SIGABRT) on every clean stop. On POSIX the main
+thread itself waits on stdin and on the signal wake-up pipe, so no thread reads at all; on
+Windows, whose select() takes only sockets, a thread reads the raw descriptor with os.read,
+which holds no lock the interpreter's shutdown needs.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import sys
 import threading
 
 READY_LINE = "@ready"  # tells the supervisor (reading our stderr) that we booted
+WAKE_BYTE = b"\n"  # "\n": run by hand in a terminal, Enter asks for a look
 
 
 def main(argv=None) -> int:
@@ -128,6 +136,53 @@ def wait_threaded(stdin_fd: int | None, on_byte) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: finish.set())
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
     finish.wait()
+
+
+class EventAnnouncer:
+    """The supervisor's end of the webhook process's stdin (`pipe`, Popen's stdin): `announce()`
+    after each stored event. It never blocks the caller and never raises."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self._closed = False
+        self._pending = threading.Event()
+        self._thread: threading.Thread | None = None
+        if os.name == "nt":
+            # Windows has no non-blocking pipes before Python 3.12: a thread of its own writes,
+            # so a frozen webhook process could only ever block that thread.
+            self._thread = threading.Thread(target=self._write_loop, name="webhooks-wake", daemon=True)
+            self._thread.start()
+        else:
+            os.set_blocking(pipe.fileno(), False)
+
+    def announce(self) -> None:
+        if self._thread is not None:
+            self._pending.set()
+        else:
+            self._write()
+
+    def close(self) -> None:
+        """Stop announcing (the pipe itself is Popen's: closing it is EOF, a stop)."""
+        self._closed = True
+        self._pending.set()
+
+    def _write(self) -> bool:
+        if self._closed or self._pipe.closed:
+            return False
+        try:
+            os.write(self._pipe.fileno(), WAKE_BYTE)
+        except BlockingIOError:
+            pass  # the pipe is full of bytes not read yet: a look is already due
+        except (OSError, ValueError):
+            return False  # the process is gone; the supervisor reaps it on its own
+        return True
+
+    def _write_loop(self) -> None:
+        while True:
+            self._pending.wait()
+            self._pending.clear()
+            if not self._write():
+                return
 
 
 if __name__ == "__main__":

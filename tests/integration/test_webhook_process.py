@@ -13,9 +13,9 @@ import pytest
 
 from ipc.logsetup import RELAY_PREFIX, parse_relayed_line
 from ipc.store import JobStore
-from ipc.webhooks import WAKE_BYTE, EventAnnouncer
 from tests.helpers import REPO, wait_until
 from tests.webhook_receiver import WebhookReceiver
+from workers.webhooks import WAKE_BYTE, EventAnnouncer
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="SIGTERM is TerminateProcess on Windows")
 
