@@ -5,16 +5,22 @@ supervisor, which alone writes the file (several writers rotating one file would
 each child gets a queue of its own (see child_log_handler).
 Where there is no fork (Windows), children get a multiprocessing queue and a QueueHandler, and
 the supervisor runs a QueueListener. The web process is a fresh interpreter: it logs to stderr
-and the supervisor relays those lines.
+and the supervisor relays those lines. Under systemd, the supervisor's stderr lines carry the
+record's syslog priority (`<3>` …) for the journal.
 """
 from __future__ import annotations
 
 import json
 import logging
 import logging.handlers
+import multiprocessing
+import multiprocessing.connection
+import os
 import re
 import sys
 from pathlib import Path
+
+from multiprocessing_logging import MultiProcessingHandler
 
 FORMAT = "%(asctime)s %(levelname)-7s %(processName)s[%(process)d] %(name)s: %(message)s"
 MAX_LOG_BYTES = 10 * 1024 * 1024
@@ -55,6 +61,46 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def journal_priority(levelno: int) -> int:
+    """The syslog priority of a logging level (sd-daemon(3): 2 crit, 3 err, 4 warning, 6 info, 7 debug)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def stderr_is_journal(stream=None, environ=None) -> bool:
+    """Whether `stream` (stderr) is the journal's own stream: systemd sets JOURNAL_STREAM to its
+    "device:inode" (systemd.exec(5)). Compared, not just present: a shell started from a
+    systemd unit inherits the variable with its stderr on a terminal or a file."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat((sys.stderr if stream is None else stream).fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def journal_prefix(levelno: int, stream=None) -> str:
+    """What starts a line printed, not logged, on stderr: `<N>` when stderr is the journal."""
+    return f"<{journal_priority(levelno)}>" if stderr_is_journal(stream) else ""
+
+
+class JournalFormatter(logging.Formatter):
+    """Every line of a record (a traceback has many) starts with the record's priority `<N>`:
+    journald reads each line as an entry of its own, and a line without a prefix as info."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{journal_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
 def setup_supervisor_logging(log_path: Path, secrets: tuple[str, ...] = (), level=logging.INFO) -> None:
     """Root logger of the main process: file + stderr, secrets filtered on every handler."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +112,10 @@ def setup_supervisor_logging(log_path: Path, secrets: tuple[str, ...] = (), leve
     file_handler = logging.handlers.RotatingFileHandler(
         log_path, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
     )
+    file_handler.setFormatter(formatter)
     stream_handler = logging.StreamHandler(sys.stderr)
+    stream_handler.setFormatter(JournalFormatter(FORMAT) if stderr_is_journal(sys.stderr) else formatter)
     for handler in (file_handler, stream_handler):
-        handler.setFormatter(formatter)
         handler.addFilter(redactor)
         root.addHandler(handler)
     root.setLevel(level)
@@ -88,6 +135,65 @@ class _ToRootHandlers(logging.Handler):
                 handler.handle(record)
 
 
+CLOSE_DRAIN_S = 0.1  # after close(): the records still in the pipe are written, then the thread ends
+
+
+class BlockingReceiveHandler(MultiProcessingHandler):
+    """multiprocessing-logging's handler with a receive thread that sleeps until a record or
+    close() comes. The library's polls its queue five times a second to notice close(): 24
+    wake-ups a second, measured, for an idle daemon with four workers."""
+
+    _is_closed: bool  # the library's
+
+    def __init__(self, name, sub_handler=None):
+        # Before the library's __init__, which starts the thread.
+        self._closing_r, self._closing_w = multiprocessing.Pipe(duplex=False)
+        super().__init__(name, sub_handler=sub_handler)
+
+    def _receive(self):
+        reader = self.queue._reader  # the read end that queue.get() polls
+        try:
+            while True:
+                ready = multiprocessing.connection.wait([reader, self._closing_r],
+                                                        CLOSE_DRAIN_S if self._is_closed else None)
+                if reader in ready:
+                    self.sub_handler.emit(self.queue.get())
+                elif self._closing_r in ready:
+                    self._closing_r.recv_bytes()  # close(): write what is left, then end
+                elif self._is_closed:
+                    break  # nothing more came for CLOSE_DRAIN_S after close()
+        except (EOFError, OSError):
+            pass  # every write end is closed: the child is gone, and its last record was read
+        finally:
+            self._closing_r.close()
+        self.queue.close()
+        self.queue.join_thread()
+
+    def inherited_fds(self) -> list[int]:
+        """What a child forked for another job must close (supervisor_fds): a sibling holding
+        this queue's write end keeps EOF from the reading thread when this child dies."""
+        fds = []
+        for conn in (self.queue._reader, self.queue._writer, self._closing_r, self._closing_w):
+            try:
+                fds.append(conn.fileno())
+            except OSError:
+                pass  # closed already
+        return fds
+
+    def close(self):
+        if self._is_closed:
+            return
+        self._is_closed = True
+        try:
+            self._closing_w.send_bytes(b"x")
+        except OSError:
+            pass  # the thread ended already (EOF)
+        self._receive_thread.join(5.0)  # a record cut short by a SIGKILL can hold it
+        self._closing_w.close()
+        self.sub_handler.close()
+        logging.Handler.close(self)
+
+
 def child_log_handler(name: str) -> logging.Handler:
     """A multiprocessing-logging handler of one child's own, made in the supervisor just before
     that child is forked: the child logs into it, the supervisor's thread writes the records.
@@ -95,9 +201,7 @@ def child_log_handler(name: str) -> logging.Handler:
     One queue per child, never one for all: a queue's write lock is a semaphore shared by its
     writers, and a writer SIGKILLed while holding it would silence every other process (and
     hang their exit). With a queue each, only the dead child's own queue is left locked."""
-    from multiprocessing_logging import MultiProcessingHandler
-
-    handler = MultiProcessingHandler(f"log-{name}", sub_handler=_ToRootHandlers(logging.getLogger().handlers))
+    handler = BlockingReceiveHandler(f"log-{name}", sub_handler=_ToRootHandlers(logging.getLogger().handlers))
     handler.setFormatter(logging.Formatter(FORMAT))
     return handler
 

@@ -20,6 +20,9 @@ from ipc.store import JobStore
 
 log = logging.getLogger("webhooks")
 
+# Seconds between looks at the event log when no wake-up came: the first after an event, the
+# last (and the most an idle process waits) after nothing came for a while.
+POLL_S = (0.5, 5.0)
 TRIES = 3
 TIMEOUT_S = 10.0
 BACKOFF_S = (1.0, 4.0)  # waits between the three tries
@@ -59,10 +62,11 @@ def build_request(event: dict, secret: str, now: float | None = None) -> tuple[b
 
 
 class WebhookSender:
-    def __init__(self, cfg, db_path, sleep=None):
+    def __init__(self, cfg, db_path, sleep=None, poll_s: tuple[float, float] = POLL_S):
         self.url = cfg.webhook_url
         self.secret = cfg.webhook_secret
         self.db_path = db_path
+        self.poll_min_s, self.poll_max_s = poll_s
         self._wake = threading.Event()
         self._finish = threading.Event()  # stopping: send what is queued, then end
         self._stop = threading.Event()  # stop now (between tries and events)
@@ -104,31 +108,43 @@ class WebhookSender:
         store = JobStore(self.db_path)
         session = requests.Session()
         session.trust_env = False  # a proxy from the environment must not see our events
+        interval = self.poll_min_s
         try:
             while not self._stop.is_set():
-                self._wake.wait(5.0)
-                self._wake.clear()
+                # Read before the drain: a stop asked for during a drain gets one more full drain
+                # (the supervisor stores daemon_stopping just before it asks).
+                finishing = self._finish.is_set()
+                self._wake.clear()  # before the drain: a notify() during it means "look again"
                 try:
-                    self._drain(store, session)
-                    if self._finish.is_set():
-                        return
+                    sent = self._drain(store, session)
                 except Exception:  # e.g. the database busy past its timeout: try again shortly
                     log.exception("webhook delivery failed; trying again in 5 s")
                     self._stop.wait(5.0)
+                    sent = 0
+                if finishing:
+                    return
+                # Without a wake-up, look again soon after events (they come in bursts: queued,
+                # started, completed), then less and less often while nothing comes.
+                interval = self.poll_min_s if sent else min(interval * 2, self.poll_max_s)
+                self._wake.wait(interval)
         finally:
             store.close()
 
-    def _drain(self, store: JobStore, session) -> None:
+    def _drain(self, store: JobStore, session) -> int:
+        """Deliver every undelivered event in order; how many were handled."""
+        handled = 0
         while not self._stop.is_set():
             batch = store.undelivered_events(limit=100)
             if not batch:
-                return
+                return handled
             for event in batch:
                 if self._stop.is_set():
-                    return
+                    return handled
                 status = self.deliver(session, event)
                 if status:
                     store.mark_delivered(event["id"], status)
+                    handled += 1
+        return handled
 
     def deliver(self, session, event: dict) -> int:
         for attempt in range(1, TRIES + 1):
@@ -141,8 +157,8 @@ class WebhookSender:
                 problem = f"HTTP {resp.status_code}"
             except Exception as exc:
                 problem = type(exc).__name__
-            if attempt < TRIES:
-                if self._sleep(BACKOFF_S[attempt - 1]):
-                    return 0  # stopping: try again after the next start
+            if attempt < TRIES and self._sleep(BACKOFF_S[attempt - 1]):
+                return 0  # stopping: try again after the next start
         log.warning("webhook: gave up on event %s (%s) after %d tries: %s", event["id"], event["event"], TRIES, problem)
         return GAVE_UP
+

@@ -301,3 +301,14 @@ def test_no_webhook_means_no_backlog_for_a_later_one(fake_civitai, daemon_factor
     second_run_first_id = daemon.events("daemon_started")[1]["id"]
     assert min(receiver.delivered_ids()) == second_run_first_id
     assert daemon.stop() == 0
+
+
+def test_the_webhook_process_stops_cleanly_with_the_daemon(fake_civitai, daemon_factory, receiver):
+    daemon = daemon_factory(base_config(fake_civitai, webhook_url=receiver.url))
+    daemon.start()
+    wait_until(lambda: receiver.delivered_ids(), 10, message="daemon_started delivered")
+    assert daemon.stop() == 0
+    stopping = daemon.events("daemon_stopping")[0]["id"]
+    assert stopping in receiver.delivered_ids()  # flushed before it exited
+    for text in (daemon.log_text(), daemon.stderr()):
+        assert "Fatal Python error" not in text and "_enter_buffered_busy" not in text, text

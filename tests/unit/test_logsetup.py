@@ -1,7 +1,11 @@
-"""What must never reach a log line, whichever process writes it."""
+"""What must never reach a log line, whichever process writes it, and how lines reach the journal."""
 import logging
+import os
+import sys
 
-from ipc.logsetup import RedactingFilter, redact
+import pytest
+
+from ipc.logsetup import RedactingFilter, journal_prefix, journal_priority, redact, setup_supervisor_logging
 from ipc.tokens import mint_token
 
 
@@ -21,8 +25,6 @@ def test_filter_masks_configured_secrets_in_formatted_messages():
 
 
 def test_relayed_records_keep_their_level_name_and_traceback():
-    import sys
-
     from ipc.logsetup import RelayFormatter, parse_relayed_line
 
     formatter = RelayFormatter()
@@ -37,3 +39,107 @@ def test_relayed_records_keep_their_level_name_and_traceback():
     assert message.startswith("failed x\nTraceback") and "ValueError: boom" in message
     assert parse_relayed_line("Fatal Python error: Aborted") == (logging.WARNING, "", "Fatal Python error: Aborted")
     assert parse_relayed_line("@log {broken") == (logging.WARNING, "", "@log {broken")
+
+
+# --- the journal's priority prefix ---------------------------------------------------------------
+
+
+@pytest.fixture
+def root_logger():
+    """setup_supervisor_logging rebuilds the root logger: give pytest's back afterwards."""
+    root = logging.getLogger()
+    saved, saved_level = list(root.handlers), root.level
+    yield root
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in saved:
+        root.addHandler(handler)
+    root.setLevel(saved_level)
+
+
+def stderr_lines(fh) -> list[str]:
+    fh.flush()
+    fh.seek(0)
+    return fh.read().splitlines()
+
+
+def journal_stream_of(fh) -> str:
+    st = os.fstat(fh.fileno())
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def log_everything() -> None:
+    log = logging.getLogger("supervisor")
+    log.debug("not shown at INFO")
+    log.info("started worker-1")
+    log.warning("worker-1 exited")
+    log.error("disk full")
+    log.critical("stopping: %s", "fatal")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("tick failed")
+
+
+def test_under_the_journal_every_stderr_line_starts_with_its_priority(tmp_path, monkeypatch, root_logger):
+    # In the test body, not a fixture: pytest puts its own capture back before the call.
+    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        monkeypatch.setenv("JOURNAL_STREAM", journal_stream_of(stderr))
+        log_path = tmp_path / "logs" / "daemon.log"
+        setup_supervisor_logging(log_path)
+        log_everything()
+        lines = stderr_lines(stderr)
+        assert [line[:3] for line in lines[:4]] == ["<6>", "<4>", "<3>", "<2>"]
+        assert lines[0].startswith("<6>") and lines[0].endswith("supervisor: started worker-1")
+        traceback = lines[4:]
+        assert traceback[0].endswith("tick failed") and traceback[-1].endswith("ValueError: boom")
+        assert all(line.startswith("<3>") for line in traceback), traceback  # `journalctl -p err` shows it all
+        # The log file keeps its format: no prefix.
+        file_lines = log_path.read_text().splitlines()
+        assert len(file_lines) == len(lines) and not any(line.startswith("<") for line in file_lines)
+        assert [line[3:] for line in lines] == file_lines
+
+
+@pytest.mark.parametrize("journal_stream", [None, "", "not:a:number", "1:2"])
+def test_without_the_journal_stderr_has_no_prefix(tmp_path, monkeypatch, root_logger, journal_stream):
+    """Unset, malformed, or another stream's (a shell started from a unit, its stderr a terminal)."""
+    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        if journal_stream is None:
+            monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+        else:
+            monkeypatch.setenv("JOURNAL_STREAM", journal_stream)
+        setup_supervisor_logging(tmp_path / "daemon.log")
+        log_everything()
+        lines = stderr_lines(stderr)
+        assert lines and not any(line.startswith("<") for line in lines)
+        assert lines == (tmp_path / "daemon.log").read_text().splitlines()
+
+
+def test_records_from_children_get_the_prefix_too(tmp_path, monkeypatch, root_logger):
+    """Worker records reach the supervisor's handlers through _ToRootHandlers."""
+    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        monkeypatch.setenv("JOURNAL_STREAM", journal_stream_of(stderr))
+        setup_supervisor_logging(tmp_path / "daemon.log")
+        from ipc.logsetup import _ToRootHandlers
+
+        relay = _ToRootHandlers(logging.getLogger().handlers)
+        record = logging.LogRecord("worker-1", logging.WARNING, __file__, 1, "retrying", None, None)
+        relay.handle(record)
+        assert stderr_lines(stderr)[-1].startswith("<4>")
+
+
+def test_journal_priorities():
+    assert [journal_priority(n) for n in (5, logging.DEBUG, logging.INFO, 25, logging.WARNING, logging.ERROR,
+                                          logging.CRITICAL, 60)] == [7, 7, 6, 6, 4, 3, 2, 2]
+
+
+def test_a_printed_line_gets_the_prefix_only_under_the_journal(tmp_path, monkeypatch):
+    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stderr:
+        monkeypatch.setenv("JOURNAL_STREAM", journal_stream_of(stderr))
+        assert journal_prefix(logging.ERROR, stderr) == "<3>"
+        monkeypatch.setenv("JOURNAL_STREAM", "0:0")
+        assert journal_prefix(logging.ERROR, stderr) == ""
