@@ -7,17 +7,6 @@ disk full) from ever stopping the loop.
 """
 from __future__ import annotations
 
-import sys
-
-if __name__ == "__main__":
-    try:  # run without the project's environment: say how to run it, not a traceback
-        import multiprocessing_logging  # noqa: F401
-        import requests  # noqa: F401
-    except ImportError:
-        print("civitai-daemon: the project's packages are missing; run it with `uv run python supervisor.py` "
-              "(install uv with `pip install uv`)", file=sys.stderr)
-        sys.exit(1)
-
 import argparse
 import dataclasses
 import http.client
@@ -28,6 +17,7 @@ import os
 import queue
 import secrets
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +26,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
+import launch  # noqa: F401  (first: outside uv's environment, one line saying what to run)
 from ipc import VERSION, sdnotify
 from ipc.children import RELEASE_GRACE_S, ChildPool, Exit, Fatal, ForkedChild, FreshChild
 from ipc.config import EX_CONFIG, Config, ConfigError, config_changes, ensure_jwt_secret, load_config
@@ -43,7 +34,7 @@ from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
 from ipc.files import PidLock
 from ipc.keeper import ManifestKeeper
 from ipc.ledger import JobLedger, Outcome
-from ipc.logsetup import child_log_handler, setup_supervisor_logging
+from ipc.logsetup import child_log_handler, journal_prefix, setup_supervisor_logging
 from ipc.manifest import ManifestError, ManifestFile, duplicate_entries, entry_to_job_spec
 from ipc.messages import Msg
 from ipc.naming import part_filename
@@ -51,6 +42,7 @@ from ipc.operations import ControlOps
 from ipc.retry import STORE_RETRY
 from ipc.states import ChildKind, ChildState, KillReason
 from ipc.store import JobStore, StoreOpenError, StoreUnavailable, utc_now_iso
+from workers.webhooks import EventAnnouncer
 
 REPO_DIR = Path(__file__).resolve().parent
 log = logging.getLogger("supervisor")
@@ -84,6 +76,7 @@ class Supervisor:
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self.control_token = secrets.token_hex(32)
         self.control: ControlServer | None = None
+        self.webhook_announcer: EventAnnouncer | None = None  # wakes the webhook process per stored event
         self.stopping = False
         self.stop_deadline: float | None = None
         self.exit_code = 0
@@ -142,20 +135,30 @@ class Supervisor:
                           env_for, on_ready=lambda child, pid: self.post("_child_ready", child=child.name, pid=pid),
                           on_gone=lambda child, pid: self.wake(), cwd=REPO_DIR, on_change=self.on_child_change)
 
-    def supervisor_fds(self) -> list[int]:
-        """File descriptors a forked child must not keep: other children's pipes, the fresh
-        interpreters' stdin/stderr pipes, the control socket and the wake pipe."""
+    def supervisor_fds(self, for_child) -> list[int]:
+        """File descriptors a forked child must not keep: other children's pipes and log queues
+        (a sibling holding a queue's write end hides that child's death from its log thread),
+        the fresh interpreters' stdin/stderr pipes, the control socket and the wake pipe."""
         fds = [self._wake_r.fileno(), self._wake_w.fileno()]
         if self.control is not None:
             fds.append(self.control.fileno())
         for other in self.pool:
-            if isinstance(other, ForkedChild) and other.conn is not None:
-                fds.append(other.conn.fileno())
+            if isinstance(other, ForkedChild):
+                if other.conn is not None:
+                    fds.append(other.conn.fileno())
+                if other is not for_child and hasattr(other.log_handler, "inherited_fds"):
+                    fds.extend(other.log_handler.inherited_fds())
             elif isinstance(other, FreshChild):
                 fds.extend(other.pipe_fds())
         return fds
 
     def on_child_change(self, child, old: ChildState, new: ChildState, why: str) -> None:
+        if child.kind == ChildKind.WEBHOOKS:
+            if self.webhook_announcer is not None:
+                self.webhook_announcer.close()
+                self.webhook_announcer = None
+            if new == ChildState.STARTING and child.proc is not None:
+                self.webhook_announcer = EventAnnouncer(child.proc.stdin)
         if new == ChildState.FATAL:
             self.emit_now("child_fatal", name=child.name, error=why)
 
@@ -184,6 +187,8 @@ class Supervisor:
             self._txn_depth = 0
             self._events = []
         self._store_fine()
+        if stored and self.webhook_announcer is not None:
+            self.webhook_announcer.announce()
         if self.control is not None:
             for event in stored:
                 self.control.publish(event)
@@ -288,7 +293,7 @@ class Supervisor:
                     break
         except Fatal as exc:
             log.critical("stopping: %s", exc)
-            print(f"civitai-daemon: {exc}", file=sys.stderr)
+            print(f"{journal_prefix(logging.CRITICAL)}civitai-daemon: {exc}", file=sys.stderr)
             self.exit_code = 1
             self.begin_stop()
             deadline = self.clock() + 10
@@ -307,8 +312,11 @@ class Supervisor:
         self.stop_deadline = self.clock() + SHUTDOWN_BUDGET_S
         sdnotify.notify("STOPPING=1", "STATUS=draining")
         log.info("stopping: no new jobs; running downloads keep their partial files")
+        try:  # first, so that the webhook process still sends it; never in the way of the stop
+            self.emit_now("daemon_stopping", version=VERSION)
+        except Exception:
+            log.exception("could not record daemon_stopping")
         self.pool.stop_all()
-        self.emit_now("daemon_stopping", version=VERSION)
 
     def finish_stop(self) -> None:
         """Best effort: a clean stop gives running jobs their attempt back and writes the
@@ -496,7 +504,8 @@ class Supervisor:
         log.info("GUI at %s", url)
         # The token rides in the fragment: browsers never send it to a server. Printed, not
         # logged: the log file must hold no secret.
-        print(f"civitai-daemon: open {url}#token={token} (valid 30 days)", file=sys.stderr, flush=True)
+        print(f"{journal_prefix(logging.INFO)}civitai-daemon: open {url}#token={token} (valid 30 days)",
+              file=sys.stderr, flush=True)
 
     # --- messages from workers and the updater ------------------------------------------------
 

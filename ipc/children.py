@@ -162,7 +162,7 @@ class ForkedChild(Child):
 
     def __init__(self, name: str, kind: ChildKind, target: Callable, args_for: Callable[[Child], tuple],
                  ctx=None, log_handler_for: Callable[[Child], Any] | None = None,
-                 close_fds: Callable[[], list[int]] | None = None, **kw):
+                 close_fds: Callable[[Child], list[int]] | None = None, **kw):
         super().__init__(name=name, kind=kind, **kw)
         self.target = target
         self.args_for = args_for
@@ -182,7 +182,7 @@ class ForkedChild(Child):
             self.close_log_handler()
             self.log_handler = log_channel = self.log_handler_for(self)
         fork = self.ctx.get_start_method() == "fork"
-        fds = self.close_fds() if (fork and self.close_fds) else []
+        fds = self.close_fds(self) if (fork and self.close_fds) else []
         proc = self.ctx.Process(target=child_entry, name=self.name, daemon=False,
                                 args=(self.target, self.name, child_conn, *self.args_for(self), log_channel, fds))
         proc.start()
@@ -297,7 +297,7 @@ class FreshChild(Child):
             elif line:
                 level, name, message = parse_relayed_line(line)
                 self.stderr_tail.append(message.splitlines()[-1] if message else line)
-                logging.getLogger(f"{self.name}.{name}" if name else self.name).log(level, "%s", message)
+                logging.getLogger(name or self.name).log(level, "%s", message)
         self.on_gone(self, proc.pid)
 
     def alive(self) -> bool:
