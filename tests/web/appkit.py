@@ -9,6 +9,7 @@ import time
 
 from ipc.config import load_config
 from ipc.control import ControlError
+from ipc.manifest import ManifestError, validate_entry
 from ipc.store import JobStore
 from ipc.tokens import mint_token
 from web.app import make_app
@@ -120,8 +121,10 @@ class FakeControl:
         if op == "manifest":
             return {"entries": self.manifest}
         if op == "add_manifest_entry":
-            if "modelId" not in args["entry"]:
-                raise ControlError(422, "entry: key 'modelId' is required")
+            try:  # the supervisor's own check
+                validate_entry(args["entry"], "entry")
+            except ManifestError as exc:
+                raise ControlError(422, str(exc)) from None
             self.manifest.append(args["entry"])
             return {"entry": args["entry"], "job": None}
         if op == "delete_manifest_model":

@@ -219,6 +219,67 @@ def test_get_job_and_unknown_ids(env):
     assert env.client.post("/api/jobs/999/retry").status == 404
 
 
+def _id_routes(app):
+    """Every route with an id in its path, as (method, rule)."""
+    return [(r.method, r.rule) for r in app.routes if ":int>" in r.rule]
+
+
+def test_every_route_with_an_id_is_covered_below(env):
+    covered = set(_id_routes(env.app))
+    assert covered >= {("GET", "/api/jobs/<job_id:int>"), ("PATCH", "/api/jobs/<job_id:int>"),
+                       ("DELETE", "/api/jobs/<job_id:int>"), ("POST", "/api/jobs/<job_id:int>/retry"),
+                       ("DELETE", "/api/manifest/<model_id:int>")}
+
+
+@pytest.mark.parametrize("bad_id", [2**63, 2**64, 10**30, 2**63 - 1, 0, -1])
+def test_an_id_that_does_not_exist_however_large_is_404_on_every_route(env, bad_id):
+    env.writer.add_job(model_id=1)
+    for method, rule in _id_routes(env.app):
+        path = re.sub(r"<\w+:int>", str(bad_id), rule)
+        body = {"priority": 1} if method == "PATCH" else None
+        res = env.client.request(method, path, json_body=body)
+        assert res.status == 404, (method, path, res.status, res.text)
+        assert str(bad_id) in res.json()["error"], (method, path)
+        # The token is still checked first: an anonymous client learns nothing from the id.
+        assert WsgiClient(env.app).request(method, path, json_body=body).status == 401
+    if bad_id != 2**63 - 1:  # within SQLite's range, the supervisor is asked and says 404
+        assert env.control.calls == []
+
+
+@pytest.mark.parametrize("nesting", [100_000, 33])
+def test_a_deeply_nested_body_is_a_clear_400(env, nesting):
+    for open_, close in (("[", "]"), ('{"a":', "}")):
+        body = ('{"model_id": 1, "x": ' + open_ * nesting + "1" + close * nesting + "}").encode()
+        for method, path in (("POST", "/api/jobs"), ("POST", "/api/manifest"), ("PATCH", "/api/jobs/1")):
+            res = env.client.request(method, path, body=body)
+            assert res.status == 400, (path, res.status, res.text[:200])
+            assert "nested more than 32 levels" in res.json()["error"]
+    assert env.control.calls == []
+    # A custom field a few levels deep in a manifest entry is fine.
+    entry = {"modelId": 5, "model_type": "lora", "mine": {"tags": [["a", {"b": 1}]]}}
+    assert env.client.post("/api/manifest", entry).status == 201
+
+
+@pytest.mark.parametrize("url", [
+    "https://civitai.com/models/99999999999999999999999", "https://civitai.com/models/1?modelVersionId=9223372036854775808",
+    "https://civitai.com/api/download/models/0", "https://civitai.com/models/1?modelVersionId=%C2%B2",
+    "https://civitai.com/mod\tels/1", "https://civitai.com/models/1 2", "https://[::1/models/1",
+])
+def test_ids_in_a_url_are_checked_like_ids_in_the_body(env, url):
+    res = env.client.post("/api/jobs", {"url": url})
+    assert res.status == 422, res.text
+    assert res.json()["error"]
+    assert env.control.calls == []
+
+
+def test_nulls_are_fields_left_out(env):
+    res = env.client.post("/api/jobs", {"model_id": 4, "version_id": None, "url": None, "file_id": None,
+                                        "priority": None, "model_type": None})
+    assert res.status == 201, res.text
+    assert env.control.calls[-1] == ("add_job", {"model_id": 4})
+    assert env.client.post("/api/jobs", {"model_id": None}).status == 422
+
+
 @pytest.mark.parametrize("body,expected", [
     ({"model_id": 12}, {"model_id": 12}),
     ({"version_id": 34, "priority": 2, "model_type": "lora"}, {"version_id": 34, "priority": 2, "model_type": "lora"}),
@@ -254,7 +315,8 @@ def test_add_job_again_returns_the_existing_job_with_200(env):
     (json.dumps({"model_id": 1.5}).encode(), 400, "model_id"),
     (json.dumps({"model_id": 1, "priority": "high"}).encode(), 400, "priority"),
     (json.dumps({"model_id": 1, "model_type": 3}).encode(), 400, "model_type"),
-    (json.dumps({"modelId": 1}).encode(), 400, "modelId"),
+    (json.dumps({"modelId": 1}).encode(), 422, "unknown field 'modelId'"),
+    (json.dumps({"model_id": 1, "priorty": 1, "typ": "x"}).encode(), 422, "unknown fields 'priorty', 'typ'"),
     (json.dumps({"url": 5}).encode(), 400, "url"),
     (json.dumps({}).encode(), 422, "model_id"),
     (json.dumps({"model_id": 0}).encode(), 422, "model_id"),
@@ -293,7 +355,8 @@ def test_patch_cancel_retry(env):
     assert env.control.calls[-1] == ("set_priority", {"job_id": job["id"], "priority": 1})
     assert env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={}).status == 422
     assert env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={"priority": "1"}).status == 400
-    assert env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={"state": "done"}).status == 400
+    unknown = env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={"state": "done"})
+    assert unknown.status == 422 and "unknown field 'state'" in unknown.json()["error"]
     retry_early = env.client.post(f"/api/jobs/{job['id']}/retry")
     assert retry_early.status == 409 and retry_early.json()["error"]
     cancelled = env.client.request("DELETE", f"/api/jobs/{job['id']}")
