@@ -65,12 +65,15 @@ def read_json_object() -> dict:
         raise json_error(400, "bad Content-Length header") from None
     if length > MAX_BODY_BYTES:
         raise json_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    if length:
-        raw = stream.read(length)
-    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        raw = stream.read(MAX_BODY_BYTES + 1)  # the server has already removed the chunking
-    else:
-        raw = b""
+    try:
+        if length:
+            raw = stream.read(length)
+        elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            raw = stream.read(MAX_BODY_BYTES + 1)  # the server has already removed the chunking
+        else:
+            raw = b""
+    except OSError:  # pywsgi's broken chunked encoding, or the client went away mid-body
+        raise json_error(400, "the request body could not be read (broken chunked encoding?)") from None
     if len(raw) > MAX_BODY_BYTES:
         raise json_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
     if not raw.strip():
