@@ -11,8 +11,10 @@ import gevent
 import gevent.queue
 import jwt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ipc.control import ControlError
+from ipc.states import JobState
 from ipc.store import JobStore
 from ipc.tokens import TokenError, mint_token, verify_token
 from tests.web.appkit import HOST, SECRET, FakeControl, WsgiClient, make_cfg
@@ -424,26 +426,66 @@ def test_internal_errors_are_json_500_without_details(env, monkeypatch):
 
 # --- metrics and openapi ------------------------------------------------------------------------
 
-def test_metrics_prometheus_text(env):
+def scrape(client) -> dict[str, tuple[str, dict]]:
+    """/metrics read the way Prometheus reads it: {sample name: (family type, {labels: value})}."""
+    res = client.get("/metrics")
+    assert res.status == 200 and res.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples: dict[str, tuple[str, dict]] = {}
+    for family in text_string_to_metric_families(res.text):
+        assert family.documentation, family.name
+        for sample in family.samples:
+            samples.setdefault(sample.name, (family.type, {}))[1][tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_prometheus_text(env, monkeypatch):
     a = env.writer.add_job(model_id=1, bytes_total=1000)
     env.writer.update_job(a["id"], state="downloading")
     env.writer.update_job(a["id"], state="done")
     b = env.writer.add_job(model_id=2)
     env.writer.update_job(b["id"], state="failed", reason="not_found", error="404")
     env.writer.add_job(model_id=3)
+    env.writer.set_kv("metrics.downloaded_bytes", 123_456_789_012)
     env.writer.set_kv("metrics.worker_restarts", 4)
     env.writer.set_kv("updater.last_success_ts", 1700000000)
-    res = env.client.get("/metrics")
-    assert res.status == 200 and res.headers["content-type"].startswith("text/plain")
-    text = res.text
-    for line in ('civitai_jobs{state="done"} 1', 'civitai_jobs{state="failed"} 1', 'civitai_jobs{state="queued"} 1',
-                 "civitai_downloaded_bytes_total 1000", 'civitai_download_failures{reason="not_found"} 1',
-                 "civitai_worker_restarts_total 4", "civitai_last_update_check_timestamp_seconds 1700000000.0",
-                 "civitai_queue_length 1", "civitai_supervisor_up 1"):
-        assert line in text.splitlines(), line
-    for line in text.splitlines():
-        assert line.startswith("#") or " " in line
+    status = env.control.call("status")
+    status["children"].append({"name": 'odd "name"\\with\nbreaks', "kind": "web", "pid": 12, "state": "backoff",
+                               "restarts": 7})
+    monkeypatch.setattr(env.control, "call", lambda op, **args: status)
+    got = scrape(env.client)
+    states = {(("state", s.value),): 0.0 for s in JobState} | {
+        (("state", "done"),): 1.0, (("state", "failed"),): 1.0, (("state", "queued"),): 1.0}
+    worker = (("kind", "worker"), ("name", "worker-1"))
+    odd = (("kind", "web"), ("name", 'odd "name"\\with\nbreaks'))
+    assert got == {
+        "civitai_jobs": ("gauge", states),
+        "civitai_queue_length": ("gauge", {(): 1.0}),
+        "civitai_downloaded_bytes_total": ("counter", {(): 123_456_789_012.0}),
+        "civitai_download_failures": ("gauge", {(("reason", "not_found"),): 1.0}),
+        "civitai_worker_restarts_total": ("counter", {(): 4.0}),
+        "civitai_last_update_check_timestamp_seconds": ("gauge", {(): 1700000000.0}),
+        "civitai_supervisor_up": ("gauge", {(): 1.0}),
+        "civitai_child_running": ("gauge", {worker: 1.0, odd: 0.0}),
+        "civitai_child_restarts_total": ("counter", {worker: 2.0, odd: 7.0}),
+        "civitai_uptime_seconds": ("gauge", {(): 5.0}),
+        "civitai_websocket_clients": ("gauge", {(): 0.0}),
+        "civitai_websocket_dropped_total": ("counter", {(): 0.0}),
+    }
     assert WsgiClient(env.app).get("/metrics").status == 401
+
+
+def test_downloaded_bytes_never_go_down_when_old_jobs_are_pruned(env):
+    for model_id in (1, 2):
+        job = env.writer.add_job(model_id=model_id, bytes_total=1000)
+        env.writer.update_job(job["id"], state="downloading")
+        env.writer.update_job(job["id"], state="done")
+        env.writer.incr_kv("metrics.downloaded_bytes", 1000)  # what the supervisor does on completion
+    assert scrape(env.client)["civitai_downloaded_bytes_total"] == ("counter", {(): 2000.0})
+    assert env.writer.prune(older_than_s=0, now=time.time() + 60)[0] == 2
+    assert env.writer.job_counts()["done"] == 0
+    assert scrape(env.client)["civitai_downloaded_bytes_total"] == ("counter", {(): 2000.0})
+    env.writer.set_kv("metrics.downloaded_bytes", "garbled")  # never breaks the scrape
+    assert scrape(env.client)["civitai_downloaded_bytes_total"] == ("counter", {(): 0.0})
 
 
 def test_openapi_describes_every_route(env):
