@@ -538,6 +538,12 @@ def _wait(predicate, timeout=5.0):
         gevent.sleep(0.01)
 
 
+def _drained(hub):
+    """Every registered client's session has sent all it was given (FakeWebSocket.send never
+    yields, so an empty queue means the session is back waiting on it)."""
+    return all(client.queue.empty() for client in hub.clients)
+
+
 def _event(store, name, **fields):
     return store.add_event(name, fields)
 
@@ -606,7 +612,7 @@ def test_progress_is_at_most_four_a_second_a_job_and_the_newest_wins(env, monkey
         hub.publish({"event": "download_progress", "job_id": 1, "bytes_done": i, "bytes_total": 10, "speed_bps": 1})
         hub.publish({"event": "download_progress", "job_id": 2, "bytes_done": i, "bytes_total": 10, "speed_bps": 1})
         clock[0] += 0.0625  # exact in binary: every 4th update is 0.25 s after the last one sent
-    gevent.sleep(0)
+    _wait(lambda: _drained(hub))
     sent = [(e["job_id"], e["bytes_done"]) for e in ws.sent[1:]]
     assert sent == [(1, 0), (2, 0), (1, 4), (2, 4), (1, 8), (2, 8)]
     clock[0] += 1
@@ -619,7 +625,7 @@ def test_progress_is_at_most_four_a_second_a_job_and_the_newest_wins(env, monkey
     hub.publish(_event(env.writer, "download_completed", job_id=1))
     clock[0] += 1
     hub._flush_progress()
-    gevent.sleep(0.01)
+    _wait(lambda: len(ws.sent) >= 10 and _drained(hub))
     assert [e["event"] for e in ws.sent[9:]] == ["download_completed"]
     ws.hang_up()
     session.join(5)
@@ -634,7 +640,7 @@ def test_a_slow_client_is_dropped_and_others_keep_up(env, monkeypatch):
     started = time.monotonic()
     for i in range(20):
         env.hub.publish(_event(env.writer, "download_started", job_id=i, attempt=1))
-        gevent.sleep(0.001)  # the fast client's writer gets its turn; the slow one is stuck in send
+        gevent.sleep(0)  # a yield, not a wait: the fast client's session takes its turn; the slow one is stuck in send
     assert time.monotonic() - started < 1  # publishing never waits for a client
     _wait(lambda: len(fast.sent) == 21)
     assert env.hub.dropped_total == 1 and len(env.hub.clients) == 1
