@@ -108,7 +108,8 @@ def spec(version: str) -> dict:
         "paths": {
             "/health": {"get": _op("Liveness of the web process", {
                 "200": _json({"type": "object", "required": ["status"],
-                              "properties": {"status": {"type": "string", "enum": ["ok"]},
+                              "properties": {"status": {"type": "string", "enum": ["ok", "degraded"]},
+                                             "reason": {"type": "string", "description": "Why it is degraded"},
                                              "version": {"type": "string"}, "uptime_s": {"type": "number"},
                                              "events_connected": {"type": "boolean"}}},
                              "Alive")}, public=True, errors=(), tag="daemon")},
@@ -235,6 +236,12 @@ def spec(version: str) -> dict:
                                        "limit, Civitai still hashing the file"}),
                     "created_at": {"type": "string", "format": "date-time"},
                     "updated_at": {"type": "string", "format": "date-time"},
+                    "max_attempts": {"type": "integer", "minimum": 1},
+                    "reason": _nullable({"type": "string", "description": "Why it failed, as a short key "
+                                                                          "(`not_found`, `cancelled`…)"}),
+                    "sha256": _nullable({"type": "string"}),
+                    "path": _nullable({"type": "string", "description": "The file, relative to download_dir"}),
+                    "source": {"type": "string", "description": "Who queued it: `manifest`, `api`, `update`…"},
                 }},
                 "NewJob": {
                     "type": "object", "additionalProperties": False,

@@ -2,6 +2,7 @@
 the options of the connections it accepts."""
 from __future__ import annotations
 
+import http.client
 import json
 import socket
 import time
@@ -9,8 +10,10 @@ import time
 import gevent
 import gevent.socket
 import pytest
+from gevent import pywsgi
 
 from web import ws
+from web.openapi import MAX_HEADER_LINE_BYTES, MAX_HEADERS, MAX_REQUEST_LINE_BYTES
 from web.ws import make_server
 
 
@@ -58,6 +61,11 @@ def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict, 
 def request_bytes(path="/health", headers=(), request_line=None) -> bytes:
     lines = [request_line or f"GET {path} HTTP/1.1", "Host: 127.0.0.1:8000", *headers, "", ""]
     return "\r\n".join(lines).encode("latin-1")
+
+
+def test_the_limits_the_api_states_are_the_servers():
+    assert (MAX_REQUEST_LINE_BYTES, MAX_HEADER_LINE_BYTES, MAX_HEADERS) == (
+        pywsgi.MAX_REQUEST_LINE, http.client._MAXLINE, http.client._MAXHEADERS)
 
 
 def test_the_server_answers_a_plain_request(server):
