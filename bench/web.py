@@ -1,9 +1,14 @@
 """Web process figures against the real daemon while two downloads run.
 
     uv run python bench/web.py [--requests 4000] [--clients 20] [--ws-clients 100] [--events 30]
+    uv run python bench/web.py --latency [--sequential 200]
 
 1. p50/p99 latency of `GET /api/jobs` with 1,000 jobs in the store, from 20 concurrent clients.
 2. The time for one event to reach each of 100 connected WebSocket clients.
+3. (`--latency`, on its own) the median of 200 sequential GETs of /health and of an authed
+   /api/status on one kept-alive connection and on a new connection each, with curl reusing one
+   connection as the peer: a kept-alive request that is much slower than a new one is Nagle's
+   algorithm meeting delayed ACKs on the server's socket.
 
 Everything runs on 127.0.0.1 (the fake Civitai and the daemon in a temporary folder) and stops by
 itself. Results are printed and written to bench/out/web.json.
@@ -12,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -133,11 +141,11 @@ def bench_fanout(daemon: Daemon, n_clients: int, spare: list[int], n_events: int
             else:
                 res = daemon.api("DELETE", f"/api/jobs/{job_id}")  # -> download_cancelled
             res.raise_for_status()
-            event = wait_until(lambda: next((e for e in daemon.store.events_after(last_before, 10)
-                                             if e.get("job_id") == job_id), None), 10, interval=0.005,
-                               message="the event in the store")
-            wait_until(lambda: all(event["id"] in lst.arrivals for lst in listeners), 10, interval=0.002,
-                       message=f"event {event['id']} at every client")
+            event = wait_until(lambda after=last_before, job=job_id: next(
+                (e for e in daemon.store.events_after(after, 10) if e.get("job_id") == job), None),
+                10, interval=0.005, message="the event in the store")
+            wait_until(lambda event_id=event["id"]: all(event_id in lst.arrivals for lst in listeners), 10,
+                       interval=0.002, message=f"event {event['id']} at every client")
             times = [lst.arrivals[event["id"]] - sent for lst in listeners]
             per_client.extend(times)
             per_event_all.append(max(times))
@@ -159,6 +167,59 @@ def bench_fanout(daemon: Daemon, n_clients: int, spare: list[int], n_events: int
     }
 
 
+def _latency_summary(latencies: list[float]) -> dict:
+    return {"requests": len(latencies), "p50_ms": round(statistics.median(latencies) * 1000, 2),
+            "p90_ms": round(percentile(latencies, 90) * 1000, 2), "max_ms": round(max(latencies) * 1000, 2)}
+
+
+def curl_keepalive(url: str, headers: dict, n: int, folder: Path) -> dict | None:
+    """curl fetching `url` n times over one reused connection (a config file, so the token is not
+    on a command line). None when curl is not installed."""
+    curl = shutil.which("curl")
+    if curl is None:
+        return None
+    config = folder / "curl-latency.cfg"
+    lines = [f'header = "{k}: {v}"' for k, v in headers.items()]
+    lines += ['write-out = "\\n@@%{time_total} %{num_connects}\\n"', "silent"]
+    lines += [f'url = "{url}"', f'output = "{os.devnull}"'] * (n + 1)
+    config.write_text("\n".join(lines) + "\n")
+    try:
+        out = subprocess.run([curl, "-K", str(config)], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        config.unlink()
+    rows = [line[2:].split() for line in out.splitlines() if line.startswith("@@")]
+    times = [float(t) for t, _ in rows[1:]]  # the first transfer opens the connection
+    return {**_latency_summary(times), "connections_opened": sum(int(c) for _, c in rows)}
+
+
+def bench_sequential(daemon: Daemon, n: int, folder: Path) -> dict:
+    """n sequential GETs, kept alive on one requests.Session and on a new connection each."""
+    auth = {"Authorization": f"Bearer {daemon.token()}"}
+    out: dict = {}
+    for path, headers in (("/health", {}), ("/api/status", auth)):
+        url = daemon.base_url + path
+        kept, fresh = [], []
+        with requests.Session() as session:
+            session.get(url, headers=headers, timeout=10).raise_for_status()
+            for _ in range(n):
+                started = time.perf_counter()
+                session.get(url, headers=headers, timeout=10).raise_for_status()
+                kept.append(time.perf_counter() - started)
+        for _ in range(n):
+            started = time.perf_counter()
+            with requests.Session() as session:  # a new TCP connection for each request
+                session.get(url, headers={**headers, "Connection": "close"}, timeout=10).raise_for_status()
+            fresh.append(time.perf_counter() - started)
+        row = {"keepalive": _latency_summary(kept), "new_connection": _latency_summary(fresh)}
+        row["keepalive_over_new_connection"] = round(row["keepalive"]["p50_ms"] / row["new_connection"]["p50_ms"], 2)
+        peer = curl_keepalive(url, headers, n, folder)
+        if peer is not None:
+            row["curl_keepalive"] = peer
+            row["keepalive_over_curl_keepalive"] = round(row["keepalive"]["p50_ms"] / max(peer["p50_ms"], 0.001), 2)
+        out[path] = row
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -166,7 +227,12 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--ws-clients", type=int, default=100)
     parser.add_argument("--events", type=int, default=30)
+    parser.add_argument("--latency", action="store_true",
+                        help="only the sequential kept-alive / new-connection latency figures")
+    parser.add_argument("--sequential", type=int, default=200, help="requests per case with --latency")
     args = parser.parse_args(argv)
+    if args.latency:
+        return main_latency(args)
 
     fake = FakeCivitai()
     folder = Path(tempfile.mkdtemp(prefix="bench-web-"))
@@ -197,6 +263,33 @@ def main(argv=None) -> int:
     (out / "web.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0
+
+
+def main_latency(args) -> int:
+    fake = FakeCivitai()
+    folder = Path(tempfile.mkdtemp(prefix="bench-web-latency-"))
+    daemon = Daemon(folder, base_config(fake, workers=1), [])
+    results: dict = {}
+    try:
+        daemon.start()
+        results["load_average_before"] = _load_average()
+        results["sequential"] = bench_sequential(daemon, args.sequential, folder)
+        results["load_average_after"] = _load_average()
+    finally:
+        daemon.stop()
+        fake.close()
+    out = REPO / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "web-latency.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # Windows
+        return None
 
 
 if __name__ == "__main__":

@@ -23,12 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
+def log_secrets(cfg, control_token: str) -> tuple[str, ...]:
+    """What the log filter must never let through: every secret this process can see."""
+    from ipc.config import jwt_secret
+
+    return (cfg.civitai_api_key, jwt_secret(cfg), cfg.webhook_secret, control_token, *cfg.notify)
 
 
 def open_store(path, deadline_s: float = 10.0):
@@ -75,13 +74,13 @@ def watch_parent(on_gone) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
     log = logging.getLogger("web")
 
     import gevent
 
     from ipc.config import ConfigError, load_config
     from ipc.control import ENV_ADDR, ENV_TOKEN, ControlClient
+    from ipc.logsetup import setup_relayed_logging
     from web.app import make_app
     from web.hub import Hub
     from web.ws import make_server
@@ -89,9 +88,11 @@ def main(argv=None) -> int:
     try:
         cfg, _warnings = load_config(args.config)  # the supervisor already reported the warnings
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        print(str(exc), file=sys.stderr)  # before logging: the secrets to filter are not known yet
         return EX_CONFIG
     addr, token = os.environ.get(ENV_ADDR, ""), os.environ.get(ENV_TOKEN, "")
+    # Each record a relay line on stderr: the supervisor writes it to the log at its own level.
+    setup_relayed_logging(log_secrets(cfg, token))
     if not addr or not token:
         log.error("%s and %s must be set (the supervisor starts this process)", ENV_ADDR, ENV_TOKEN)
         return 1

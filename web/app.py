@@ -14,28 +14,46 @@ from urllib.parse import parse_qs, urlsplit
 
 from bottle import Bottle, HTTPResponse, JSONPlugin, redirect, request, response, static_file
 
+from ipc import VERSION
 from ipc.config import jwt_secret
 from ipc.control import ControlError
-from ipc.naming import is_valid_model_type
+from ipc.naming import folder_problem
 from ipc.states import JobState
 from ipc.store import public_job
 from web import metrics, openapi
 from web.auth import MAX_BODY_BYTES, AuthPlugin, Gatekeeper
 from web.errors import REASONS, error_body, json_error
+from web.openapi import DEFAULT_LIST_LIMIT, MAX_ID, MAX_JSON_DEPTH, MAX_LIST_LIMIT, MAX_PRIORITY, MAX_STORE_ID
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_LIST_LIMIT = 1000
-DEFAULT_LIST_LIMIT = 100
-MAX_PRIORITY = 1_000_000
-MAX_ID = 2**53  # what a browser's JSON numbers hold exactly
 CIVITAI_HOSTS = ("civitai.com", "civitai.green")
 WS_AUTHORIZE_KEY = "civitai.ws_authorize"
 JOB_FIELDS = ("model_id", "version_id", "file_id", "url", "priority", "model_type")
-
-
-from ipc import VERSION  # noqa: E402  (re-exported for the routes)
+# What a 404 for a path id says; another `<name_id:int>` gets "no <name> with id N".
+MISSING_ID = {
+    "job_id": "no job with id {}",
+    "model_id": "manifest.json has no entry for model {}",
+    "file_id": "manifest.json has no entry for file {}",
+}
 
 # --- request helpers ----------------------------------------------------------------------
+
+def _nested_deeper_than(value, limit: int) -> bool:
+    """Without recursion: the point is to refuse what would exhaust the stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
 
 def read_json_object() -> dict:
     """The request body as a JSON object, or a JSON error (400 bad JSON, 413 too large)."""
@@ -47,25 +65,42 @@ def read_json_object() -> dict:
         raise json_error(400, "bad Content-Length header") from None
     if length > MAX_BODY_BYTES:
         raise json_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    if length:
-        raw = stream.read(length)
-    elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-        raw = stream.read(MAX_BODY_BYTES + 1)  # the server has already removed the chunking
-    else:
-        raw = b""
+    try:
+        if length:
+            raw = stream.read(length)
+        elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            raw = stream.read(MAX_BODY_BYTES + 1)  # the server has already removed the chunking
+        else:
+            raw = b""
+    except OSError:  # pywsgi's broken chunked encoding, or the client went away mid-body
+        raise json_error(400, "the request body could not be read (broken chunked encoding?)") from None
     if len(raw) > MAX_BODY_BYTES:
         raise json_error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
     if not raw.strip():
         raise json_error(400, "the request body must be a JSON object")
+    too_deep = f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep"
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise json_error(400, "the request body is not UTF-8") from None
+    except RecursionError:
+        raise json_error(400, too_deep) from None
     except ValueError as exc:
         raise json_error(400, f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise json_error(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    if _nested_deeper_than(body, MAX_JSON_DEPTH):
+        raise json_error(400, too_deep)
     return body
+
+
+def refuse_unknown_fields(body: dict, accepted) -> None:
+    """A misspelt field silently ignored would look like success: name every one instead."""
+    unknown = sorted(set(body) - set(accepted))
+    if unknown:
+        names = ", ".join("'" + json.dumps(name)[1:-1][:60] + "'" for name in unknown[:5]) + (", …" if len(unknown) > 5 else "")
+        raise json_error(422, f"unknown field{'s' if len(unknown) > 1 else ''} {names}; "
+                              f"accepted: {', '.join(accepted)}")
 
 
 def _is_int(value) -> bool:
@@ -85,23 +120,52 @@ def int_field(body: dict, name: str, lo: int = 1, hi: int = MAX_ID) -> int | Non
 
 def query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise json_error(400, f"query parameter '{name}' must be an integer, got {raw[:40]!r}") from None
+    if not re.fullmatch(r"-?[0-9]+", raw.strip()):
+        raise json_error(400, f"query parameter '{name}' must be an integer, got {raw[:40]!r}")
+    value = int(raw)
     if not lo <= value <= hi:
         raise json_error(400, f"query parameter '{name}' must be from {lo} to {hi}, got {value}")
     return value
+
+
+class IdRangePlugin:
+    """A path id outside 1..2^63-1 names nothing that can exist (SQLite cannot even hold it): a
+    404 before anything looks it up. Installed after AuthPlugin, so it runs after the token check."""
+
+    name = "id_range"
+    api = 2
+
+    def apply(self, callback, route):
+        names = re.findall(r"<(\w+):int>", route.rule)
+        if not names:
+            return callback
+
+        def in_range(*args, **kwargs):
+            for name in names:
+                value = kwargs.get(name)
+                if value is not None and not 1 <= value <= MAX_STORE_ID:
+                    noun = name[:-3] if name.endswith("_id") else name
+                    raise json_error(404, MISSING_ID.get(name, f"no {noun} with id {{}}").format(value))
+            return callback(*args, **kwargs)
+
+        return in_range
 
 
 def parse_model_url(url: str, extra_hosts: tuple[str, ...] = ()) -> dict:
     """A civitai.com page or download URL as {"model_id"?, "version_id"?, "file_id"?}.
 
     Raises ValueError with a message for the user."""
-    parts = urlsplit(url.strip())
-    host = (parts.hostname or "").lower()
+    text = url.strip(" \t\r\n")
+    # urlsplit quietly drops tabs and newlines inside a URL; a URL that needs that is not one to trust.
+    if re.search(r"[\x00-\x20\x7f]", text):
+        raise ValueError("'url' must not contain spaces or control characters")
+    try:
+        parts = urlsplit(text)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        raise ValueError("'url' is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not host:
         raise ValueError("'url' must be an http(s) URL of a civitai.com model page")
     known = any(host == h or host.endswith("." + h) for h in CIVITAI_HOSTS) or host in extra_hosts
@@ -109,24 +173,30 @@ def parse_model_url(url: str, extra_hosts: tuple[str, ...] = ()) -> dict:
         raise ValueError(f"'url' must point to civitai.com, not {host}")
     query = parse_qs(parts.query)
 
+    def checked(key, digits):
+        value = int(digits)
+        if not 1 <= value <= MAX_ID:
+            raise ValueError(f"the URL's {key} must be from 1 to {MAX_ID}, got {digits[:40]}")
+        return value
+
     def qint(key):
         values = query.get(key)
         if not values:
             return None
-        if not values[0].isdigit():
+        if not re.fullmatch(r"[0-9]{1,40}", values[0]):
             raise ValueError(f"'{key}' in the URL must be a number")
-        return int(values[0])
+        return checked(key, values[0])
 
     path = parts.path.rstrip("/")
     patterns = (
-        (r"(?:/api/v1)?/models/(\d+)(?:/[^/]*)?", "model_id"),
-        (r"(?:/api/v1)?/model-versions/(\d+)", "version_id"),
-        (r"/api/download/models/(\d+)", "version_id"),
+        (r"(?:/api/v1)?/models/([0-9]{1,40})(?:/[^/]*)?", "model_id"),
+        (r"(?:/api/v1)?/model-versions/([0-9]{1,40})", "version_id"),
+        (r"/api/download/models/([0-9]{1,40})", "version_id"),
     )
     for pattern, key in patterns:
         match = re.fullmatch(pattern, path)
         if match:
-            out = {key: int(match.group(1))}
+            out = {key: checked(key, match.group(1))}
             version_id = qint("modelVersionId")
             if version_id is not None:
                 out["version_id"] = version_id
@@ -147,6 +217,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     app.install(JSONPlugin(json_dumps=lambda obj: json.dumps(obj, separators=(",", ":"), default=str)))
     gate = Gatekeeper(cfg, lambda: jwt_secret(cfg), clock)
     app.install(AuthPlugin(gate))
+    app.install(IdRangePlugin())
     app.config[WS_AUTHORIZE_KEY] = gate.check_websocket
     started_at = clock()
     api_hosts = tuple(h for h in {urlsplit(cfg.civitai_url).hostname or ""} if h)
@@ -246,8 +317,8 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     @app.get("/api/jobs")
     def list_jobs():
         limit = query_int("limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
-        raw_state = request.query.get("state", "").strip()
-        states = [s.strip() for s in raw_state.split(",") if s.strip()]
+        raw_state = request.query.get("state")
+        states = [] if raw_state is None else list(dict.fromkeys(s.strip() for s in raw_state.split(",")))
         valid = {s.value for s in JobState}
         for state in states:
             if state not in valid:
@@ -262,17 +333,16 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     @app.post("/api/jobs")
     def add_job():
         body = read_json_object()
-        unknown = sorted(set(body) - set(JOB_FIELDS))
-        if unknown:
-            raise json_error(400, f"unknown field '{unknown[0]}'; accepted: {', '.join(JOB_FIELDS)}")
+        refuse_unknown_fields(body, JOB_FIELDS)
         args = {name: int_field(body, name) for name in ("model_id", "version_id", "file_id")}
         priority = int_field(body, "priority", 1, MAX_PRIORITY)
         model_type = body.get("model_type")
         if model_type is not None:
             if not isinstance(model_type, str):
                 raise json_error(400, "'model_type' must be a string")
-            if not is_valid_model_type(model_type):
-                raise json_error(422, "'model_type' must be a folder name of lower-case letters, digits, _ and -")
+            problem = folder_problem(model_type)
+            if problem:
+                raise json_error(422, f"'model_type' must be a folder under download_dir: {problem}")
         url = body.get("url")
         if url is not None:
             if not isinstance(url, str):
@@ -301,9 +371,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     @app.route("/api/jobs/<job_id:int>", method="PATCH")
     def patch_job(job_id):
         body = read_json_object()
-        unknown = sorted(set(body) - {"priority"})
-        if unknown:
-            raise json_error(400, f"unknown field '{unknown[0]}'; only 'priority' can be changed")
+        refuse_unknown_fields(body, ("priority",))
         priority = int_field(body, "priority", 1, MAX_PRIORITY)
         if priority is None:
             raise json_error(422, "'priority' is required")
@@ -331,6 +399,12 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     def add_manifest_entry():
         body = read_json_object()
         entry = body["entry"] if set(body) == {"entry"} and isinstance(body["entry"], dict) else body
+        # manifest.json itself has no upper bounds; the API keeps to the ones it states.
+        for name in ("modelId", "modelVersionId", "fileId"):
+            if _is_int(entry.get(name)) and entry[name] > MAX_ID:
+                raise json_error(422, f"'{name}' must be from 1 to {MAX_ID}, got {entry[name]}")
+        if _is_int(entry.get("priority")) and entry["priority"] > MAX_PRIORITY:
+            raise json_error(422, f"'priority' must be from 1 to {MAX_PRIORITY}, got {entry['priority']}")
         result = ask("add_manifest_entry", entry=entry)
         job = result.get("job")
         return answer(201, {"entry": result.get("entry"), "job": public_job(job) if isinstance(job, dict) else None})
@@ -349,7 +423,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     @app.get("/api/events")
     def events():
         limit = query_int("limit", DEFAULT_LIST_LIMIT, 1, MAX_LIST_LIMIT)
-        after = query_int("after", None, 0, 2**63 - 1)
+        after = query_int("after", None, 0, MAX_STORE_ID)
         rows = store.recent_events(limit) if after is None else store.events_after(after, limit)
         return {"events": rows, "last_id": store.last_event_id()}
 

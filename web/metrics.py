@@ -4,6 +4,9 @@ from __future__ import annotations
 from ipc.states import JobState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Counters the supervisor keeps in the job store's kv table: they only grow, whatever is pruned.
+DOWNLOADED_BYTES_KEY = "metrics.downloaded_bytes"
+WORKER_RESTARTS_KEY = "metrics.worker_restarts"
 
 
 def _escape(value) -> str:
@@ -38,6 +41,15 @@ class _Writer:
         return "\n".join(self.lines) + "\n"
 
 
+def _kv_count(store, key: str) -> int:
+    """A counter from the kv table; one that is missing or garbled reads as 0 rather than break
+    the whole scrape."""
+    try:
+        return max(0, int(store.get_kv(key, 0) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def render(store, status: dict | None, hub) -> str:
     """`status` is the supervisor's answer to the "status" op, or None when it is unreachable."""
     out = _Writer()
@@ -46,13 +58,14 @@ def render(store, status: dict | None, hub) -> str:
                [({"state": s.value}, counts.get(s.value, 0)) for s in JobState])
     out.metric("civitai_queue_length", "gauge", "Jobs waiting to be downloaded.",
                [({}, counts.get(JobState.QUEUED.value, 0))])
+    # Not the sum of the done jobs: that sum shrinks when old jobs are pruned, and a counter must not.
     out.metric("civitai_downloaded_bytes_total", "counter", "Bytes of model files downloaded and verified.",
-               [({}, store.bytes_downloaded())])
+               [({}, _kv_count(store, DOWNLOADED_BYTES_KEY))])
     failures = store.failure_counts()
     out.metric("civitai_download_failures", "gauge", "Failed jobs by reason.",
                [({"reason": reason}, n) for reason, n in sorted(failures.items())])
     out.metric("civitai_worker_restarts_total", "counter", "Worker processes restarted after a crash or timeout.",
-               [({}, int(store.get_kv("metrics.worker_restarts", 0) or 0))])
+               [({}, _kv_count(store, WORKER_RESTARTS_KEY))])
     last_check = store.get_kv("updater.last_success_ts")
     if last_check is not None:
         out.metric("civitai_last_update_check_timestamp_seconds", "gauge",

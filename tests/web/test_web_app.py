@@ -11,166 +11,17 @@ import gevent
 import gevent.queue
 import jwt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from ipc.config import load_config
 from ipc.control import ControlError
+from ipc.states import JobState
 from ipc.store import JobStore
 from ipc.tokens import TokenError, mint_token, verify_token
+from tests.web.appkit import HOST, SECRET, FakeControl, WsgiClient, make_cfg
 from web import hub as hub_module
 from web.app import make_app, parse_model_url
 from web.auth import redact_tokens
 from web.hub import Hub
-
-SECRET = "s" * 40
-HOST = "127.0.0.1:8000"
-
-
-# --- a WSGI test client ---------------------------------------------------------------------
-
-class Response:
-    def __init__(self, status: str, headers: list, body: bytes):
-        self.status = int(status.split()[0])
-        self.headers = {k.lower(): v for k, v in headers}
-        self.body = body
-
-    def json(self):
-        assert self.headers.get("content-type", "").startswith("application/json"), self.headers
-        return json.loads(self.body)
-
-    @property
-    def text(self) -> str:
-        return self.body.decode("utf-8")
-
-
-class WsgiClient:
-    def __init__(self, app, token: str | None = None):
-        self.app = app
-        self.token = token
-
-    def request(self, method: str, path: str, json_body=None, body: bytes | None = None, headers: dict | None = None,
-                host: str | None = HOST, token: str | None = "default", environ: dict | None = None) -> Response:
-        if json_body is not None:
-            body = json.dumps(json_body).encode()
-        body = body or b""
-        path_only, _, query = path.partition("?")
-        env = {
-            "REQUEST_METHOD": method, "PATH_INFO": path_only, "QUERY_STRING": query, "SERVER_NAME": "localhost",
-            "SERVER_PORT": "8000", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "REMOTE_ADDR": "127.0.0.1",
-        }
-        if body:
-            env["CONTENT_LENGTH"] = str(len(body))
-            env["CONTENT_TYPE"] = "application/json"
-        if host is not None:
-            env["HTTP_HOST"] = host
-        token = self.token if token == "default" else token
-        if token:
-            env["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-        for name, value in (headers or {}).items():
-            key = name.upper().replace("-", "_")
-            env[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key] = value
-        env.update(environ or {})
-        captured = {}
-
-        def start_response(status, response_headers, exc_info=None):
-            captured["status"], captured["headers"] = status, response_headers
-
-        chunks = self.app(env, start_response)
-        data = b"".join(chunks)
-        if hasattr(chunks, "close"):
-            chunks.close()
-        return Response(captured["status"], captured["headers"], data)
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, json_body=None, **kw):
-        return self.request("POST", path, json_body=json_body, **kw)
-
-
-class FakeControl:
-    """The supervisor's side of the control socket, recorded."""
-
-    def __init__(self, store: JobStore):
-        self.store = store  # writable
-        self.calls: list[tuple[str, dict]] = []
-        self.fail: ControlError | None = None
-        self.manifest = [{"modelId": 1, "model_type": "checkpoint", "note": "mine"}]
-
-    def call(self, op, **args):
-        self.calls.append((op, args))
-        if self.fail:
-            raise self.fail
-        if op == "status":
-            return {"version": "0.1.0", "uptime_s": 5.0, "queue": self.store.job_counts(),
-                    "children": [{"name": "worker-1", "kind": "worker", "pid": 11, "state": "running",
-                                  "job_id": None, "restarts": 2, "since": "2024-01-01T00:00:00Z"}],
-                    "updater": {"last_check": None, "last_success": None, "next_check": None, "running": False}}
-        if op == "add_job":
-            existing = self.store.find_active(model_id=args.get("model_id"), version_id=args.get("version_id"),
-                                              file_id=args.get("file_id"))
-            if existing:
-                return {"job": existing, "created": False}
-            args = {"model_id": None, **args}
-            return {"job": self.store.add_job(source="api", **args), "created": True}
-        if op in ("set_priority", "cancel_job", "retry_job"):
-            job = self.store.get_job(args["job_id"])
-            if job is None:
-                raise ControlError(404, f"no job with id {args['job_id']}")
-            if op == "retry_job" and job["state"] not in ("failed", "cancelled"):
-                raise ControlError(409, "only failed or cancelled jobs can be retried")
-            if op == "set_priority":
-                job = self.store.update_job(job["id"], priority=args["priority"])
-            if op == "cancel_job":
-                job = self.store.update_job(job["id"], state="cancelled")
-            return {"job": job}
-        if op == "manifest":
-            return {"entries": self.manifest}
-        if op == "add_manifest_entry":
-            if "modelId" not in args["entry"]:
-                raise ControlError(422, "entry: key 'modelId' is required")
-            self.manifest.append(args["entry"])
-            return {"entry": args["entry"], "job": None}
-        if op == "delete_manifest_model":
-            raise ControlError(404, f"manifest.json has no entry for model {args['model_id']}")
-        if op == "check_updates":
-            return {"started": True}
-        raise ControlError(400, f"unknown operation {op!r}")
-
-    def subscribe(self):
-        return iter(())
-
-
-@pytest.fixture
-def env(tmp_path):
-    config = {"jwt_secret": SECRET, "allowed_hosts": ["nas.lan"], "civitai_api_key": "k" * 20,
-              "webhook_secret": "w"}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    cfg, _ = load_config(tmp_path / "config.json", environ={})
-    writer = JobStore(cfg.db_path)
-    reader = JobStore(cfg.db_path, readonly=True)
-    control = FakeControl(writer)
-    hub = Hub(reader)
-    now = [time.time()]
-    app = make_app(cfg, reader, control, hub, clock=lambda: now[0])
-
-    class Env:
-        pass
-
-    e = Env()
-    e.cfg, e.writer, e.store, e.control, e.hub, e.app, e.now = cfg, writer, reader, control, hub, app, now
-    e.token = mint_token(SECRET, days=1, now=now[0])
-    e.client = WsgiClient(app, e.token)
-    yield e
-    reader.close()
-    writer.close()
-
-
-def make_cfg(tmp_path, **config):
-    config.setdefault("jwt_secret", SECRET)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return load_config(tmp_path / "config.json", environ={})[0]
-
 
 # --- public routes and headers ------------------------------------------------------------------
 
@@ -370,6 +221,67 @@ def test_get_job_and_unknown_ids(env):
     assert env.client.post("/api/jobs/999/retry").status == 404
 
 
+def _id_routes(app):
+    """Every route with an id in its path, as (method, rule)."""
+    return [(r.method, r.rule) for r in app.routes if ":int>" in r.rule]
+
+
+def test_every_route_with_an_id_is_covered_below(env):
+    covered = set(_id_routes(env.app))
+    assert covered >= {("GET", "/api/jobs/<job_id:int>"), ("PATCH", "/api/jobs/<job_id:int>"),
+                       ("DELETE", "/api/jobs/<job_id:int>"), ("POST", "/api/jobs/<job_id:int>/retry"),
+                       ("DELETE", "/api/manifest/<model_id:int>")}
+
+
+@pytest.mark.parametrize("bad_id", [2**63, 2**64, 10**30, 2**63 - 1, 0, -1])
+def test_an_id_that_does_not_exist_however_large_is_404_on_every_route(env, bad_id):
+    env.writer.add_job(model_id=1)
+    for method, rule in _id_routes(env.app):
+        path = re.sub(r"<\w+:int>", str(bad_id), rule)
+        body = {"priority": 1} if method == "PATCH" else None
+        res = env.client.request(method, path, json_body=body)
+        assert res.status == 404, (method, path, res.status, res.text)
+        assert str(bad_id) in res.json()["error"], (method, path)
+        # The token is still checked first: an anonymous client learns nothing from the id.
+        assert WsgiClient(env.app).request(method, path, json_body=body).status == 401
+    if bad_id != 2**63 - 1:  # within SQLite's range, the supervisor is asked and says 404
+        assert env.control.calls == []
+
+
+@pytest.mark.parametrize("nesting", [100_000, 33])
+def test_a_deeply_nested_body_is_a_clear_400(env, nesting):
+    for open_, close in (("[", "]"), ('{"a":', "}")):
+        body = ('{"model_id": 1, "x": ' + open_ * nesting + "1" + close * nesting + "}").encode()
+        for method, path in (("POST", "/api/jobs"), ("POST", "/api/manifest"), ("PATCH", "/api/jobs/1")):
+            res = env.client.request(method, path, body=body)
+            assert res.status == 400, (path, res.status, res.text[:200])
+            assert "nested more than 32 levels" in res.json()["error"]
+    assert env.control.calls == []
+    # A custom field a few levels deep in a manifest entry is fine.
+    entry = {"modelId": 5, "model_type": "lora", "mine": {"tags": [["a", {"b": 1}]]}}
+    assert env.client.post("/api/manifest", entry).status == 201
+
+
+@pytest.mark.parametrize("url", [
+    "https://civitai.com/models/99999999999999999999999", "https://civitai.com/models/1?modelVersionId=9223372036854775808",
+    "https://civitai.com/api/download/models/0", "https://civitai.com/models/1?modelVersionId=%C2%B2",
+    "https://civitai.com/mod\tels/1", "https://civitai.com/models/1 2", "https://[::1/models/1",
+])
+def test_ids_in_a_url_are_checked_like_ids_in_the_body(env, url):
+    res = env.client.post("/api/jobs", {"url": url})
+    assert res.status == 422, res.text
+    assert res.json()["error"]
+    assert env.control.calls == []
+
+
+def test_nulls_are_fields_left_out(env):
+    res = env.client.post("/api/jobs", {"model_id": 4, "version_id": None, "url": None, "file_id": None,
+                                        "priority": None, "model_type": None})
+    assert res.status == 201, res.text
+    assert env.control.calls[-1] == ("add_job", {"model_id": 4})
+    assert env.client.post("/api/jobs", {"model_id": None}).status == 422
+
+
 @pytest.mark.parametrize("body,expected", [
     ({"model_id": 12}, {"model_id": 12}),
     ({"version_id": 34, "priority": 2, "model_type": "lora"}, {"version_id": 34, "priority": 2, "model_type": "lora"}),
@@ -405,7 +317,8 @@ def test_add_job_again_returns_the_existing_job_with_200(env):
     (json.dumps({"model_id": 1.5}).encode(), 400, "model_id"),
     (json.dumps({"model_id": 1, "priority": "high"}).encode(), 400, "priority"),
     (json.dumps({"model_id": 1, "model_type": 3}).encode(), 400, "model_type"),
-    (json.dumps({"modelId": 1}).encode(), 400, "modelId"),
+    (json.dumps({"modelId": 1}).encode(), 422, "unknown field 'modelId'"),
+    (json.dumps({"model_id": 1, "priorty": 1, "typ": "x"}).encode(), 422, "unknown fields 'priorty', 'typ'"),
     (json.dumps({"url": 5}).encode(), 400, "url"),
     (json.dumps({}).encode(), 422, "model_id"),
     (json.dumps({"model_id": 0}).encode(), 422, "model_id"),
@@ -444,7 +357,8 @@ def test_patch_cancel_retry(env):
     assert env.control.calls[-1] == ("set_priority", {"job_id": job["id"], "priority": 1})
     assert env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={}).status == 422
     assert env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={"priority": "1"}).status == 400
-    assert env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={"state": "done"}).status == 400
+    unknown = env.client.request("PATCH", f"/api/jobs/{job['id']}", json_body={"state": "done"})
+    assert unknown.status == 422 and "unknown field 'state'" in unknown.json()["error"]
     retry_early = env.client.post(f"/api/jobs/{job['id']}/retry")
     assert retry_early.status == 409 and retry_early.json()["error"]
     cancelled = env.client.request("DELETE", f"/api/jobs/{job['id']}")
@@ -512,26 +426,66 @@ def test_internal_errors_are_json_500_without_details(env, monkeypatch):
 
 # --- metrics and openapi ------------------------------------------------------------------------
 
-def test_metrics_prometheus_text(env):
+def scrape(client) -> dict[str, tuple[str, dict]]:
+    """/metrics read the way Prometheus reads it: {sample name: (family type, {labels: value})}."""
+    res = client.get("/metrics")
+    assert res.status == 200 and res.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples: dict[str, tuple[str, dict]] = {}
+    for family in text_string_to_metric_families(res.text):
+        assert family.documentation, family.name
+        for sample in family.samples:
+            samples.setdefault(sample.name, (family.type, {}))[1][tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_prometheus_text(env, monkeypatch):
     a = env.writer.add_job(model_id=1, bytes_total=1000)
     env.writer.update_job(a["id"], state="downloading")
     env.writer.update_job(a["id"], state="done")
     b = env.writer.add_job(model_id=2)
     env.writer.update_job(b["id"], state="failed", reason="not_found", error="404")
     env.writer.add_job(model_id=3)
+    env.writer.set_kv("metrics.downloaded_bytes", 123_456_789_012)
     env.writer.set_kv("metrics.worker_restarts", 4)
     env.writer.set_kv("updater.last_success_ts", 1700000000)
-    res = env.client.get("/metrics")
-    assert res.status == 200 and res.headers["content-type"].startswith("text/plain")
-    text = res.text
-    for line in ('civitai_jobs{state="done"} 1', 'civitai_jobs{state="failed"} 1', 'civitai_jobs{state="queued"} 1',
-                 "civitai_downloaded_bytes_total 1000", 'civitai_download_failures{reason="not_found"} 1',
-                 "civitai_worker_restarts_total 4", "civitai_last_update_check_timestamp_seconds 1700000000.0",
-                 "civitai_queue_length 1", "civitai_supervisor_up 1"):
-        assert line in text.splitlines(), line
-    for line in text.splitlines():
-        assert line.startswith("#") or " " in line
+    status = env.control.call("status")
+    status["children"].append({"name": 'odd "name"\\with\nbreaks', "kind": "web", "pid": 12, "state": "backoff",
+                               "restarts": 7})
+    monkeypatch.setattr(env.control, "call", lambda op, **args: status)
+    got = scrape(env.client)
+    states = {(("state", s.value),): 0.0 for s in JobState} | {
+        (("state", "done"),): 1.0, (("state", "failed"),): 1.0, (("state", "queued"),): 1.0}
+    worker = (("kind", "worker"), ("name", "worker-1"))
+    odd = (("kind", "web"), ("name", 'odd "name"\\with\nbreaks'))
+    assert got == {
+        "civitai_jobs": ("gauge", states),
+        "civitai_queue_length": ("gauge", {(): 1.0}),
+        "civitai_downloaded_bytes_total": ("counter", {(): 123_456_789_012.0}),
+        "civitai_download_failures": ("gauge", {(("reason", "not_found"),): 1.0}),
+        "civitai_worker_restarts_total": ("counter", {(): 4.0}),
+        "civitai_last_update_check_timestamp_seconds": ("gauge", {(): 1700000000.0}),
+        "civitai_supervisor_up": ("gauge", {(): 1.0}),
+        "civitai_child_running": ("gauge", {worker: 1.0, odd: 0.0}),
+        "civitai_child_restarts_total": ("counter", {worker: 2.0, odd: 7.0}),
+        "civitai_uptime_seconds": ("gauge", {(): 5.0}),
+        "civitai_websocket_clients": ("gauge", {(): 0.0}),
+        "civitai_websocket_dropped_total": ("counter", {(): 0.0}),
+    }
     assert WsgiClient(env.app).get("/metrics").status == 401
+
+
+def test_downloaded_bytes_never_go_down_when_old_jobs_are_pruned(env):
+    for model_id in (1, 2):
+        job = env.writer.add_job(model_id=model_id, bytes_total=1000)
+        env.writer.update_job(job["id"], state="downloading")
+        env.writer.update_job(job["id"], state="done")
+        env.writer.incr_kv("metrics.downloaded_bytes", 1000)  # what the supervisor does on completion
+    assert scrape(env.client)["civitai_downloaded_bytes_total"] == ("counter", {(): 2000.0})
+    assert env.writer.prune(older_than_s=0, now=time.time() + 60)[0] == 2
+    assert env.writer.job_counts()["done"] == 0
+    assert scrape(env.client)["civitai_downloaded_bytes_total"] == ("counter", {(): 2000.0})
+    env.writer.set_kv("metrics.downloaded_bytes", "garbled")  # never breaks the scrape
+    assert scrape(env.client)["civitai_downloaded_bytes_total"] == ("counter", {(): 0.0})
 
 
 def test_openapi_describes_every_route(env):
@@ -582,6 +536,12 @@ def _wait(predicate, timeout=5.0):
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         gevent.sleep(0.01)
+
+
+def _drained(hub):
+    """Every registered client's session has sent all it was given (FakeWebSocket.send never
+    yields, so an empty queue means the session is back waiting on it)."""
+    return all(client.queue.empty() for client in hub.clients)
 
 
 def _event(store, name, **fields):
@@ -652,7 +612,7 @@ def test_progress_is_at_most_four_a_second_a_job_and_the_newest_wins(env, monkey
         hub.publish({"event": "download_progress", "job_id": 1, "bytes_done": i, "bytes_total": 10, "speed_bps": 1})
         hub.publish({"event": "download_progress", "job_id": 2, "bytes_done": i, "bytes_total": 10, "speed_bps": 1})
         clock[0] += 0.0625  # exact in binary: every 4th update is 0.25 s after the last one sent
-    gevent.sleep(0)
+    _wait(lambda: _drained(hub))
     sent = [(e["job_id"], e["bytes_done"]) for e in ws.sent[1:]]
     assert sent == [(1, 0), (2, 0), (1, 4), (2, 4), (1, 8), (2, 8)]
     clock[0] += 1
@@ -665,7 +625,7 @@ def test_progress_is_at_most_four_a_second_a_job_and_the_newest_wins(env, monkey
     hub.publish(_event(env.writer, "download_completed", job_id=1))
     clock[0] += 1
     hub._flush_progress()
-    gevent.sleep(0.01)
+    _wait(lambda: len(ws.sent) >= 10 and _drained(hub))
     assert [e["event"] for e in ws.sent[9:]] == ["download_completed"]
     ws.hang_up()
     session.join(5)
@@ -680,7 +640,7 @@ def test_a_slow_client_is_dropped_and_others_keep_up(env, monkeypatch):
     started = time.monotonic()
     for i in range(20):
         env.hub.publish(_event(env.writer, "download_started", job_id=i, attempt=1))
-        gevent.sleep(0.001)  # the fast client's writer gets its turn; the slow one is stuck in send
+        gevent.sleep(0)  # a yield, not a wait: the fast client's session takes its turn; the slow one is stuck in send
     assert time.monotonic() - started < 1  # publishing never waits for a client
     _wait(lambda: len(fast.sent) == 21)
     assert env.hub.dropped_total == 1 and len(env.hub.clients) == 1
