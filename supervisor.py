@@ -799,7 +799,7 @@ class Supervisor:
         self.inbox.put((op, args, future))
         self.wake()
         try:
-            return future.result(timeout=10)
+            return future.result(timeout=3 if op == "health" else 10)
         except TimeoutError:
             raise ControlError(503, "the supervisor is busy; try again") from None
 

@@ -187,8 +187,10 @@ class ControlClient:
         except OSError as exc:
             raise ControlError(503, f"the supervisor is not answering ({exc.strerror or exc})") from None
 
-    def call(self, op: str, **args):
+    def call(self, op: str, _timeout_s: float | None = None, **args):
         sock = self._connect()
+        if _timeout_s is not None:
+            sock.settimeout(_timeout_s)
         try:
             sock.sendall(_dumps({"token": self._token, "op": op, "args": args}))
             reader = sock.makefile("rb")

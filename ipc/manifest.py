@@ -27,8 +27,12 @@ class ManifestError(Exception):
     """str() is one line: the file, the entry (index and modelId) and the field."""
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+MAX_ID = 2**53  # what a browser's JSON numbers hold exactly (and far inside SQLite's 2^63)
+MAX_PRIORITY = 1_000_000
+
+
+def _positive_int(value, hi: int = MAX_ID) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= hi
 
 
 def validate_entry(entry, where: str) -> dict:
@@ -44,7 +48,7 @@ def validate_entry(entry, where: str) -> dict:
     if "modelId" not in entry:
         raise ManifestError(f"{where}: field 'modelId' is required (the number in civitai.com/models/<id>)")
     if not _positive_int(entry["modelId"]):
-        raise bad("modelId", "a positive integer")
+        raise bad("modelId", f"a positive integer up to {MAX_ID}")
     if "model_type" not in entry:
         raise ManifestError(f"{where}: field 'model_type' is required (the folder under download_dir, such as "
                             f"\"checkpoint\", \"Lora\" or \"models/Stable-diffusion\")")
@@ -53,11 +57,11 @@ def validate_entry(entry, where: str) -> dict:
         raise ManifestError(f"{where}: field 'model_type': {problem}")
     for field in ("modelVersionId", "fileId"):
         if entry.get(field) is not None and not _positive_int(entry[field]):
-            raise bad(field, "a positive integer")
+            raise bad(field, f"a positive integer up to {MAX_ID}")
     if entry.get("sha256") not in (None, "") and not (isinstance(entry["sha256"], str) and SHA256_RE.match(entry["sha256"])):
         raise bad("sha256", "64 hexadecimal characters")
-    if "priority" in entry and not (_positive_int(entry["priority"])):
-        raise bad("priority", "a positive integer (1 is the most urgent)")
+    if "priority" in entry and not (_positive_int(entry["priority"], MAX_PRIORITY)):
+        raise bad("priority", f"an integer from 1 (the most urgent) to {MAX_PRIORITY}")
     if entry.get("filename") not in (None, ""):
         name = entry["filename"]
         if not isinstance(name, str) or safe_filename(name) != name:

@@ -25,6 +25,8 @@ from web.auth import MAX_BODY_BYTES, AuthPlugin, Gatekeeper
 from web.errors import REASONS, error_body, json_error
 from web.openapi import DEFAULT_LIST_LIMIT, MAX_ID, MAX_JSON_DEPTH, MAX_LIST_LIMIT, MAX_PRIORITY, MAX_STORE_ID
 
+HEALTH_TIMEOUT_S = 3.0  # /health waits this long for the supervisor's word
+
 STATIC_DIR = Path(__file__).parent / "static"
 CIVITAI_HOSTS = ("civitai.com", "civitai.green")
 WS_AUTHORIZE_KEY = "civitai.ws_authorize"
@@ -277,8 +279,19 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
 
     @app.get("/health", public=True)
     def health():
-        return {"status": "ok", "version": VERSION, "uptime_s": round(clock() - started_at, 1),
+        body = {"status": "ok", "version": VERSION, "uptime_s": round(clock() - started_at, 1),
                 "events_connected": hub.connected if hub is not None else False}
+        # The supervisor's own word: a hung loop or a database it cannot write is not "ok".
+        try:
+            answer_ = control.call("health", _timeout_s=HEALTH_TIMEOUT_S)
+        except ControlError as exc:
+            body.update(status="degraded", reason=f"the supervisor is not answering: {exc.error}")
+        except OSError as exc:
+            body.update(status="degraded", reason=f"the supervisor is not answering ({exc})")
+        else:
+            if isinstance(answer_, dict) and answer_.get("status") == "degraded":
+                body.update(status="degraded", reason=answer_.get("reason"))
+        return body
 
     @app.get("/gui", public=True)
     @app.get("/gui/", public=True)
@@ -388,6 +401,22 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         result = ask("retry_job", job_id=job_id)
         return {"job": public_job(result["job"])}
 
+    @app.post("/api/jobs/<job_id:int>/pause")
+    def pause_job(job_id):
+        return {"job": public_job(ask("pause_job", job_id=job_id)["job"])}
+
+    @app.post("/api/jobs/<job_id:int>/resume")
+    def resume_job(job_id):
+        return {"job": public_job(ask("resume_job", job_id=job_id)["job"])}
+
+    @app.post("/api/pause")
+    def pause_all():
+        return ask("pause")
+
+    @app.post("/api/resume")
+    def resume_all():
+        return ask("resume")
+
     # --- manifest and updates ---
 
     @app.get("/api/manifest")
@@ -412,6 +441,10 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     @app.delete("/api/manifest/<model_id:int>")
     def delete_manifest_model(model_id):
         return ask("delete_manifest_model", model_id=model_id)
+
+    @app.delete("/api/manifest/<model_id:int>/<file_id:int>")
+    def delete_manifest_entry(model_id, file_id):
+        return ask("delete_manifest_entry", model_id=model_id, file_id=file_id)
 
     @app.post("/api/updates/check")
     def check_updates():

@@ -76,6 +76,8 @@ def _nullable(schema: dict) -> dict:
 
 _JOB_ID = _path_id("id", "The job's id")
 _MODEL_ID = _path_id("modelId", "The model's id on Civitai (civitai.com/models/<id>)")
+_FILE_ID = _path_id("fileId", "The file's id on Civitai (fileId in the manifest entry)")
+_PAUSED = {"type": "object", "required": ["paused"], "properties": {"paused": {"type": "boolean"}}}
 _FILE_ID = _path_id("fileId", "The file's id on Civitai")
 _JOB_ANSWER = {"type": "object", "properties": {"job": _ref("Job")}, "required": ["job"]}
 _PRIORITY = {"type": "integer", "minimum": 1, "maximum": MAX_PRIORITY, "description": "1 is the most urgent"}
@@ -150,6 +152,16 @@ def spec(version: str) -> dict:
             },
             "/api/jobs/{id}/retry": {"post": _op("Queue a failed or cancelled job again", {
                 "200": _json(_JOB_ANSWER, "The queued job")}, params=[_JOB_ID], errors=job_errors)},
+            "/api/jobs/{id}/pause": {"post": _op(
+                "Pause one job: a running download stops within 2 s and keeps its partial file", {
+                    "200": _json(_JOB_ANSWER, "The paused job")}, params=[_JOB_ID], errors=job_errors)},
+            "/api/jobs/{id}/resume": {"post": _op("Queue a paused job again", {
+                "200": _json(_JOB_ANSWER, "The queued job")}, params=[_JOB_ID], errors=job_errors)},
+            "/api/pause": {"post": _op(
+                "Pause every download: running ones stop within 2 s and keep their bytes, nothing starts; "
+                "kept across restarts", {"200": _json(_PAUSED, "Paused")}, errors=(401, 503), tag="daemon")},
+            "/api/resume": {"post": _op("Resume downloads after a pause", {"200": _json(_PAUSED, "Resumed")},
+                                        errors=(401, 503), tag="daemon")},
             "/api/manifest": {
                 "get": _op("manifest.json's entries", {"200": _json(
                     {"type": "object", "required": ["entries"],
@@ -166,6 +178,10 @@ def spec(version: str) -> dict:
                 "200": _json({"type": "object", "required": ["removed"],
                               "properties": {"removed": {"type": "integer", "minimum": 1}}}, "Removed")},
                 params=[_MODEL_ID], errors=(401, 404, 409, 503), tag="manifest")},
+            "/api/manifest/{modelId}/{fileId}": {"delete": _op("Drop one entry of a model (the file stays)", {
+                "200": _json({"type": "object", "required": ["removed"],
+                              "properties": {"removed": {"type": "integer", "minimum": 1}}}, "Removed")},
+                params=[_MODEL_ID, _FILE_ID], errors=(401, 404, 409, 503), tag="manifest")},
             "/api/updates/check": {"post": _op("Run the update check now", {
                 "202": _json({"type": "object", "properties": {"started": {"type": "boolean"}}}, "Started")},
                 errors=(401, 409, 503), tag="updates")},
@@ -212,8 +228,9 @@ def spec(version: str) -> dict:
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
                 "Job": {"type": "object", "required": [
-                    "id", "model_id", "version_id", "file_id", "model_type", "filename", "state", "priority",
-                    "bytes_done", "bytes_total", "speed_bps", "attempts", "error", "created_at", "updated_at",
+                    "id", "model_id", "version_id", "file_id", "model_type", "filename", "model_name",
+                    "version_name", "state", "priority", "bytes_done", "bytes_total", "speed_bps", "attempts",
+                    "error", "not_before", "created_at", "updated_at",
                 ], "properties": {
                     "id": {"type": "integer", "minimum": 1},
                     "model_id": _nullable({"type": "integer"}),
@@ -223,6 +240,8 @@ def spec(version: str) -> dict:
                     "filename": _nullable({"type": "string"}),
                     "model_name": _nullable({"type": "string", "description": "The model's name on Civitai"}),
                     "version_name": _nullable({"type": "string", "description": "The version's name on Civitai"}),
+                    "base_model": _nullable({"type": "string", "description": "Civitai's base model (SDXL 1.0, "
+                                                                              "Pony, Flux.1 D, …)"}),
                     "state": {"type": "string", "enum": JOB_STATES},
                     "priority": {"type": "integer", "description": "1 is the most urgent"},
                     "bytes_done": {"type": "integer", "minimum": 0},

@@ -8,6 +8,8 @@ import sqlite3
 import threading
 import time
 
+import requests
+
 from tests.helpers import base_config, sha256_file, wait_until
 
 MiB = 1024 * 1024
@@ -80,6 +82,8 @@ def test_a_locked_database_degrades_the_daemon_and_loses_nothing(fake_civitai, d
     status = wait_until(lambda: (lambda s: s if s["health"] == "degraded" else None)(
         daemon.api("GET", "/api/status").json()), 15, interval=0.2, message="a degraded status")
     assert "locked by another program" in status["degraded"]
+    health = requests.get(f"{daemon.base_url}/health", timeout=10).json()
+    assert health["status"] == "degraded" and "locked by another program" in health["reason"]
     assert daemon.proc.poll() is None
     locker.release.set()
     locker.join(10)
@@ -89,6 +93,7 @@ def test_a_locked_database_degrades_the_daemon_and_loses_nothing(fake_civitai, d
     for i, fid in enumerate(fids, 1):
         assert sha256_file(daemon.models_dir / "checkpoint" / f"m{i}.safetensors") == fake.file_sha256(fid).lower()
     wait_until(lambda: daemon.api("GET", "/api/status").json()["health"] == "ok", 10, message="health ok again")
+    assert requests.get(f"{daemon.base_url}/health", timeout=10).json()["status"] == "ok"
     assert all(j["state"] == "done" for j in daemon.jobs())
     log = daemon.log_text()
     assert "cannot be written" in log and "can be written again" in log

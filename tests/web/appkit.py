@@ -129,6 +129,26 @@ class FakeControl:
             return {"entry": args["entry"], "job": None}
         if op == "delete_manifest_model":
             raise ControlError(404, f"manifest.json has no entry for model {args['model_id']}")
+        if op == "delete_manifest_entry":
+            before = len(self.manifest)
+            self.manifest = [e for e in self.manifest
+                             if not (e["modelId"] == args["model_id"] and e.get("fileId") == args["file_id"])]
+            if len(self.manifest) == before:
+                raise ControlError(404, f"manifest.json has no entry for file {args['file_id']}")
+            return {"removed": before - len(self.manifest)}
+        if op in ("pause_job", "resume_job"):
+            job = self.store.get_job(args["job_id"])
+            if job is None:
+                raise ControlError(404, f"no job with id {args['job_id']}")
+            want, allowed = ("paused", ("queued", "downloading", "verifying")) if op == "pause_job" else (
+                "queued", ("paused",))
+            if job["state"] not in allowed and job["state"] != want:
+                raise ControlError(409, f"job {job['id']} is {job['state']}")
+            return {"job": self.store.update_job(job["id"], state=want)}
+        if op in ("pause", "resume"):
+            return {"paused": op == "pause"}
+        if op == "health":
+            return {"status": "ok", "reason": None}
         if op == "check_updates":
             return {"started": True}
         raise ControlError(400, f"unknown operation {op!r}")

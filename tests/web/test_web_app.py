@@ -98,7 +98,7 @@ def test_every_private_route_needs_a_token(env):
     for route in env.app.routes:
         if route.rule in public:
             continue
-        path = route.rule.replace("<job_id:int>", "1").replace("<model_id:int>", "1")
+        path = route.rule.replace("<job_id:int>", "1").replace("<model_id:int>", "1").replace("<file_id:int>", "1")
         res = anon.request(route.method, path, json_body={} if route.method in ("POST", "PATCH") else None)
         assert res.status == 401, (route.method, route.rule, res.status)
         assert "error" in res.json()
@@ -493,7 +493,8 @@ def test_openapi_describes_every_route(env):
     assert doc["openapi"].startswith("3.")
     described = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
     for route in env.app.routes:
-        rule = route.rule.replace("<job_id:int>", "{id}").replace("<model_id:int>", "{modelId}")
+        rule = (route.rule.replace("<job_id:int>", "{id}").replace("<model_id:int>", "{modelId}")
+                .replace("<file_id:int>", "{fileId}"))
         if rule in ("/gui/", "/gui/<filename:path>"):
             continue
         assert (rule, route.method) in described, (route.method, route.rule)
@@ -647,3 +648,19 @@ def test_a_slow_client_is_dropped_and_others_keep_up(env, monkeypatch):
     slow_session.kill()
     fast.hang_up()
     fast_session.join(5)
+
+
+def test_health_says_what_the_supervisor_says(env):
+    anon = WsgiClient(env.app)
+    assert anon.get("/health").json()["status"] == "ok"
+    env.control.call = lambda op, **kw: {"status": "degraded", "reason": "the job database cannot be written"}
+    body = anon.get("/health").json()
+    assert body["status"] == "degraded" and "cannot be written" in body["reason"]
+
+    def hung(op, **kw):
+        raise ControlError(503, "the supervisor is busy; try again")
+
+    env.control.call = hung
+    res = anon.get("/health")
+    assert res.status == 200 and res.json()["status"] == "degraded"
+    assert "not answering" in res.json()["reason"]
