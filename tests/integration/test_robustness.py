@@ -188,3 +188,32 @@ def _ts(iso: str) -> float:
     from datetime import datetime
 
     return datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=__import__("datetime").timezone.utc).timestamp()
+
+
+def test_two_daemons_sharing_one_download_folder_fetch_each_file_once_at_a_time(fake_civitai, daemon_factory,
+                                                                                  tmp_path):
+    """SPEC §5: two daemons with their own data folders on one download_dir (a NAS that several
+    machines mount): one fetches a file, the other waits and verifies it; nothing is corrupted."""
+    fake = fake_civitai
+    shared = tmp_path / "nas-models"
+    fids = [add_model(fake, i, size=3 * MiB) for i in range(1, 5)]
+    for fid in fids:
+        fake.set_fault(fid, "drip", bps=2 * MiB)
+    manifest = [{"modelId": i, "model_type": "checkpoint"} for i in range(1, 5)]
+    a = daemon_factory(base_config(fake, download_dir=str(shared)), manifest, folder=tmp_path / "a")
+    b = daemon_factory(base_config(fake, download_dir=str(shared)), manifest, folder=tmp_path / "b")
+    a.start()
+    b.start()
+    for d in (a, b):
+        wait_until(lambda d=d: len({e["job_id"] for e in d.events("download_completed") + d.events("download_skipped")})
+                   == 4, 90, interval=0.3, message="every file done in both daemons")
+    for i, fid in enumerate(fids, 1):
+        path = shared / "checkpoint" / f"m{i}.safetensors"
+        assert sha256_file(path) == fake.file_sha256(fid).lower()
+    assert sorted(p.name for p in (shared / "checkpoint").iterdir()) == [f"m{i}.safetensors" for i in range(1, 5)]
+    fetched = {fid: fake.bytes_served(fid) for fid in fids}
+    # Each file came down once (a wait, then a verify, for the other daemon), give or take a resume.
+    assert all(n < 1.5 * 3 * MiB for n in fetched.values()), fetched
+    for d in (a, b):
+        assert not d.events("download_failed") and "Traceback" not in d.log_text()
+        assert d.stop() == 0
