@@ -48,13 +48,14 @@ from typing import Any
 __all__ = ["FakeCivitai", "RecordedRequest", "fake_civitai", "BLOCK_SIZE"]
 
 BLOCK_SIZE = 1 << 20  # generation block and write chunk size (1 MiB)
+SMALL_BODY = 256 << 10  # a file up to this size goes out with its headers in one write
 _MASK64 = (1 << 64) - 1
 
 LOGIN_MESSAGE = "The creator of this asset requires you to be logged in to download it"
 
 FILE_FAULT_MODES = {
     "stall", "drip", "reset", "ignore_range", "wrong_bytes", "short", "html_login", "json_error",
-    "status", "expire_cdn", "redirect_loop", "redirect_chain",
+    "status", "expire_cdn", "redirect_loop", "redirect_chain", "endless", "overlong",
 }
 _API_SIDE_DEFAULT = {"status", "html_login", "json_error"}
 _API_SIDE_ALLOWED = _API_SIDE_DEFAULT | {"stall", "reset", "redirect_loop", "expire_cdn"}
@@ -284,6 +285,13 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(addr, handler)
 
     def process_request(self, request, client_address):
+        # http.server writes headers and body in two sends; with Nagle on, the second waits for
+        # the client's delayed ACK (40 ms a small answer on a kept-alive connection), and a
+        # benchmark against the fake would measure that instead of the daemon.
+        try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         with self.conns_lock:
             self.conns.add(request)
         super().process_request(request, client_address)
@@ -323,6 +331,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (_Abort, OSError, ValueError):
             self.close_connection = True
 
+    def end_headers_with(self, body=b"") -> None:
+        """End the headers and send them together with ``body`` in one write (see
+        _Server.process_request)."""
+        self._headers_buffer.append(b"\r\n")
+        if body and self.command != "HEAD":
+            self._headers_buffer.append(bytes(body))
+        self.flush_headers()
+
     def _dispatch(self):
         fake = self.server.fake
         if fake._closing.is_set():
@@ -331,7 +347,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             fake._handle(self, self.server.kind)
         except (_Abort, OSError):
             self.close_connection = True
-            raise _Abort()
+            raise _Abort() from None
         except Exception as e:  # a bug in the fake: say so loudly instead of hanging up
             tb = traceback.format_exc()
             fake.errors.append(tb)
@@ -346,7 +362,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(body)
             except OSError:
                 pass
-            raise _Abort()
+            raise _Abort() from None
 
     do_GET = _dispatch
     do_HEAD = _dispatch
@@ -721,7 +737,12 @@ class FakeCivitai:
         wrong_bytes(offset | offsets=[..]; default: middle of the served range),
         status(code, retry_after, body, headers, deadline, message), html_login(via_redirect),
         json_error(body), redirect_chain(n=3: n extra 302 hops on the CDN), redirect_loop (302 to
-        itself forever), expire_cdn(code=403), ignore_range.
+        itself forever), expire_cdn(code=403), ignore_range,
+        endless(framing="close"|"chunked", extra_bytes=None, bps=None): no Content-Length, the
+        file's bytes and then more without end (None) or ``extra_bytes`` more,
+        overlong(extra_bytes=1 MiB, declared="file"|"body"): ``extra_bytes`` past the end of the
+        file, with a Content-Length of the file's range ("file": the body is longer than it
+        claims) or of the whole body ("body": the host claims more than the file).
         after_bytes defaults to half of the response body.
         """
         if mode not in FILE_FAULT_MODES:
@@ -829,9 +850,7 @@ class FakeCivitai:
         hdrs["Content-Length"] = str(len(body))
         for k, v in hdrs.items():
             h.send_header(k, str(v))
-        h.end_headers()
-        if h.command != "HEAD" and body:
-            h.wfile.write(body)
+        h.end_headers_with(body)
 
     def _json(self, h: _Handler, code: int, obj: Any, headers: dict | None = None) -> None:
         self._respond(h, code, json.dumps(obj).encode(), headers=headers)
@@ -1147,7 +1166,19 @@ class FakeCivitai:
         cd = _content_disposition(f.cd_name if f.cd_name is not None else f.name)
         h.send_response(206 if partial else 200)
         h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Content-Length", str(end - start))
+        p = flt.params if flt else {}
+        extra = int(p.get("extra_bytes", BLOCK_SIZE)) if mode == "overlong" else 0
+        if mode == "endless":
+            # No length at all: the body ends when the connection closes (or the last chunk
+            # comes), here only when the client gives up.
+            if p.get("framing", "close") == "chunked":
+                h.send_header("Transfer-Encoding", "chunked")
+            else:
+                h.send_header("Connection", "close")
+        elif mode == "overlong" and p.get("declared", "file") == "body":
+            h.send_header("Content-Length", str(end - start + extra))  # claims the extra too
+        else:
+            h.send_header("Content-Length", str(end - start))
         h.send_header("Accept-Ranges", "bytes")
         h.send_header("ETag", etag)
         h.send_header("Last-Modified", lastmod)
@@ -1155,10 +1186,63 @@ class FakeCivitai:
         h.send_header("Cache-Control", "private, max-age=0")
         if partial:
             h.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-        h.end_headers()
         if h.command == "HEAD":
+            return h.end_headers_with()
+        if mode in ("endless", "overlong"):
+            h.end_headers_with()
+            return self._stream_past_end(h, f, start, end, mode, p, extra)
+        if flt is None and end - start <= SMALL_BODY:
+            body = b"".join(bytes(c) for _, c in f.chunks(start, end))
+            h.end_headers_with(body)
+            self._count(f.id, len(body))
             return
+        h.end_headers_with()
         self._stream(h, f, start, end, flt)
+
+    def _stream_past_end(self, h: _Handler, f: _File, start: int, end: int, mode: str, p: dict,
+                         extra: int) -> None:
+        """The file's bytes [start, end), then more: ``extra`` bytes (overlong), or for endless
+        ``extra_bytes`` bytes (None: without end, until the client closes or the fake does).
+        The bytes past the end continue the file's generator, so they look like model data."""
+        chunked = mode == "endless" and p.get("framing", "close") == "chunked"
+        limit = p.get("extra_bytes") if mode == "endless" else extra
+        bps = p.get("bps")
+        closing = self._closing
+        write = h.wfile.write
+        t0 = time.monotonic()
+        sent = 0
+
+        def out(view) -> None:
+            nonlocal sent
+            if closing.is_set():
+                raise _Abort()
+            if chunked:
+                write(b"%x\r\n" % len(view) + bytes(view) + b"\r\n")
+            else:
+                write(view)
+            self._count(f.id, len(view))
+            sent += len(view)
+            if bps:
+                delay = t0 + sent / float(bps) - time.monotonic()
+                if delay > 0 and closing.wait(delay):
+                    raise _Abort()
+
+        step = BLOCK_SIZE if not bps else max(1, min(BLOCK_SIZE, int(float(bps) * 0.05)))
+        for _, view in f.chunks(start, end):
+            for i in range(0, len(view), step):
+                out(view[i:i + step])
+        idx = max(end, f.size) // BLOCK_SIZE + 1
+        past = 0
+        while limit is None or past < int(limit):
+            block = memoryview(_gen_block(f.seed + 1, idx))
+            idx += 1
+            n = len(block) if limit is None else min(len(block), int(limit) - past)
+            for i in range(0, n, step):
+                out(block[i:min(n, i + step)])
+            past += n
+        if chunked:
+            write(b"0\r\n\r\n")
+        h.close_connection = True  # a client that read only the declared length left bytes behind
 
     def _count(self, fid: int, n: int) -> None:
         with self._lock:
@@ -1240,7 +1324,7 @@ class FakeCivitai:
             self._wait(p.get("seconds"))
             if not p.get("resume"):
                 raise _Abort()
-            for off, view in f.chunks(start + cut, end):
+            for _, view in f.chunks(start + cut, end):
                 if closing.is_set():
                     raise _Abort()
                 out(view)

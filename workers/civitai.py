@@ -250,16 +250,35 @@ class Download:
             self._remaining = fp.length
         conn = getattr(self._raw, "connection", None) or getattr(self._raw, "_connection", None)
         self._sock = getattr(conn, "sock", None)
+        self._allowed: int | None = None  # body bytes still to hand out (limit_body)
+        self.overran = False  # the host had more to send than the limit allowed
+
+    def limit_body(self, n_bytes: int) -> None:
+        """Hand out at most `n_bytes` more of the body, whatever the host sends: a host with no
+        Content-Length may never end, one with a wrong one may send more than the file."""
+        self._allowed = max(0, int(n_bytes))
 
     def readinto(self, view) -> int:
         """Put the next bytes of the body into `view`: as many as arrive within about
-        FILL_WINDOW_S, at least one byte; 0 at the end of the body (which may be early: the
-        caller compares with the expected length). Raises OSError or http.client/urllib3
-        errors when the connection fails, but only once the bytes that arrived before the
-        failure were handed over: a line that breaks every few hundred KiB still makes progress."""
+        FILL_WINDOW_S, at least one byte; 0 at the end of the body or of limit_body() (which
+        may be early: the caller compares with the expected length). Raises OSError or
+        http.client/urllib3 errors when the connection fails, but only once the bytes that
+        arrived before the failure were handed over: a line that breaks every few hundred KiB
+        still makes progress."""
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+        if self._allowed is None:
+            return self._readinto(view)
+        if self._allowed <= 0:
+            if not self.overran:
+                self.overran = self._more_after_limit()
+            return 0
+        n = self._readinto(view[: self._allowed])
+        self._allowed -= n
+        return n
+
+    def _readinto(self, view) -> int:
         if self._buffered is None:
             read1 = getattr(self._raw, "read1", None)
             data = read1(len(view)) if read1 is not None else self._raw.read(len(view), decode_content=False)
@@ -289,6 +308,18 @@ class Download:
             got += n
         self._remaining = max(0, self._remaining - got)
         return got
+
+    def _more_after_limit(self) -> bool:
+        """Whether the host sends more past the limit (said in the log and the error only)."""
+        if self._buffered is not None:
+            return self._remaining > 0
+        if not self._readable(0):
+            return False
+        try:  # readable: one read returns at once, with data or at the end of the body
+            read1 = getattr(self._raw, "read1", None)
+            return bool(read1(1) if read1 is not None else self._raw.read(1, decode_content=False))
+        except Exception:  # noqa: BLE001 - only informs a message
+            return False
 
     def _readable(self, timeout_s: float) -> bool:
         if self._sock is None:

@@ -94,6 +94,12 @@ def _norm_sha(value) -> str | None:
     return None
 
 
+def file_end(civitai_size: int | None, host_total: int | None) -> int | None:
+    """Where the file ends: at the size Civitai gives, else at the length the file host
+    declares (Content-Length, Content-Range). No body is kept past it (SPEC §9)."""
+    return civitai_size if civitai_size is not None else host_total
+
+
 def size_plausible(actual: int | None, estimate: int | None) -> bool:
     """Whether a real size fits Civitai's sizeKB estimate (which is only approximate)."""
     if actual is None or estimate is None:
@@ -137,9 +143,8 @@ else:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                return False
-            return True  # a file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded
+            # A file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded.
+            return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
         return True
 
 
@@ -279,6 +284,7 @@ class _Job:
         self.rel_name = "?"
         self.part_path: Path | None = None
         self._fd = -1  # the claimed (locked) partial file
+        self._cut: tuple | None = None  # (file end, host's total) when a body went on past the file
 
     # -- small helpers ------------------------------------------------------------------------
 
@@ -537,10 +543,16 @@ class _Job:
         hasher = hashlib.sha256()
         have = os.fstat(fd).st_size
         keep = (have > 0 and meta is not None and meta.get("version_id") == res.version_id
-                and meta.get("file_id") == res.file_id and meta.get("sha256") == sha
-                and (meta.get("total") is None or have <= meta["total"]))
+                and meta.get("file_id") == res.file_id and meta.get("sha256") == sha)
         if keep:
-            if USE_DIRECT_IO and have != meta.get("total"):
+            end = file_end(res.size_bytes, meta.get("total"))
+            if end is not None and have > end:
+                # Left by a body that went on past the file (before the cap existed): the file,
+                # if it is there, is the first `end` bytes.
+                log.info("%s: the partial file has %s, more than the file's %s; cutting it back",
+                         self.rel_name, fmt_bytes(have), fmt_bytes(end))
+                have = end
+            if USE_DIRECT_IO and have != end:
                 have -= have % DIRECT_ALIGN  # direct writes continue from an aligned offset
             log.info("resuming %s from %s", self.rel_name, fmt_bytes(have))
             os.lseek(fd, 0, os.SEEK_SET)
@@ -569,15 +581,24 @@ class _Job:
         have, total, hasher = self._fetch(self._fd, side, have, hasher, validator, res, sha, name)
         self._report({"type": "verifying", "job_id": self.job_id})
         digest = hasher.hexdigest()
-        if total is not None and have != total:
+        ends = [n for n in (total, res.size_bytes) if n is not None]
+        if ends and have < min(ends) and digest != sha:
             raise CivitaiError(f"the file of {self.subject} ended after {fmt_bytes(have)} of "
-                               f"{fmt_bytes(total)}; the next attempt resumes", reason="connection",
+                               f"{fmt_bytes(min(ends))}; the next attempt resumes", reason="connection",
                                retryable=True)
         if sha and digest != sha:
             self._release_part(discard=True)
+            got = f"(got {digest[:12]}…, expected {sha[:12]}…)"
+            if self._cut is not None:
+                end, declared = self._cut
+                host = "without saying its length" if declared is None else f"(it declared {fmt_bytes(declared)})"
+                raise CivitaiError(f"the file host sent more than the {fmt_bytes(end)} Civitai lists for "
+                                   f"{self.subject} {host}, and those first {fmt_bytes(end)} do not match "
+                                   f"Civitai's SHA-256 {got}; they were deleted and will be downloaded again",
+                                   reason="hash_mismatch", retryable=True)
             raise CivitaiError(f"the downloaded file of {self.subject} does not match Civitai's SHA-256 "
-                               f"(got {digest[:12]}…, expected {sha[:12]}…); it was deleted and will be "
-                               f"downloaded again", reason="hash_mismatch", retryable=True)
+                               f"{got}; it was deleted and will be downloaded again",
+                               reason="hash_mismatch", retryable=True)
         if not sha and not size_plausible(have, res.size_bytes):
             self._release_part(discard=True)
             raise CivitaiError(f"the file of {self.subject} has {fmt_bytes(have)} but Civitai lists about "
@@ -631,11 +652,19 @@ class _Job:
                     raise CivitaiError(f"the file host is sending {fmt_bytes(total)} for {self.subject} but Civitai "
                                        f"lists about {fmt_bytes(res.size_bytes)}; it will be retried",
                                        reason="size_mismatch", retryable=True)
-                self._check_disk_space((total if total is not None else (res.size_bytes or 0)) - have)
+                end = file_end(res.size_bytes, total)
+                if end is not None:
+                    dl.limit_body(end - have)
+                self._check_disk_space((end or 0) - have)
                 self._write_sidecar(side, {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha,
                                            "etag": dl.etag, "last_modified": dl.last_modified, "total": total})
-                have = self._stream(dl, fd, hasher, have, total, sniff=(have == 0),
+                have = self._stream(dl, fd, hasher, have, end, sniff=(have == 0),
                                     json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES))
+                if dl.overran:
+                    self._cut = (end, total)
+                    log.info("%s: the file host sent more than the file's %s (%s); the rest was dropped",
+                             self.rel_name, fmt_bytes(end),
+                             "it gave no length" if total is None else f"it declared {fmt_bytes(total)}")
                 return have, total, hasher
 
     def _check_disk_space(self, needed: int) -> None:

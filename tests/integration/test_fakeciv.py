@@ -522,7 +522,7 @@ def test_bytes_served(fake):
     assert fake.bytes_served(100) == 2 * size - 1000000
     fake.set_fault(100, "short", after_bytes=5000, times=1)
     with pytest.raises(requests.RequestException):
-        requests.get(url, timeout=10).content
+        _ = requests.get(url, timeout=10).content
     assert fake.bytes_served(100) == 2 * size - 1000000 + 5000
     assert fake.bytes_served(110) == 0
 

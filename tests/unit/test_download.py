@@ -438,6 +438,97 @@ def test_cdn_redirect_chain_is_followed_without_the_key(fake, runner):
     assert all(r.headers.get("Authorization") is None for r in fake.requests_to("cdn"))
 
 
+# -- bodies longer than the file --------------------------------------------------------------------
+
+def run_watched(runner, deadline_s: float, part_name: str = ".model.safetensors.part", **job):
+    """run_job in a thread while the partial file's size is sampled. Returns (result or the
+    CivitaiError, the largest size seen); a job still running at the deadline is stopped."""
+    part = runner.folder() / part_name
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = runner.run(**job)
+        except CivitaiError as exc:
+            box["result"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    biggest = 0
+    end = time.monotonic() + deadline_s
+    while thread.is_alive() and time.monotonic() < end:
+        try:
+            biggest = max(biggest, part.stat().st_size)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    if thread.is_alive():
+        runner.stop.set()
+        thread.join(15)
+        try:
+            biggest = max(biggest, part.stat().st_size)
+        except FileNotFoundError:
+            pass
+        pytest.fail(f"the job was still running after {deadline_s} s; the partial file had reached "
+                    f"{biggest / MiB:.1f} MiB")
+    most = max([m["bytes_done"] for m in runner.messages if m["type"] == "progress"] or [0])
+    return box["result"], max(biggest, most)
+
+
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_an_endless_body_without_length_ends_at_the_size_civitai_gives(fake, runner, framing):
+    size = 4 * MiB + 321
+    add_model(fake, size_bytes=size)
+    fake.set_fault(111, "endless", framing=framing)  # no Content-Length, then bytes without end
+    done, biggest = run_watched(runner, 20, model_id=1)
+    assert not isinstance(done, CivitaiError), done
+    assert (done["sha256"], done["bytes"]) == (sha(fake, 111), size)
+    assert biggest <= size
+    assert (runner.folder() / "model.safetensors").stat().st_size == size
+    assert runner.listing() == ["model.safetensors"]
+
+
+def test_an_endless_body_whose_first_bytes_are_wrong_fails_and_never_grows(fake, runner):
+    size = 2 * MiB + 5
+    add_model(fake, size_bytes=size, sha256="AB" * 32)  # Civitai's hash is not the file's
+    fake.set_fault(111, "endless")
+    err, biggest = run_watched(runner, 20, model_id=1)
+    assert isinstance(err, CivitaiError)
+    assert (err.reason, err.retryable) == ("hash_mismatch", True)
+    assert "without saying its length" in str(err) and "SHA-256" in str(err)
+    assert biggest <= size
+    assert runner.listing() == []
+
+
+@pytest.mark.parametrize("declared", ["file", "body"])
+def test_a_body_longer_than_the_file_is_cut_at_its_end(fake, runner, declared):
+    size = 3 * MiB + 77
+    add_model(fake, size_bytes=size)
+    # "file": the body is longer than its Content-Length; "body": the host claims 40 KiB more
+    # than Civitai's size (within sizeKB's tolerance) and sends them.
+    fake.set_fault(111, "overlong", extra_bytes=40 << 10, declared=declared)
+    done, biggest = run_watched(runner, 20, model_id=1)
+    assert not isinstance(done, CivitaiError), done
+    assert (done["sha256"], done["bytes"]) == (sha(fake, 111), size)
+    assert biggest <= size + (40 << 10)
+    assert (runner.folder() / "model.safetensors").stat().st_size == size
+    assert runner.listing() == ["model.safetensors"]
+
+
+def test_a_partial_file_longer_than_the_file_is_cut_back(fake, runner):
+    """A partial file left by a version without the cap (803 MiB for a 4 MiB model)."""
+    size = 2 * MiB + 11
+    add_model(fake, size_bytes=size)
+    runner.folder().mkdir(parents=True)
+    (runner.folder() / ".model.safetensors.part").write_bytes(fake.file_bytes(111) + b"\0" * (3 * MiB))
+    (runner.folder() / ".model.safetensors.part.json").write_text(json.dumps(
+        {"version_id": 11, "file_id": 111, "sha256": sha(fake, 111), "etag": None, "total": None}))
+    done = runner.run(model_id=1)
+    assert (done["sha256"], done["bytes"]) == (sha(fake, 111), size)
+    assert runner.listing() == ["model.safetensors"]
+    assert fake.bytes_served(111) == 0  # the first `size` bytes were the file: nothing to fetch
+
+
 # -- stall, drip and cancel -----------------------------------------------------------------------
 
 def test_stall_fails_retryable_within_the_read_timeout_and_keeps_the_part(fake, tmp_path):
