@@ -23,12 +23,15 @@ from ipc.naming import alternate_filename, is_valid_model_type, part_filename, s
 from ipc.throttle import file_lock
 from workers.civitai import (
     TEXT_FILE_SUFFIXES,
+    UNHASHED_RECHECK_S,
     CivitaiClient,
     CivitaiError,
     Download,
     Resolved,
+    early_access_error,
     resolve,
     sniff_error_body,
+    utc_text,
 )
 
 log = logging.getLogger(__name__)
@@ -382,7 +385,7 @@ class _Job:
         job = self.job
         res: Resolved = self._interruptible(
             lambda: resolve(self.client, model_id=job.get("model_id"), version_id=job.get("version_id"),
-                            file_id=job.get("file_id")),
+                            file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1)),
             "resolve")
         self.subject = f"model version {res.version_id}"
         model_type = job.get("model_type") or res.model_type
@@ -400,6 +403,15 @@ class _Job:
             self._report(resolved)
             raise CivitaiError(f"Civitai's scan flags the file of {self.subject} ({wanted}) as dangerous; it was not "
                                f"downloaded (set allow_unsafe in config.json to download it anyway)", reason="unsafe")
+        if not sha:
+            # Nothing to verify against: Civitai hashes a file when it scans it, minutes to hours
+            # after upload. A file is never placed unverified, so the job waits (SPEC §9).
+            self._report(resolved)
+            until = time.time() + UNHASHED_RECHECK_S
+            scan = f" (its scan is {res.scan.lower()})" if res.scan and res.scan != "Success" else ""
+            raise CivitaiError(f"Civitai has not hashed the file of {self.subject} ({wanted}) yet{scan}; it is not "
+                               f"placed unverified, so the job waits and asks Civitai again at {utc_text(until)}",
+                               reason="unhashed", wait=True, wait_until=until)
         folder = self._folder(model_type)
         candidates = list(dict.fromkeys([wanted, alternate_filename(wanted, res.version_id),
                                          alternate_filename(wanted, res.version_id, res.file_id)]))
@@ -620,11 +632,17 @@ class _Job:
         sidecar_total = (self._read_sidecar(side) or {}).get("total") if have else None
         while True:
             start = have
-            dl: Download = self._interruptible(
-                lambda start=start, validator=validator: self.client.open_download(
-                    res.version_id, res.file_id, start=start, etag=validator if start else None,
-                    read_timeout_s=self.ctx.read_timeout_s + 2, filename=name),
-                "open")
+            try:
+                dl: Download = self._interruptible(
+                    lambda start=start, validator=validator: self.client.open_download(
+                        res.version_id, res.file_id, start=start, etag=validator if start else None,
+                        read_timeout_s=self.ctx.read_timeout_s + 2, filename=name),
+                    "open")
+            except CivitaiError as exc:
+                if (exc.reason == "early_access" and getattr(exc, "ends_at", None) is None
+                        and res.early_access_ends_at is not None):
+                    raise early_access_error(self.subject, res.early_access_ends_at) from None
+                raise
             with dl:
                 if dl.status == 416:
                     if start > 0 and (sidecar_total is None or sidecar_total == start):

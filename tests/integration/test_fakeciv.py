@@ -78,7 +78,8 @@ def test_model_json_shape(fake):
     assert {"CRC32", "BLAKE3"} <= set(f0["hashes"])
     assert f0["sizeKB"] == (3 * MIB + 123) / 1024
     assert f0["metadata"] == {"format": "SafeTensor", "fp": "fp16", "size": "pruned"}
-    assert f0["primary"] is True and f1["primary"] is False
+    assert f0["primary"] is True and "primary" not in f1  # /models shows it only when true
+    assert fake.version_json(10)["files"][1]["primary"] is False  # /model-versions says false
     assert f0["downloadUrl"] == f"{fake.origin}/api/download/models/10"
     q = urllib.parse.parse_qs(urllib.parse.urlsplit(f1["downloadUrl"]).query)
     assert q == {"type": ["Model"], "format": ["SafeTensor"], "size": ["pruned"], "fp": ["fp32"]}
