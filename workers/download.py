@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ipc.naming import alternate_filename, is_valid_model_type, part_filename, safe_filename
+from ipc.naming import FolderError, alternate_filename, check_folder, part_filename, safe_filename
 from ipc.throttle import file_lock
 from workers.civitai import (
     TEXT_FILE_SUFFIXES,
@@ -285,6 +285,7 @@ class _Job:
         self._should_stop = should_stop
         self.subject = "the download"
         self.rel_name = "?"
+        self.model_type = "?"  # the folder, relative to download_dir, once known
         self.part_path: Path | None = None
         self._fd = -1  # the claimed (locked) partial file
         self._cut: tuple | None = None  # (file end, host's total) when a body went on past the file
@@ -383,15 +384,14 @@ class _Job:
     def run(self) -> dict:
         self._check_stop()
         job = self.job
+        if job.get("model_type"):
+            self._check_model_type(job["model_type"])  # the user's to fix: before asking Civitai anything
         res: Resolved = self._interruptible(
             lambda: resolve(self.client, model_id=job.get("model_id"), version_id=job.get("version_id"),
                             file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1)),
             "resolve")
         self.subject = f"model version {res.version_id}"
-        model_type = job.get("model_type") or res.model_type
-        if not is_valid_model_type(model_type):
-            raise CivitaiError(f"model_type {str(model_type)[:70]!r} is not a valid folder name "
-                               f"(lower-case letters, digits, _ and -): fix it in the manifest", reason="path_conflict")
+        model_type = self._check_model_type(job.get("model_type") or res.model_type)
         wanted = safe_filename(job["filename"]) if job.get("filename") else res.filename
         sha = res.sha256 or _norm_sha(job.get("sha256"))
         self.rel_name = f"{model_type}/{wanted}"
@@ -412,6 +412,7 @@ class _Job:
             raise CivitaiError(f"Civitai has not hashed the file of {self.subject} ({wanted}) yet{scan}; it is not "
                                f"placed unverified, so the job waits and asks Civitai again at {utc_text(until)}",
                                reason="unhashed", wait=True, wait_until=until)
+        self.model_type = model_type
         folder = self._folder(model_type)
         candidates = list(dict.fromkeys([wanted, alternate_filename(wanted, res.version_id),
                                          alternate_filename(wanted, res.version_id, res.file_id)]))
@@ -436,20 +437,46 @@ class _Job:
         return {"type": "done", "job_id": self.job_id, "path": f"{model_type}/{name}", "filename": name,
                 "sha256": sha, "bytes": size, "skipped": skipped}
 
-    def _folder(self, model_type: str) -> Path:
-        base = Path(os.path.abspath(self.ctx.download_dir))
-        folder = base / model_type
+    @staticmethod
+    def _check_model_type(model_type) -> str:
+        """The folder as the rules of ipc/naming.py accept it (NFC), else the reason to fix it."""
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:
-            raise CivitaiError(f"{folder} exists but is not a folder: move it away", reason="path_conflict") from None
+            return check_folder(model_type)
+        except FolderError as exc:
+            raise CivitaiError(f"model_type is not a folder the daemon can use: {exc}; fix it in the manifest",
+                               reason="path_conflict") from None
+
+    def _folder(self, model_type: str) -> Path:
+        """download_dir/<model_type>, made as needed, one component at a time: none of them may
+        be a symlink (or a junction), so nothing is ever written outside download_dir."""
+        base = Path(os.path.abspath(self.ctx.download_dir))
+        try:
+            base.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._disk_error(exc, "creating the folder for") from None
-        real_base, real_folder = base.resolve(), folder.resolve()
-        if real_folder.parent != real_base or not real_folder.is_dir():
-            raise CivitaiError(f"{folder} leads outside download_dir (a symlink?): the daemon only writes inside "
-                               f"{base}", reason="path_conflict")
-        return real_folder
+        real_base = base.resolve()
+        folder = real_base
+        for part in model_type.split("/"):
+            folder = folder / part
+            try:
+                folder.mkdir(exist_ok=True)
+            except FileExistsError:
+                pass  # a file, or a symlink to a file: refused just below
+            except OSError as exc:
+                raise self._disk_error(exc, "creating the folder for") from None
+            try:
+                st = os.lstat(folder)
+            except OSError as exc:
+                raise self._disk_error(exc, "creating the folder for") from None
+            # resolve() also sees a Windows junction; normcase: it may give a folder's own case there.
+            if stat.S_ISLNK(st.st_mode) or (stat.S_ISDIR(st.st_mode) and os.path.normcase(folder.resolve())
+                                              != os.path.normcase(folder)):
+                raise CivitaiError(f"{folder} is a symlink: the daemon only writes inside {base} and follows no "
+                                   f"link there; replace it with a real folder or choose another model_type",
+                                   reason="path_conflict")
+            if not stat.S_ISDIR(st.st_mode):
+                raise CivitaiError(f"{folder} exists but is not a folder: move it away", reason="path_conflict")
+        return folder
 
     def _choose_name(self, folder: Path, candidates: list[str], sha: str | None, estimate: int | None,
                      res: Resolved):
@@ -466,12 +493,12 @@ class _Job:
                 holder = self._read_sidecar(part.with_name(part.name + ".json")) or {}
                 if holder.get("version_id") == res.version_id and holder.get("file_id") == res.file_id:
                     # The very same file is on its way in another job: wait for it, never fetch twice.
-                    raise CivitaiError(f"{folder.name}/{name} is being downloaded by another job right now; "
+                    raise CivitaiError(f"{self.model_type}/{name} is being downloaded by another job right now; "
                                        "this one waits for it", reason="busy", retryable=True, retry_after_s=10)
-                log.info("%s/%s is being downloaded by another job; trying another name", folder.name, name)
+                log.info("%s/%s is being downloaded by another job; trying another name", self.model_type, name)
             else:
-                log.info("%s/%s is taken by a different file; it is never overwritten", folder.name, name)
-        raise CivitaiError(f"{folder.name}/{candidates[0]} and its alternative names ({', '.join(candidates[1:])}) "
+                log.info("%s/%s is taken by a different file; it is never overwritten", self.model_type, name)
+        raise CivitaiError(f"{self.model_type}/{candidates[0]} and its alternative names ({', '.join(candidates[1:])}) "
                            f"are all taken by other files: move one away or set another filename in the manifest",
                            reason="path_conflict")
 
@@ -850,7 +877,7 @@ class _Job:
                 target = folder / name
                 state = self._target_state(target, digest, estimate)
                 if state == "same":
-                    log.info("%s/%s appeared meanwhile with the same content; keeping it", folder.name, name)
+                    log.info("%s/%s appeared meanwhile with the same content; keeping it", self.model_type, name)
                     self._release_part(discard=True)
                     return name, True
                 if state == "free":
@@ -863,6 +890,6 @@ class _Job:
                     fsync_dir(folder)
                     self._release_part(discard=True)  # the sidecar; the part is gone already
                     return name, False
-        raise CivitaiError(f"{folder.name}/{names[0]} and its alternative names were taken by other files "
+        raise CivitaiError(f"{self.model_type}/{names[0]} and its alternative names were taken by other files "
                            f"during the download: move one away; the verified file stays as {part.name}",
                            reason="path_conflict")

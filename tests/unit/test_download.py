@@ -146,6 +146,36 @@ def test_invalid_model_type_is_refused(fake, runner):
     assert err.reason == "path_conflict" and "model_type" in str(err)
 
 
+@pytest.mark.parametrize("model_type", ["models/Stable-diffusion", "Lora/SDXL/characters", "Lora"])
+def test_a_folder_as_the_users_ui_names_it_is_used_as_written(fake, runner, model_type):
+    add_model(fake)
+    done = runner.run(model_id=1, model_type=model_type)
+    assert done["path"] == f"{model_type}/model.safetensors"
+    assert (runner.base / "models" / model_type / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("model_type, words", [
+    ("models/../../etc", "'..' is not allowed"), ("Lora/CON", "reserved device name"),
+    ("Lora/trailing.", "ends in a dot"), ("/abs", "relative to download_dir"),
+])
+def test_a_folder_the_rules_refuse_says_why(fake, runner, model_type, words):
+    add_model(fake)
+    err = runner.fail(model_id=1, model_type=model_type)
+    assert err.reason == "path_conflict" and "model_type" in str(err) and words in str(err)
+    assert fake.requests == []
+
+
+def test_a_symlink_inside_a_nested_folder_is_not_followed(fake, runner, tmp_path):
+    add_model(fake)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (runner.base / "models" / "models").mkdir(parents=True)
+    os.symlink(outside, runner.base / "models" / "models" / "Stable-diffusion")
+    err = runner.fail(model_id=1, model_type="models/Stable-diffusion/sdxl")
+    assert err.reason == "path_conflict" and "symlink" in str(err)
+    assert os.listdir(outside) == []
+
+
 def test_model_type_folder_symlinked_outside_is_refused(fake, runner, tmp_path):
     add_model(fake)
     outside = tmp_path / "outside"
