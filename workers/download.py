@@ -672,7 +672,9 @@ class _Job:
                 raise
             with dl:
                 if dl.status == 416:
-                    if start > 0 and (sidecar_total is None or sidecar_total == start):
+                    # Nothing past `start`: complete, if that is where the file ends (the hash decides).
+                    if start > 0 and (sidecar_total is None or start in (sidecar_total, dl.total_size,
+                                                                          res.size_bytes)):
                         log.info("%s: the partial file is already complete; verifying it", self.rel_name)
                         return have, start, hasher
                     if restarts >= MAX_RESTARTS:

@@ -393,6 +393,18 @@ def test_complete_part_and_416_goes_straight_to_verify(fake, runner):
 
 # -- bad bytes and refusals ------------------------------------------------------------------------
 
+def test_a_complete_part_is_verified_even_if_the_host_once_declared_more(fake, runner):
+    add_model(fake)
+    data = fake.file_bytes(111)
+    runner.folder().mkdir(parents=True)
+    (runner.folder() / ".model.safetensors.part").write_bytes(data)
+    (runner.folder() / ".model.safetensors.part.json").write_text(json.dumps(
+        {"version_id": 11, "file_id": 111, "sha256": sha(fake, 111), "etag": None, "total": len(data) + 40000}))
+    done = runner.run(model_id=1)
+    assert done["bytes"] == len(data)
+    assert fake.bytes_served(111) == 0  # the 416 says the file has no more; not fetched again
+
+
 def test_wrong_bytes_delete_the_part_and_fail_retryable(fake, runner):
     add_model(fake)
     fake.set_fault(111, "wrong_bytes", times=1)
