@@ -54,6 +54,7 @@ BY_HASH_MAX = 100  # POST /model-versions/by-hash takes at most this many hashes
 _MASK64 = (1 << 64) - 1
 
 LOGIN_MESSAGE = "The creator of this asset requires you to be logged in to download it"
+RATE_LIMIT_MESSAGE = "Rate limit exceeded, please retry shortly."
 DISABLED_MESSAGE = "The creator of this asset has disabled downloads on this file"
 EARLY_ACCESS_MESSAGE = "This asset is in Early Access. You can use Buzz access it now!"
 
@@ -791,7 +792,8 @@ class FakeCivitai:
         Params: stall(after_bytes, seconds=None->until close, resume=False, before_headers=False),
         drip(bps, after_bytes=0), reset(after_bytes, before_headers=False), short(after_bytes),
         wrong_bytes(offset | offsets=[..]; default: middle of the served range),
-        status(code, retry_after, body, headers, deadline, message), html_login(via_redirect),
+        status(code, retry_after, body, headers, deadline, message, quota: a 429 with the daily
+        quota's message instead of a plain rate limit), html_login(via_redirect),
         json_error(body), redirect_chain(n=3: n extra 302 hops on the CDN), redirect_loop (302 to
         itself forever), expire_cdn(code=403), ignore_range,
         endless(framing="close"|"chunked", extra_bytes=None, bps=None): no Content-Length, the
@@ -1158,6 +1160,8 @@ class FakeCivitai:
                         reason = http.server.BaseHTTPRequestHandler.responses[code][0]
                         body = _CLOUDFLARE_5XX.format(code=code, reason=reason)
                         ctype = "text/html"
+                    elif code == 429 and not p.get("quota"):
+                        body = {"error": RATE_LIMIT_MESSAGE}  # quota=True: the daily quota's answer
                     else:
                         body = {"error": _api_error_message(code)}
                         if code == 401:

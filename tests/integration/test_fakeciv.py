@@ -294,6 +294,8 @@ def test_status_fault_on_download_endpoint(fake, code):
             assert body["error"] == "Early Access" and body["deadline"]
         if code == 401:
             assert "logged in" in body["message"]
+        if code == 429:
+            assert body == {"error": "Rate limit exceeded, please retry shortly."}
     # times=1: the next request is normal again
     r = requests.get(fake.download_url(11, 110), allow_redirects=False, timeout=5)
     assert r.status_code == 307
@@ -747,6 +749,12 @@ def test_downloads_disabled_by_the_creator(fake):
     r = requests.get(fake.download_url(90), allow_redirects=False, timeout=5)
     assert r.status_code == 401 and r.json() == {
         "error": "Unauthorized", "message": "The creator of this asset has disabled downloads on this file"}
+
+
+def test_a_status_fault_can_play_the_quota(fake):
+    fake.set_fault(110, "status", code=429, quota=True, times=1)
+    r = requests.get(fake.download_url(11), allow_redirects=False, timeout=5)
+    assert r.status_code == 429 and "unusual amount of downloading" in r.json()["error"]
 
 
 def test_the_daily_download_quota(fake):

@@ -454,8 +454,9 @@ def test_html_from_the_cdn_with_octet_stream_type_is_sniffed(fake, runner):
     (403, None, "early_access", True, True),
     (404, None, "not_found", True, False),  # transient storage failures give 404 too
     (410, None, "gone", False, False),
-    (429, None, "quota", True, True),  # the fake's 429 is Civitai's quota message
-    (429, {"error": "Rate limit exceeded, please retry shortly."}, "rate_limited", True, False),
+    (429, {"error": "We've noticed an unusual amount of downloading from your account. Contact "
+                    "support@civitai.com or come back later."}, "quota", True, True),
+    (429, None, "rate_limited", True, False),
     (503, None, "server_error", True, False),
 ])
 def test_download_endpoint_statuses(fake, runner, code, body, reason, retryable, wait):
