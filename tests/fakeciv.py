@@ -4,7 +4,9 @@ Standard library only. Two ``ThreadingHTTPServer``s on 127.0.0.1 (ephemeral port
 daemon thread:
 
 * the API origin (``fake.origin``): ``/api/v1/models/{id}``, ``/api/v1/model-versions/{id}``,
-  ``/api/v1/model-versions/by-hash/{sha256}``, ``/api/v1/models?ids=1,2``, the download endpoint
+  ``GET /api/v1/model-versions/by-hash/{hash}`` (any of a file's hashes), ``POST
+  /api/v1/model-versions/by-hash`` (a JSON array of up to 100 SHA-256 values),
+  ``/api/v1/models?ids=1,2``, the download endpoint
   ``/api/download/models/{versionId}[?fileId=F | ?type=&format=&size=&fp=]`` (307 to the CDN) and
   a ``/login`` HTML page;
 * the CDN origin (``fake.cdn_origin``, another port): ``/files/{fileId}/{name}?sig=..&exp=..``
@@ -13,9 +15,16 @@ daemon thread:
 Shapes follow the real responses in /work/shared/civitai-samples/ and the behaviour of Civitai's
 download endpoint (civitai/civitai ``src/pages/api/download/models/[modelVersionId].ts``): 401
 ``{"error": "Unauthorized", "message": "The creator of this asset requires you to be logged in
-to download it"}``, 403 ``{"error": "Early Access", "deadline": ...}``, 404 ``{"error": "File not
-found"}``, 410 ``{"error": "Model archived, not available for download"}``, 429 with a message.
-The CDN answers like S3 / Cloudflare R2 (XML ``<Error><Code>AccessDenied</Code>...``).
+to download it"}`` (or "... has disabled downloads on this file"), 403 ``{"error": "Early Access",
+"deadline": ..., "message": ...}``, 404 ``{"error": "File not found"}``, 410 ``{"error": "Model
+archived, not available for download"}``, 429 with the daily quota's message (``download_quota``).
+The CDN answers like S3 / Cloudflare R2 (XML ``<Error><Code>AccessDenied</Code>...``). Faults
+(``set_fault``, ``set_api_fault``, ``metadata_fault``) play what goes wrong: stalls, drips, resets,
+bodies without end or longer than their length, wrong bytes, expired links, login pages,
+transient metadata answers (404, a Cloudflare page, 5xx).
+
+Sockets use TCP_NODELAY and an answer's headers go with a small body in one write: http.server's
+two writes meet delayed ACKs on a kept-alive connection (44 ms a metadata GET, now under 1 ms).
 
 Big files are generated on the fly from (seed, offset): a 1 MiB pseudo-random block per seed,
 with the block index mixed into its first 8 bytes; nothing big is ever held in memory. Hashes
