@@ -173,9 +173,11 @@ def make_folder_inside(base: Path, rel: str) -> Path:
             except FileExistsError:
                 pass
             st = os.lstat(current)
-        if stat.S_ISLNK(st.st_mode):
-            raise OutsideError(f"{current} is a symlink: the daemon does not follow symlinked folders; "
-                               f"use a real folder inside {base}")
+        # resolve() also sees a Windows junction; normcase: it may give a folder's own case there.
+        if stat.S_ISLNK(st.st_mode) or (stat.S_ISDIR(st.st_mode) and os.path.normcase(current.resolve())
+                                          != os.path.normcase(current.parent.resolve() / part)):
+            raise OutsideError(f"{current} is a symlink: the daemon only writes inside {base} and follows no "
+                               f"link there; replace it with a real folder or choose another model_type")
         if not stat.S_ISDIR(st.st_mode):
             raise OutsideError(f"{current} exists but is not a folder: move it away")
     real_base, real = base.resolve(), current.resolve()

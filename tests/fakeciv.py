@@ -4,7 +4,9 @@ Standard library only. Two ``ThreadingHTTPServer``s on 127.0.0.1 (ephemeral port
 daemon thread:
 
 * the API origin (``fake.origin``): ``/api/v1/models/{id}``, ``/api/v1/model-versions/{id}``,
-  ``/api/v1/model-versions/by-hash/{sha256}``, ``/api/v1/models?ids=1,2``, the download endpoint
+  ``GET /api/v1/model-versions/by-hash/{hash}`` (any of a file's hashes), ``POST
+  /api/v1/model-versions/by-hash`` (a JSON array of up to 100 SHA-256 values),
+  ``/api/v1/models?ids=1,2``, the download endpoint
   ``/api/download/models/{versionId}[?fileId=F | ?type=&format=&size=&fp=]`` (307 to the CDN) and
   a ``/login`` HTML page;
 * the CDN origin (``fake.cdn_origin``, another port): ``/files/{fileId}/{name}?sig=..&exp=..``
@@ -13,9 +15,16 @@ daemon thread:
 Shapes follow the real responses in /work/shared/civitai-samples/ and the behaviour of Civitai's
 download endpoint (civitai/civitai ``src/pages/api/download/models/[modelVersionId].ts``): 401
 ``{"error": "Unauthorized", "message": "The creator of this asset requires you to be logged in
-to download it"}``, 403 ``{"error": "Early Access", "deadline": ...}``, 404 ``{"error": "File not
-found"}``, 410 ``{"error": "Model archived, not available for download"}``, 429 with a message.
-The CDN answers like S3 / Cloudflare R2 (XML ``<Error><Code>AccessDenied</Code>...``).
+to download it"}`` (or "... has disabled downloads on this file"), 403 ``{"error": "Early Access",
+"deadline": ..., "message": ...}``, 404 ``{"error": "File not found"}``, 410 ``{"error": "Model
+archived, not available for download"}``, 429 with the daily quota's message (``download_quota``).
+The CDN answers like S3 / Cloudflare R2 (XML ``<Error><Code>AccessDenied</Code>...``). Faults
+(``set_fault``, ``set_api_fault``, ``metadata_fault``) play what goes wrong: stalls, drips, resets,
+bodies without end or longer than their length, wrong bytes, expired links, login pages,
+transient metadata answers (404, a Cloudflare page, 5xx).
+
+Sockets use TCP_NODELAY and an answer's headers go with a small body in one write: http.server's
+two writes meet delayed ACKs on a kept-alive connection (44 ms a metadata GET, now under 1 ms).
 
 Big files are generated on the fly from (seed, offset): a 1 MiB pseudo-random block per seed,
 with the block index mixed into its first 8 bytes; nothing big is ever held in memory. Hashes
@@ -48,13 +57,19 @@ from typing import Any
 __all__ = ["FakeCivitai", "RecordedRequest", "fake_civitai", "BLOCK_SIZE"]
 
 BLOCK_SIZE = 1 << 20  # generation block and write chunk size (1 MiB)
+SMALL_BODY = 256 << 10  # a file up to this size goes out with its headers in one write
+MAX_POST_BODY = 1 << 20
+BY_HASH_MAX = 100  # POST /model-versions/by-hash takes at most this many hashes
 _MASK64 = (1 << 64) - 1
 
 LOGIN_MESSAGE = "The creator of this asset requires you to be logged in to download it"
+RATE_LIMIT_MESSAGE = "Rate limit exceeded, please retry shortly."
+DISABLED_MESSAGE = "The creator of this asset has disabled downloads on this file"
+EARLY_ACCESS_MESSAGE = "This asset is in Early Access. You can use Buzz access it now!"
 
 FILE_FAULT_MODES = {
     "stall", "drip", "reset", "ignore_range", "wrong_bytes", "short", "html_login", "json_error",
-    "status", "expire_cdn", "redirect_loop", "redirect_chain",
+    "status", "expire_cdn", "redirect_loop", "redirect_chain", "endless", "overlong",
 }
 _API_SIDE_DEFAULT = {"status", "html_login", "json_error"}
 _API_SIDE_ALLOWED = _API_SIDE_DEFAULT | {"stall", "reset", "redirect_loop", "expire_cdn"}
@@ -131,6 +146,7 @@ class RecordedRequest:
     query: str  # raw query string ("" if none)
     headers: CIHeaders
     time: float  # time.time() when the request line was parsed
+    body: bytes = b""  # of a POST
 
     @property
     def url_path(self) -> str:
@@ -177,6 +193,8 @@ class _File:
             "No Pickle imports" if self.pickle_scan == "Success" else "Dangerous imports detected",
         )
         self.virus_scan_message = spec.get("virus_scan_message")
+        # hashed=False: freshly uploaded, not scanned yet: no hashes, scans Pending (hash_file()).
+        self.hashed: bool = bool(spec.get("hashed", True))
         self.extra: dict = dict(spec.get("extra") or {})
         self.gen = 0
         self._lock = threading.Lock()
@@ -284,6 +302,13 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(addr, handler)
 
     def process_request(self, request, client_address):
+        # http.server writes headers and body in two sends; with Nagle on, the second waits for
+        # the client's delayed ACK (40 ms a small answer on a kept-alive connection), and a
+        # benchmark against the fake would measure that instead of the daemon.
+        try:
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         with self.conns_lock:
             self.conns.add(request)
         super().process_request(request, client_address)
@@ -323,6 +348,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (_Abort, OSError, ValueError):
             self.close_connection = True
 
+    def end_headers_with(self, body=b"") -> None:
+        """End the headers and send them together with ``body`` in one write (see
+        _Server.process_request)."""
+        self._headers_buffer.append(b"\r\n")
+        if body and self.command != "HEAD":
+            self._headers_buffer.append(bytes(body))
+        self.flush_headers()
+
     def _dispatch(self):
         fake = self.server.fake
         if fake._closing.is_set():
@@ -331,7 +364,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             fake._handle(self, self.server.kind)
         except (_Abort, OSError):
             self.close_connection = True
-            raise _Abort()
+            raise _Abort() from None
         except Exception as e:  # a bug in the fake: say so loudly instead of hanging up
             tb = traceback.format_exc()
             fake.errors.append(tb)
@@ -346,7 +379,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(body)
             except OSError:
                 pass
-            raise _Abort()
+            raise _Abort() from None
 
     do_GET = _dispatch
     do_HEAD = _dispatch
@@ -361,7 +394,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = _not_allowed
+    def _dispatch_post(self):
+        """POST exists on the API only (by-hash); the body is read before dispatching."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if self.server.kind != "api" or not 0 <= length <= MAX_POST_BODY:
+            return self._not_allowed()
+        self.request_body = self.rfile.read(length) if length else b""
+        self._dispatch()
+
+    do_POST = _dispatch_post
+    do_PUT = do_DELETE = do_PATCH = _not_allowed
 
 
 def _s3_error(code: str, message: str, extra: str = "") -> bytes:
@@ -378,6 +423,15 @@ _CLOUDFLARE_5XX = (
     "<center><h1>{code} {reason}</h1></center>\r\n<hr><center>cloudflare</center>\r\n"
     "</body>\r\n</html>\r\n"
 )
+
+_CLOUDFLARE_CHALLENGE = """<!DOCTYPE html><html lang="en-US"><head><title>Just a moment...</title>
+<meta http-equiv="Content-Type" content="text/html; charset=UTF-8"></head>
+<body><div class="main-wrapper" role="main"><div class="main-content">
+<h1 class="zone-name-title h1">civitai.com</h1>
+<h2 class="h2" id="challenge-running">Checking if the site connection is secure</h2>
+</div></div><script src="/cdn-cgi/challenge-platform/h/b/orchestrate/chl_page/v1"></script>
+</body></html>
+"""
 
 _LOGIN_HTML = """<!DOCTYPE html><html lang="en"><head><meta charSet="utf-8"/>
 <meta name="viewport" content="width=device-width, initial-scale=1"/>
@@ -402,6 +456,10 @@ class FakeCivitai:
         self.cdn_url_ttl_s: float = 3600
         self.enforce_early_access = True  # versions with a future early_access_ends_at answer 403
         self.cdn_expired_status = 403  # what the CDN answers to an expired signature (S3/R2: 403)
+        # Civitai's rolling daily download count: after this many download links, the download
+        # endpoint answers 429 with the quota message (None: no quota).
+        self.download_quota: int | None = None
+        self.downloads_resolved = 0  # download links handed out (307s)
         self.requests: list[RecordedRequest] = []
         self.errors: list[str] = []  # tracebacks of bugs inside the fake (should stay empty)
 
@@ -458,11 +516,21 @@ class FakeCivitai:
         """Add (or replace) a model; versions are listed in the given order. Returns its JSON.
 
         Version dict keys: id, name, published_at, created_at, updated_at, status, base_model,
-        early_access_ends_at, extra (merged into the version JSON), files=[file dicts].
-        File dict keys: id, name, size_bytes, data, seed (default: the file id), primary, format,
-        fp, size, type, pickle_scan, virus_scan, pickle_scan_message, virus_scan_message,
-        sha256 (advertise this instead of the real hash), size_kb (advertise this size),
-        cd_name (filename in the CDN's Content-Disposition; default: name), extra.
+        early_access_ends_at (ISO; while in the future the download answers 403 Early Access),
+        usage_control ("Download"; anything else: the download answers 401 "disabled downloads"),
+        extra (merged into the version JSON), files=[file dicts].
+        File dict keys: id, name, size_bytes, data, seed (default: the file id), primary,
+        type ("Model", "VAE", "Pruned Model", "Config", …), format ("SafeTensor", "PickleTensor",
+        "GGUF", …; None: null), fp ("fp16", "fp32", "bf16", …; None: null), size ("pruned",
+        "full"; None: null), pickle_scan, virus_scan, pickle_scan_message, virus_scan_message,
+        hashed (False: not scanned yet, no hashes; see hash_file), sha256 (advertise this instead
+        of the real hash), size_kb (advertise this size), cd_name (filename in the CDN's
+        Content-Disposition; default: name), extra.
+        A checkpoint with its VAE, fp16 and fp32::
+
+            files=[dict(id=1, name="m.safetensors", primary=True, fp="fp16"),
+                   dict(id=2, name="m_fp32.safetensors", fp="fp32", size="full"),
+                   dict(id=3, name="m.vae.safetensors", type="VAE", fp=None, size=None)]
         """
         with self._lock:
             old = self._models.get(model_id)
@@ -507,6 +575,7 @@ class FakeCivitai:
             status=spec.get("status", "Published"),
             base_model=spec.get("base_model", "SDXL 1.0"),
             early_access_ends_at=spec.get("early_access_ends_at"),
+            usage_control=spec.get("usage_control", "Download"),
             trained_words=list(spec.get("trained_words") or []),
             extra=dict(spec.get("extra") or {}),
             files=[],
@@ -553,6 +622,11 @@ class FakeCivitai:
                     raise AttributeError(k)
                 setattr(f, attr, val)
 
+    def hash_file(self, file_id: int) -> None:
+        """Civitai finished scanning a file: its hashes (and scan results) appear."""
+        with self._lock:
+            self._files[file_id].hashed = True
+
     def file_bytes(self, file_id: int) -> bytes:
         return self._files[file_id].content()
 
@@ -583,23 +657,28 @@ class FakeCivitai:
             url += "?" + urllib.parse.urlencode(q)
         return url
 
-    def _file_json(self, f: _File) -> dict:
+    def _file_json(self, f: _File, listing: bool = False) -> dict:
+        """A file as the version endpoints show it; ``listing``: as /models does, which drops
+        null metadata keys and shows ``primary`` only when true (civitai-api.md §1.2)."""
         size_kb = f.size_kb_override if f.size_kb_override is not None else f.size / 1024
+        meta = {"format": f.format, "size": f.size_label, "fp": f.fp}
         j = {
             "id": f.id,
             "sizeKB": size_kb,
             "name": f.name,
             "type": f.type,
-            "pickleScanResult": f.pickle_scan,
-            "pickleScanMessage": f.pickle_scan_message,
-            "virusScanResult": f.virus_scan,
+            "pickleScanResult": f.pickle_scan if f.hashed else "Pending",
+            "pickleScanMessage": f.pickle_scan_message if f.hashed else None,
+            "virusScanResult": f.virus_scan if f.hashed else "Pending",
             "virusScanMessage": f.virus_scan_message,
-            "scannedAt": _iso_of(f.mtime),
-            "metadata": {"format": f.format, "size": f.size_label, "fp": f.fp},
-            "hashes": f.hashes_json(),
+            "scannedAt": _iso_of(f.mtime) if f.hashed else None,
+            "metadata": {k: v for k, v in meta.items() if v is not None} if listing else meta,
+            "hashes": f.hashes_json() if f.hashed else {},
             "primary": f.primary,
             "downloadUrl": self._download_url(f.version_id, f),
         }
+        if listing and not f.primary:
+            del j["primary"]
         j.update(f.extra)
         return j
 
@@ -607,9 +686,9 @@ class FakeCivitai:
         ends = _parse_iso(v["early_access_ends_at"])
         return "EarlyAccess" if ends and ends > datetime.now(UTC) else "Public"
 
-    def _version_core(self, v: dict) -> dict:
+    def _version_core(self, v: dict, listing: bool = False) -> dict:
         m = self._models[v["model_id"]]
-        return {
+        j = {
             "id": v["id"],
             "modelId": v["model_id"],
             "name": v["name"],
@@ -625,14 +704,17 @@ class FakeCivitai:
             "nsfwLevel": 1,
             "description": None,
             "uploadType": "Created",
-            "usageControl": "Download",
+            "usageControl": v["usage_control"],
             "air": f"urn:air:sdxl:{m['type'].lower()}:civitai:{m['id']}@{v['id']}",
             "stats": {"downloadCount": 0, "ratingCount": 0, "rating": 0, "thumbsUpCount": 0,
                       "thumbsDownCount": 0},
-            "files": [self._file_json(self._files[fid]) for fid in v["files"]],
+            "files": [self._file_json(self._files[fid], listing) for fid in v["files"]],
             "images": [],
             "downloadUrl": self._download_url(v["id"]),
         }
+        if listing and j["availability"] == "EarlyAccess":
+            j["earlyAccessDeadline"] = v["early_access_ends_at"]  # the list's name for it
+        return j
 
     def version_json(self, version_id: int) -> dict:
         """As ``GET /api/v1/model-versions/{id}`` answers (with ``model: {...}``)."""
@@ -654,7 +736,7 @@ class FakeCivitai:
             mvs = []
             for i, vid in enumerate(m["versions"]):
                 v = self._versions[vid]
-                j = self._version_core(v)
+                j = self._version_core(v, listing=True)
                 j["index"] = i
                 j["covered"] = True
                 j.update(v["extra"])
@@ -719,9 +801,15 @@ class FakeCivitai:
         Params: stall(after_bytes, seconds=None->until close, resume=False, before_headers=False),
         drip(bps, after_bytes=0), reset(after_bytes, before_headers=False), short(after_bytes),
         wrong_bytes(offset | offsets=[..]; default: middle of the served range),
-        status(code, retry_after, body, headers, deadline, message), html_login(via_redirect),
+        status(code, retry_after, body, headers, deadline, message, quota: a 429 with the daily
+        quota's message instead of a plain rate limit), html_login(via_redirect),
         json_error(body), redirect_chain(n=3: n extra 302 hops on the CDN), redirect_loop (302 to
-        itself forever), expire_cdn(code=403), ignore_range.
+        itself forever), expire_cdn(code=403), ignore_range,
+        endless(framing="close"|"chunked", extra_bytes=None, bps=None): no Content-Length, the
+        file's bytes and then more without end (None) or ``extra_bytes`` more,
+        overlong(extra_bytes=1 MiB, declared="file"|"body"): ``extra_bytes`` past the end of the
+        file, with a Content-Length of the file's range ("file": the body is longer than it
+        claims) or of the whole body ("body": the host claims more than the file).
         after_bytes defaults to half of the response body.
         """
         if mode not in FILE_FAULT_MODES:
@@ -808,7 +896,8 @@ class FakeCivitai:
     def _handle(self, h: _Handler, kind: str) -> None:
         parts = urllib.parse.urlsplit(h.path)
         rec = RecordedRequest(kind, h.command, parts.path, parts.query,
-                              CIHeaders(h.headers.items()), time.time())
+                              CIHeaders(h.headers.items()), time.time(),
+                              getattr(h, "request_body", b""))
         with self._lock:
             self.requests.append(rec)
         if kind == "api":
@@ -829,9 +918,7 @@ class FakeCivitai:
         hdrs["Content-Length"] = str(len(body))
         for k, v in hdrs.items():
             h.send_header(k, str(v))
-        h.end_headers()
-        if h.command != "HEAD" and body:
-            h.wfile.write(body)
+        h.end_headers_with(body)
 
     def _json(self, h: _Handler, code: int, obj: Any, headers: dict | None = None) -> None:
         self._respond(h, code, json.dumps(obj).encode(), headers=headers)
@@ -861,6 +948,10 @@ class FakeCivitai:
         if af is not None:
             self._apply_api_fault(h, af)
             return
+        if h.command == "POST":
+            if re.fullmatch(r"/api/v1/model-versions/by-hash/?", path):
+                return self._by_hashes(h)
+            return self._json(h, 405, {"error": "Method not allowed"})
         qs = urllib.parse.parse_qs(query)
         m = re.fullmatch(r"/api/v1/models/([^/]+)/?", path)
         if m:
@@ -872,16 +963,14 @@ class FakeCivitai:
             if not known:
                 return self._json(h, 404, {"error": f"No model with id {mid}"})
             return self._json(h, 200, self.model_json(mid))
-        m = re.fullmatch(r"/api/v1/model-versions/by-hash/([0-9A-Fa-f]+)/?", path)
+        m = re.fullmatch(r"/api/v1/model-versions/by-hash/([^/]+)/?", path)
         if m:
-            want = m.group(1).upper()
-            with self._lock:
-                files = list(self._files.values())
-            for f in files:
-                hj = f.hashes_json()
-                if want in (hj["SHA256"], hj["AutoV2"], hj["CRC32"], hj["AutoV1"]):
-                    return self._json(h, 200, self.version_json(f.version_id))
-            return self._json(h, 404, {"error": f"Model not found for hash {m.group(1)}"})
+            # Any of the file's hashes, in any case (the real handler upper-cases it).
+            want = urllib.parse.unquote(m.group(1)).upper()
+            found = self._files_by_hash(lambda hashes: want in hashes.values())
+            if not found:
+                return self._json(h, 404, {"error": "Model not found"})
+            return self._json(h, 200, self.version_json(found[0].version_id))
         m = re.fullmatch(r"/api/v1/model-versions/([^/]+)/?", path)
         if m:
             vid = _int(m.group(1))
@@ -902,6 +991,55 @@ class FakeCivitai:
             return self._respond(h, 200, _LOGIN_HTML.format(message=msg).encode(),
                                  "text/html; charset=utf-8")
         return self._json(h, 404, {"error": "Not found"})
+
+    def _files_by_hash(self, match) -> list[_File]:
+        """Hashed files of published versions whose hashes satisfy ``match``, oldest publication
+        first (by-hash answers the oldest of duplicate uploads)."""
+        with self._lock:
+            files = [f for f in self._files.values() if f.hashed
+                     and self._versions[f.version_id]["status"] == "Published"]
+            published = {f.id: self._versions[f.version_id]["published_at"] for f in files}
+        files.sort(key=lambda f: (published[f.id], f.version_id, f.id))
+        return [f for f in files if match(f.hashes_json())]
+
+    def _by_hashes(self, h: _Handler) -> None:
+        """``POST /model-versions/by-hash``: a JSON array of up to 100 SHA-256 values; one
+        version object per matching file, unmatched hashes simply absent (civitai/civitai
+        src/pages/api/v1/model-versions/by-hash/index.ts)."""
+        try:
+            wanted = json.loads(getattr(h, "request_body", b"") or b"null")
+        except ValueError:
+            wanted = None
+        problem = None
+        if not isinstance(wanted, list):
+            problem = "Expected array"
+        elif len(wanted) > BY_HASH_MAX:
+            problem = "Too many hashes"
+        elif not all(isinstance(x, str) and len(x) == 64 for x in wanted):
+            problem = "Invalid hash"
+        if problem:
+            return self._json(h, 400, {"error": f"Request must include an array of SHA256 Hashes. {problem}"})
+        want = {x.upper() for x in wanted}
+        found = self._files_by_hash(lambda hashes: hashes.get("SHA256") in want)
+        self._json(h, 200, [self.version_json(f.version_id) for f in found])
+
+    def metadata_fault(self, kind: str, times: int | None = 1, path: str = r"/api/v1/(models|model-versions)/") -> None:
+        """Transient answers of the metadata API for the next ``times`` requests whose path
+        matches ``path``: "404" (as moments after publishing), "html_403" (a Cloudflare check
+        page), "500" (JSON) or "502"/"503" (Cloudflare's HTML error pages)."""
+        if kind == "404":
+            self.set_api_fault(path, 404, body={"error": "Model not found"}, times=times)
+        elif kind == "html_403":
+            self.set_api_fault(path, 403, body=_CLOUDFLARE_CHALLENGE, times=times,
+                               headers={"Content-Type": "text/html; charset=UTF-8", "cf-mitigated": "challenge"})
+        elif kind == "500":
+            self.set_api_fault(path, 500, body={"error": "Failed to fetch model version details"}, times=times)
+        elif kind in ("502", "503"):
+            code = int(kind)
+            reason = http.server.BaseHTTPRequestHandler.responses[code][0]
+            self.set_api_fault(path, code, body=_CLOUDFLARE_5XX.format(code=code, reason=reason), times=times)
+        else:
+            raise ValueError(f"unknown metadata fault {kind!r}")
 
     def _apply_api_fault(self, h: _Handler, af: _ApiFault) -> None:
         if af.status == "reset":
@@ -989,12 +1127,20 @@ class FakeCivitai:
             if flt is not None:
                 return self._apply_body_fault(h, f, flt, side="api")
 
+        with self._lock:
+            over_quota = self.download_quota is not None and self.downloads_resolved >= self.download_quota
+        if over_quota:  # checked first, like the rolling 24 h count of the real endpoint
+            return self._json(h, 429, {"error": _api_error_message(429)})
         if self.api_key is not None:
             auth = h.headers.get("Authorization", "")
             if auth != f"Bearer {self.api_key}":
                 return self._json(h, 401, {"error": "Unauthorized", "message": LOGIN_MESSAGE})
         if self.enforce_early_access and self._availability(v) == "EarlyAccess":
             return self._json(h, 403, _early_access_body(v["early_access_ends_at"]))
+        if v["usage_control"] != "Download":
+            return self._json(h, 401, {"error": "Unauthorized", "message": DISABLED_MESSAGE})
+        with self._lock:
+            self.downloads_resolved += 1
         self._respond(h, 307, b"", None, {"Location": self.cdn_url(f.id),
                                           "Cache-Control": "no-store"})
 
@@ -1023,6 +1169,8 @@ class FakeCivitai:
                         reason = http.server.BaseHTTPRequestHandler.responses[code][0]
                         body = _CLOUDFLARE_5XX.format(code=code, reason=reason)
                         ctype = "text/html"
+                    elif code == 429 and not p.get("quota"):
+                        body = {"error": RATE_LIMIT_MESSAGE}  # quota=True: the daily quota's answer
                     else:
                         body = {"error": _api_error_message(code)}
                         if code == 401:
@@ -1147,7 +1295,19 @@ class FakeCivitai:
         cd = _content_disposition(f.cd_name if f.cd_name is not None else f.name)
         h.send_response(206 if partial else 200)
         h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Content-Length", str(end - start))
+        p = flt.params if flt else {}
+        extra = int(p.get("extra_bytes", BLOCK_SIZE)) if mode == "overlong" else 0
+        if mode == "endless":
+            # No length at all: the body ends when the connection closes (or the last chunk
+            # comes), here only when the client gives up.
+            if p.get("framing", "close") == "chunked":
+                h.send_header("Transfer-Encoding", "chunked")
+            else:
+                h.send_header("Connection", "close")
+        elif mode == "overlong" and p.get("declared", "file") == "body":
+            h.send_header("Content-Length", str(end - start + extra))  # claims the extra too
+        else:
+            h.send_header("Content-Length", str(end - start))
         h.send_header("Accept-Ranges", "bytes")
         h.send_header("ETag", etag)
         h.send_header("Last-Modified", lastmod)
@@ -1155,10 +1315,63 @@ class FakeCivitai:
         h.send_header("Cache-Control", "private, max-age=0")
         if partial:
             h.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-        h.end_headers()
         if h.command == "HEAD":
+            return h.end_headers_with()
+        if mode in ("endless", "overlong"):
+            h.end_headers_with()
+            return self._stream_past_end(h, f, start, end, mode, p, extra)
+        if flt is None and end - start <= SMALL_BODY:
+            body = b"".join(bytes(c) for _, c in f.chunks(start, end))
+            h.end_headers_with(body)
+            self._count(f.id, len(body))
             return
+        h.end_headers_with()
         self._stream(h, f, start, end, flt)
+
+    def _stream_past_end(self, h: _Handler, f: _File, start: int, end: int, mode: str, p: dict,
+                         extra: int) -> None:
+        """The file's bytes [start, end), then more: ``extra`` bytes (overlong), or for endless
+        ``extra_bytes`` bytes (None: without end, until the client closes or the fake does).
+        The bytes past the end continue the file's generator, so they look like model data."""
+        chunked = mode == "endless" and p.get("framing", "close") == "chunked"
+        limit = p.get("extra_bytes") if mode == "endless" else extra
+        bps = p.get("bps")
+        closing = self._closing
+        write = h.wfile.write
+        t0 = time.monotonic()
+        sent = 0
+
+        def out(view) -> None:
+            nonlocal sent
+            if closing.is_set():
+                raise _Abort()
+            if chunked:
+                write(b"%x\r\n" % len(view) + bytes(view) + b"\r\n")
+            else:
+                write(view)
+            self._count(f.id, len(view))
+            sent += len(view)
+            if bps:
+                delay = t0 + sent / float(bps) - time.monotonic()
+                if delay > 0 and closing.wait(delay):
+                    raise _Abort()
+
+        step = BLOCK_SIZE if not bps else max(1, min(BLOCK_SIZE, int(float(bps) * 0.05)))
+        for _, view in f.chunks(start, end):
+            for i in range(0, len(view), step):
+                out(view[i:i + step])
+        idx = max(end, f.size) // BLOCK_SIZE + 1
+        past = 0
+        while limit is None or past < int(limit):
+            block = memoryview(_gen_block(f.seed + 1, idx))
+            idx += 1
+            n = len(block) if limit is None else min(len(block), int(limit) - past)
+            for i in range(0, n, step):
+                out(block[i:min(n, i + step)])
+            past += n
+        if chunked:
+            write(b"0\r\n\r\n")
+        h.close_connection = True  # a client that read only the declared length left bytes behind
 
     def _count(self, fid: int, n: int) -> None:
         with self._lock:
@@ -1240,7 +1453,7 @@ class FakeCivitai:
             self._wait(p.get("seconds"))
             if not p.get("resume"):
                 raise _Abort()
-            for off, view in f.chunks(start + cut, end):
+            for _, view in f.chunks(start + cut, end):
                 if closing.is_set():
                     raise _Abort()
                 out(view)
@@ -1275,13 +1488,9 @@ def _api_error_message(code: int) -> str:
 
 
 def _early_access_body(deadline: str | None, message: str | None = None) -> dict:
-    deadline = deadline or _iso_now(3 * 86400)
-    return {
-        "error": "Early Access",
-        "message": message or (f"This asset is in Early Access until {deadline}. "
-                               "You can purchase early access or wait until it ends."),
-        "deadline": deadline,
-    }
+    """As the download endpoint answers a version in early access (civitai-api.md §3.2)."""
+    return {"error": "Early Access", "deadline": deadline or _iso_now(3 * 86400),
+            "message": message or EARLY_ACCESS_MESSAGE}
 
 
 def _expired_body(exp: float) -> bytes:

@@ -34,6 +34,16 @@ ERROR_BODY_LIMIT = 64 * 1024
 FILL_WINDOW_S = 0.05  # Download.readinto() returns what arrived within this time
 IDS_PER_REQUEST = 100  # GET /models accepts limit <= 100
 TEXT_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".md")
+# Civitai's daily download quota answers 429 "We've noticed an unusual amount of downloading
+# from your account. Contact support@civitai.com or come back later." (civitai-api.md §3.2).
+QUOTA_WORDS = ("unusual amount of download", "come back later", "download limit", "download quota")
+QUOTA_WAIT_S = 3600.0  # a rolling 24 h count: an hour is the least worth waiting
+EARLY_ACCESS_RECHECK_S = 3600.0  # no end date known, or it passed and Civitai still refuses
+METADATA_QUICK_RETRY_S = 2.0  # a lone 404 or web page from the metadata API: ask once more after this
+METADATA_RETRY_BASE_S = 15.0  # then the next attempts: 15 s, 1 min, 4 min, 15 min
+METADATA_RETRY_MAX_S = 900.0
+UNHASHED_RECHECK_S = 900.0  # a file Civitai has not hashed yet: resolve it again this much later
+EARLY_ACCESS_MARGIN_S = 60.0  # Civitai's clock and caches: start just after the end, not just before
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.I)
 
 
@@ -52,24 +62,44 @@ logging.getLogger("urllib3.connectionpool").addFilter(_RedactQueryFilter())
 
 
 class CivitaiError(Exception):
-    """str(e) is a sentence a user can act on. Never contains the API key or a URL query string."""
+    """str(e) is a sentence a user can act on. Never contains the API key or a URL query string.
+
+    `wait` marks an answer that is no failure of the job: early access, the daily download
+    quota, a file Civitai has not hashed yet. Such a job runs again at `wait_until` (unix time)
+    without using up an attempt; `retry_after_s` is the same moment as seconds from now.
+    """
 
     def __init__(self, message: str, *, reason: str, retryable: bool = False,
-                 retry_after_s: float | None = None, status: int | None = None):
+                 retry_after_s: float | None = None, status: int | None = None,
+                 wait: bool = False, wait_until: float | None = None):
         super().__init__(message)
         self.reason = reason
-        self.retryable = retryable
-        self.retry_after_s = retry_after_s
+        self.retryable = retryable or wait
         self.status = status
+        self.wait = wait
+        now = time.time()
+        if wait and wait_until is None and retry_after_s is not None:
+            wait_until = now + float(retry_after_s)
+        if wait_until is not None and retry_after_s is None:
+            retry_after_s = max(0.0, float(wait_until) - now)
+        self.retry_after_s = retry_after_s
+        self.wait_until = wait_until
 
     def __repr__(self) -> str:
+        waits = f", wait_until={self.wait_until!r}" if self.wait else ""
         return (f"CivitaiError({str(self)!r}, reason={self.reason!r}, retryable={self.retryable}, "
-                f"retry_after_s={self.retry_after_s!r}, status={self.status!r})")
+                f"retry_after_s={self.retry_after_s!r}, status={self.status!r}{waits})")
 
     def as_message(self, job_id) -> dict:
         """The worker's "error" message to the supervisor (see docs/DESIGN.md)."""
-        return {"type": "error", "job_id": job_id, "error": str(self), "retryable": self.retryable,
-                "retry_after_s": self.retry_after_s, "reason": self.reason}
+        return {"type": "error", "job_id": job_id, "error": str(self), "reason": self.reason,
+                "retryable": self.retryable, "retry_after_s": self.retry_after_s,
+                "wait": self.wait, "wait_until": self.wait_until}
+
+
+def utc_text(ts: float) -> str:
+    """A moment as a user reads it in a sentence: "2026-12-03 18:00 UTC"."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def redact_url(url: object) -> str:
@@ -157,6 +187,55 @@ def _body_error_text(body: bytes, content_type: str) -> str:
     return body.decode("utf-8", "replace").strip().splitlines()[0] if body.strip() else ""
 
 
+def _json_object(body: bytes) -> dict | None:
+    try:
+        data = json.loads(body.decode("utf-8", "replace")) if body else None
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _civitai_says(data: dict | None) -> str:
+    """The sentence Civitai put in an error body for people: its `message`, else an `error`
+    that says more than the status's own name."""
+    if not data:
+        return ""
+    message = data.get("message")
+    if isinstance(message, str) and message.strip():
+        return message.strip()
+    error = data.get("error")
+    if isinstance(error, str) and error.strip().lower() not in _STATUS_NAMES:
+        return error.strip()
+    return ""
+
+
+_STATUS_NAMES = {phrase.lower() for phrase in http.client.responses.values()}
+
+
+def early_access_error(subject: str, ends_at: float | None, said: str = "",
+                       now: float | None = None) -> CivitaiError:
+    """Early access is a wait, not a failure: the job runs again when it ends (Civitai's
+    deadline, else the version's earlyAccessEndsAt, else in EARLY_ACCESS_RECHECK_S). The
+    error's `ends_at` is the end date it knew (None: the caller may know a better one)."""
+    now = time.time() if now is None else now
+    says = f" (Civitai says: {said})" if said and "early access" not in said.lower() else ""
+    buy = "; to get it sooner, buy early access on civitai.com with civitai_api_key set"
+    if ends_at is None:
+        until = now + EARLY_ACCESS_RECHECK_S
+        text = (f"{subject} is in early access on Civitai, which gives no end date{says}; the download "
+                f"is tried again at {utc_text(until)}{buy}")
+    elif ends_at + EARLY_ACCESS_MARGIN_S <= now:
+        until = now + EARLY_ACCESS_RECHECK_S
+        text = (f"{subject}'s early access on Civitai was to end at {utc_text(ends_at)}, but Civitai still "
+                f"refuses the download{says}; it is tried again at {utc_text(until)}")
+    else:
+        until = ends_at + EARLY_ACCESS_MARGIN_S
+        text = f"{subject} is in early access on Civitai until {utc_text(ends_at)}{says}; the download starts then{buy}"
+    error = CivitaiError(text, reason="early_access", wait=True, wait_until=until, status=403)
+    error.ends_at = ends_at
+    return error
+
+
 def _short(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -193,6 +272,8 @@ class Resolved:
     file_format: str | None
     fp: str | None
     url: str  # the API download URL (no key in it)
+    early_access_ends_at: float | None = None  # unix time, while the version is in early access
+    scan: str | None = None  # Civitai's pickle scan of the file: Pending until it is scanned and hashed
 
 
 class Download:
@@ -250,16 +331,35 @@ class Download:
             self._remaining = fp.length
         conn = getattr(self._raw, "connection", None) or getattr(self._raw, "_connection", None)
         self._sock = getattr(conn, "sock", None)
+        self._allowed: int | None = None  # body bytes still to hand out (limit_body)
+        self.overran = False  # the host had more to send than the limit allowed
+
+    def limit_body(self, n_bytes: int) -> None:
+        """Hand out at most `n_bytes` more of the body, whatever the host sends: a host with no
+        Content-Length may never end, one with a wrong one may send more than the file."""
+        self._allowed = max(0, int(n_bytes))
 
     def readinto(self, view) -> int:
         """Put the next bytes of the body into `view`: as many as arrive within about
-        FILL_WINDOW_S, at least one byte; 0 at the end of the body (which may be early: the
-        caller compares with the expected length). Raises OSError or http.client/urllib3
-        errors when the connection fails, but only once the bytes that arrived before the
-        failure were handed over: a line that breaks every few hundred KiB still makes progress."""
+        FILL_WINDOW_S, at least one byte; 0 at the end of the body or of limit_body() (which
+        may be early: the caller compares with the expected length). Raises OSError or
+        http.client/urllib3 errors when the connection fails, but only once the bytes that
+        arrived before the failure were handed over: a line that breaks every few hundred KiB
+        still makes progress."""
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+        if self._allowed is None:
+            return self._readinto(view)
+        if self._allowed <= 0:
+            if not self.overran:
+                self.overran = self._more_after_limit()
+            return 0
+        n = self._readinto(view[: self._allowed])
+        self._allowed -= n
+        return n
+
+    def _readinto(self, view) -> int:
         if self._buffered is None:
             read1 = getattr(self._raw, "read1", None)
             data = read1(len(view)) if read1 is not None else self._raw.read(len(view), decode_content=False)
@@ -289,6 +389,18 @@ class Download:
             got += n
         self._remaining = max(0, self._remaining - got)
         return got
+
+    def _more_after_limit(self) -> bool:
+        """Whether the host sends more past the limit (said in the log and the error only)."""
+        if self._buffered is not None:
+            return self._remaining > 0
+        if not self._readable(0):
+            return False
+        try:  # readable: one read returns at once, with data or at the end of the body
+            read1 = getattr(self._raw, "read1", None)
+            return bool(read1(1) if read1 is not None else self._raw.read(1, decode_content=False))
+        except Exception:  # noqa: BLE001 - only informs a message
+            return False
 
     def _readable(self, timeout_s: float) -> bool:
         if self._sock is None:
@@ -423,29 +535,22 @@ class CivitaiClient:
         content_type = (resp.headers.get("Content-Type") or "").lower()
         if body is None:
             body = _read_body(resp)
+        data = _json_object(body)
         detail = self.scrub(_short(_body_error_text(body, content_type)))
+        said = self.scrub(_short(_civitai_says(data)))  # Civitai's own sentence, if it gave one
+        is_page = data is None and ("html" in content_type or body.lstrip()[:1] == b"<")
         if status == 401:
-            if self._api_key:
-                return CivitaiError(f"Civitai did not accept the API key for {subject} (401 Unauthorized): "
-                                    f"check civitai_api_key in config.json or the CIVITAI_API_KEY environment variable",
-                                    reason="auth_required", status=401)
-            return CivitaiError(f"Civitai requires a login or API key for this file ({subject}): {API_KEY_HINT}",
-                                reason="auth_required", status=401)
+            return self._unauthorized(subject, said)
         if status == 403:
-            deadline = None
-            try:
-                data = json.loads(body.decode("utf-8", "replace")) if body else None
-            except ValueError:
-                data = None
-            if isinstance(data, dict):
-                deadline = data.get("deadline") or data.get("earlyAccessEndsAt")
-            if "early access" in detail.lower() or deadline:
-                until = f" until {_short(self.scrub(str(deadline)), 40)}" if deadline else ""
-                return CivitaiError(f"{subject} is in early access on Civitai{until}: buy early access on civitai.com "
-                                    f"(with civitai_api_key set) or wait until it ends",
-                                    reason="early_access", status=403)
+            deadline = (data.get("deadline") or data.get("earlyAccessEndsAt")) if data else None
+            if deadline or "early access" in f"{detail} {said}".lower():
+                return early_access_error(subject, parse_time(deadline), said)
+            if is_page:
+                return CivitaiError(f"Civitai answered {subject} with a web page (403 Forbidden): a Cloudflare "
+                                    f"check or maintenance; it will be retried", reason="forbidden",
+                                    retryable=True, status=403)
             hint = "" if self._api_key else f"; if it needs a login, {API_KEY_HINT}"
-            why = f": {detail}" if detail else ""
+            why = f": {said or detail}" if said or detail else ""
             return CivitaiError(f"Civitai refused access to {subject} (403 Forbidden{why}){hint}",
                                 reason="forbidden", status=403)
         if status == 404:
@@ -456,6 +561,14 @@ class CivitaiClient:
                                 reason="gone", status=410)
         if status == 429:
             retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            text = f"{detail} {said}".lower()
+            if any(words in text for words in QUOTA_WORDS):
+                wait_s = max(QUOTA_WAIT_S, retry_after or 0.0)
+                until = time.time() + wait_s
+                who = "account" if self._api_key else "address (no API key is set)"
+                return CivitaiError(f"Civitai's download quota for this {who} is used up (429: {said or detail}); "
+                                    f"downloads wait until {utc_text(until)} and are tried then",
+                                    reason="quota", wait=True, wait_until=until, status=429)
             when = f"; retrying after {retry_after:.0f} s" if retry_after is not None else "; backing off"
             why = f" ({detail})" if detail else ""
             return CivitaiError(f"Civitai is rate limiting requests (429 Too Many Requests){why}{when}",
@@ -468,6 +581,21 @@ class CivitaiClient:
         why = f": {detail}" if detail else ""
         return CivitaiError(f"Civitai answered {_status_text(status)} for {subject}{why}",
                             reason="http_error", status=status)
+
+    def _unauthorized(self, subject: str, said: str) -> CivitaiError:
+        """A 401: downloads disabled by the creator (no key helps), or a login needed. Civitai
+        gives both the same status and tells them apart only in `message`."""
+        lower = said.lower()
+        if "disabled download" in lower or "disabled the download" in lower:
+            return CivitaiError(f"Civitai refuses the download of {subject}: {said} (401); only its creator can "
+                                f"change that", reason="downloads_disabled", status=401)
+        says = f"; Civitai says: {said}" if said else ""
+        if self._api_key:
+            return CivitaiError(f"Civitai did not accept the API key for {subject} (401 Unauthorized{says}): "
+                                f"check civitai_api_key in config.json or the CIVITAI_API_KEY environment variable",
+                                reason="auth_required", status=401)
+        return CivitaiError(f"Civitai requires a login or API key for this file ({subject}{says}): {API_KEY_HINT}",
+                            reason="auth_required", status=401)
 
     def _get(self, url: str, *, params=None, subject: str, headers: dict | None = None) -> requests.Response:
         """GET following redirects by hand, so the key only ever goes to the API origin."""
@@ -640,6 +768,12 @@ class CivitaiClient:
                 raise _CdnRefused(resp.status_code, urlsplit(url).hostname or "?")
             error = self._status_error(resp, subject)
             resp.close()
+            if error.status == 404:
+                # The metadata just listed the file: a 404 here is a storage failure that passes
+                # (Civitai sends it with no-store), or a file deleted this minute.
+                error = CivitaiError(f"the file of {subject} was not found on Civitai's download endpoint "
+                                     f"(404: deleted just now, or a passing storage failure)",
+                                     reason="not_found", retryable=True, status=404)
             raise error
         raise CivitaiError(f"the download of {subject} was redirected too many times; it will be retried",
                            reason="http_error", retryable=True)
@@ -652,8 +786,7 @@ class CivitaiClient:
             raise CivitaiError(f"Civitai requires a login or API key for this file ({subject}): {API_KEY_HINT}",
                                reason="auth_required", status=401)
         if path.startswith(("/join", "/pricing", "/purchase")) or "early-access" in parts.query.lower():
-            raise CivitaiError(f"{subject} is in early access on Civitai: buy early access on civitai.com "
-                               f"(with civitai_api_key set) or wait until it ends", reason="early_access", status=403)
+            raise early_access_error(subject, None)
 
     def _refuse_non_file(self, download: Download, subject: str, filename: str | None) -> None:
         json_ok = bool(filename) and filename.lower().endswith(TEXT_FILE_SUFFIXES)
@@ -775,11 +908,59 @@ def is_unsafe(f: dict) -> bool:
     return f.get("pickleScanResult") == "Danger" or f.get("virusScanResult") == "Danger"
 
 
-def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=None) -> Resolved:
+def _transient_metadata(exc: CivitaiError) -> bool:
+    """An answer of the metadata API that says nothing yet: a 404 moments after publishing (its
+    caches take minutes), a web page (Cloudflare, maintenance), a 5xx, JSON that is not."""
+    return exc.status == 404 or (exc.reason == "forbidden" and exc.retryable) or exc.reason in (
+        "server_error", "bad_body")
+
+
+def metadata_retry_s(attempt: int) -> float:
+    """The wait before the next attempt after a transient metadata answer (15 s, 1, 4, 15 min)."""
+    return min(METADATA_RETRY_MAX_S, METADATA_RETRY_BASE_S * 4 ** max(0, int(attempt or 1) - 1))
+
+
+def _get_metadata(client: CivitaiClient, fetch, subject: str, attempt: int) -> dict:
+    """One metadata GET for a job. A 404 or a web page is asked once more after a moment (the
+    client already retried 5xx); a transient answer then becomes "metadata_unavailable",
+    retryable after metadata_retry_s(attempt), so the job fails only after its attempts."""
+    for tries in (1, 2):
+        try:
+            return fetch()
+        except CivitaiError as exc:
+            if not _transient_metadata(exc):
+                raise
+            quick = exc.status in (403, 404) and tries == 1
+            if quick:
+                log.info("%s; asking again in %.0f s", exc, METADATA_QUICK_RETRY_S)
+                client._sleep(METADATA_QUICK_RETRY_S)
+                continue
+            if exc.status == 404:
+                text = (f"{subject} was not found on Civitai (deleted, a wrong id, or published moments ago: "
+                        f"Civitai's caches take some minutes to show it)")
+            else:
+                text = str(exc)
+            raise CivitaiError(text, reason="metadata_unavailable", retryable=True, status=exc.status,
+                               retry_after_s=metadata_retry_s(attempt)) from None
+    raise AssertionError("unreachable")
+
+
+def _early_access_ends(version: dict) -> float | None:
+    """When the version's early access ends, if it is in early access (earlyAccessEndsAt on
+    /model-versions, earlyAccessDeadline in /models lists)."""
+    for key in ("earlyAccessEndsAt", "earlyAccessDeadline"):
+        when = parse_time(version.get(key))
+        if when is not None:
+            return when if version.get("availability") in (None, "EarlyAccess") or when > time.time() else None
+    return None
+
+
+def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=None, attempt: int = 1) -> Resolved:
     """What to download for a job: the given version (or the model's newest published one)
-    and its file (given, else primary)."""
+    and its file (given, else primary). `attempt` (1, 2, …) spaces out transient answers."""
     if version_id is not None:
-        version = client.get_version(int(version_id))
+        subject = f"model version {int(version_id)}"
+        version = _get_metadata(client, lambda: client.get_version(int(version_id)), subject, attempt)
         api_model_id = version.get("modelId")
         if model_id is not None and isinstance(api_model_id, int) and api_model_id != int(model_id):
             raise CivitaiError(f"model version {version_id} belongs to model {api_model_id} on Civitai, "
@@ -787,11 +968,16 @@ def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=No
         model_type = model_type_from_api((version.get("model") or {}).get("type"))
         model_id = api_model_id if isinstance(api_model_id, int) else model_id
     elif model_id is not None:
-        model = client.get_model(int(model_id))
+        model = _get_metadata(client, lambda: client.get_model(int(model_id)), f"model {int(model_id)}", attempt)
         version = newest_published_version(model)
         model_type = model_type_from_api(model.get("type"))
     else:
         raise ValueError("resolve() needs model_id or version_id")
+    usage = version.get("usageControl")
+    if isinstance(usage, str) and usage and usage != "Download":
+        raise CivitaiError(f"the creator of model version {version.get('id', version_id)} has disabled downloads "
+                           f"on Civitai (usageControl: {_short(usage, 40)}); only its creator can change that",
+                           reason="downloads_disabled")
     f = pick_file(version, file_id)
     size_kb = f.get("sizeKB")
     size_bytes = int(round(float(size_kb) * 1024)) if isinstance(size_kb, (int, float)) and size_kb > 0 else None
@@ -812,4 +998,6 @@ def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=No
         file_format=meta.get("format"),
         fp=meta.get("fp"),
         url=client.download_url(vid, fid),
+        early_access_ends_at=_early_access_ends(version),
+        scan=f.get("pickleScanResult") if isinstance(f.get("pickleScanResult"), str) else None,
     )

@@ -20,16 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ipc.files import OutsideError, make_folder_inside
-from ipc.naming import alternate_filename, folder_problem, part_filename, safe_filename
+from ipc.naming import FolderError, alternate_filename, check_folder, part_filename, safe_filename
 from ipc.throttle import file_lock
 from workers.civitai import (
     TEXT_FILE_SUFFIXES,
+    UNHASHED_RECHECK_S,
     CivitaiClient,
     CivitaiError,
     Download,
     Resolved,
+    early_access_error,
     resolve,
     sniff_error_body,
+    utc_text,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,12 @@ def _norm_sha(value) -> str | None:
     return None
 
 
+def file_end(civitai_size: int | None, host_total: int | None) -> int | None:
+    """Where the file ends: at the size Civitai gives, else at the length the file host
+    declares (Content-Length, Content-Range). No body is kept past it (SPEC §9)."""
+    return civitai_size if civitai_size is not None else host_total
+
+
 def size_plausible(actual: int | None, estimate: int | None) -> bool:
     """Whether a real size fits Civitai's sizeKB estimate (which is only approximate)."""
     if actual is None or estimate is None:
@@ -138,9 +147,8 @@ else:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                return False
-            return True  # a file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded
+            # A file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded.
+            return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
         return True
 
 
@@ -278,8 +286,10 @@ class _Job:
         self._should_stop = should_stop
         self.subject = "the download"
         self.rel_name = "?"
+        self.model_type = "?"  # the folder, relative to download_dir, once known
         self.part_path: Path | None = None
         self._fd = -1  # the claimed (locked) partial file
+        self._cut: tuple | None = None  # (file end, host's total) when a body went on past the file
 
     # -- small helpers ------------------------------------------------------------------------
 
@@ -375,15 +385,14 @@ class _Job:
     def run(self) -> dict:
         self._check_stop()
         job = self.job
+        if job.get("model_type"):
+            self._check_model_type(job["model_type"])  # the user's to fix: before asking Civitai anything
         res: Resolved = self._interruptible(
             lambda: resolve(self.client, model_id=job.get("model_id"), version_id=job.get("version_id"),
-                            file_id=job.get("file_id")),
+                            file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1)),
             "resolve")
         self.subject = f"model version {res.version_id}"
-        model_type = job.get("model_type") or res.model_type
-        problem = folder_problem(model_type)
-        if problem:
-            raise CivitaiError(f"model_type {problem}: fix it in the manifest", reason="path_conflict")
+        model_type = self._check_model_type(job.get("model_type") or res.model_type)
         wanted = safe_filename(job["filename"]) if job.get("filename") else res.filename
         sha = res.sha256 or _norm_sha(job.get("sha256"))
         self.rel_name = f"{model_type}/{wanted}"
@@ -395,6 +404,16 @@ class _Job:
             self._report(resolved)
             raise CivitaiError(f"Civitai's scan flags the file of {self.subject} ({wanted}) as dangerous; it was not "
                                f"downloaded (set allow_unsafe in config.json to download it anyway)", reason="unsafe")
+        if not sha:
+            # Nothing to verify against: Civitai hashes a file when it scans it, minutes to hours
+            # after upload. A file is never placed unverified, so the job waits (SPEC §9).
+            self._report(resolved)
+            until = time.time() + UNHASHED_RECHECK_S
+            scan = f" (its scan is {res.scan.lower()})" if res.scan and res.scan != "Success" else ""
+            raise CivitaiError(f"Civitai has not hashed the file of {self.subject} ({wanted}) yet{scan}; it is not "
+                               f"placed unverified, so the job waits and asks Civitai again at {utc_text(until)}",
+                               reason="unhashed", wait=True, wait_until=until)
+        self.model_type = model_type
         folder = self._folder(model_type)
         candidates = list(dict.fromkeys([wanted, alternate_filename(wanted, res.version_id),
                                          alternate_filename(wanted, res.version_id, res.file_id)]))
@@ -419,7 +438,18 @@ class _Job:
         return {"type": "done", "job_id": self.job_id, "path": f"{model_type}/{name}", "filename": name,
                 "sha256": sha, "bytes": size, "skipped": skipped}
 
+    @staticmethod
+    def _check_model_type(model_type) -> str:
+        """The folder as the rules of ipc/naming.py accept it (NFC), else the reason to fix it."""
+        try:
+            return check_folder(model_type)
+        except FolderError as exc:
+            raise CivitaiError(f"model_type is not a folder the daemon can use: {exc}; fix it in the manifest",
+                               reason="path_conflict") from None
+
     def _folder(self, model_type: str) -> Path:
+        """download_dir/<model_type>, made as needed, one component at a time: none of them may
+        be a symlink (or a junction), so nothing is ever written outside download_dir."""
         try:
             return make_folder_inside(self.ctx.download_dir, model_type)
         except OutsideError as exc:
@@ -442,12 +472,12 @@ class _Job:
                 holder = self._read_sidecar(part.with_name(part.name + ".json")) or {}
                 if holder.get("version_id") == res.version_id and holder.get("file_id") == res.file_id:
                     # The very same file is on its way in another job: wait for it, never fetch twice.
-                    raise CivitaiError(f"{folder.name}/{name} is being downloaded by another job right now; "
+                    raise CivitaiError(f"{self.model_type}/{name} is being downloaded by another job right now; "
                                        "this one waits for it", reason="busy", retryable=True, retry_after_s=10)
-                log.info("%s/%s is being downloaded by another job; trying another name", folder.name, name)
+                log.info("%s/%s is being downloaded by another job; trying another name", self.model_type, name)
             else:
-                log.info("%s/%s is taken by a different file; it is never overwritten", folder.name, name)
-        raise CivitaiError(f"{folder.name}/{candidates[0]} and its alternative names ({', '.join(candidates[1:])}) "
+                log.info("%s/%s is taken by a different file; it is never overwritten", self.model_type, name)
+        raise CivitaiError(f"{self.model_type}/{candidates[0]} and its alternative names ({', '.join(candidates[1:])}) "
                            f"are all taken by other files: move one away or set another filename in the manifest",
                            reason="path_conflict")
 
@@ -531,10 +561,16 @@ class _Job:
         hasher = hashlib.sha256()
         have = os.fstat(fd).st_size
         keep = (have > 0 and meta is not None and meta.get("version_id") == res.version_id
-                and meta.get("file_id") == res.file_id and meta.get("sha256") == sha
-                and (meta.get("total") is None or have <= meta["total"]))
+                and meta.get("file_id") == res.file_id and meta.get("sha256") == sha)
         if keep:
-            if USE_DIRECT_IO and have != meta.get("total"):
+            end = file_end(res.size_bytes, meta.get("total"))
+            if end is not None and have > end:
+                # Left by a body that went on past the file (before the cap existed): the file,
+                # if it is there, is the first `end` bytes.
+                log.info("%s: the partial file has %s, more than the file's %s; cutting it back",
+                         self.rel_name, fmt_bytes(have), fmt_bytes(end))
+                have = end
+            if USE_DIRECT_IO and have != end:
                 have -= have % DIRECT_ALIGN  # direct writes continue from an aligned offset
             log.info("resuming %s from %s", self.rel_name, fmt_bytes(have))
             os.lseek(fd, 0, os.SEEK_SET)
@@ -563,15 +599,24 @@ class _Job:
         have, total, hasher = self._fetch(self._fd, side, have, hasher, validator, res, sha, name)
         self._report({"type": "verifying", "job_id": self.job_id})
         digest = hasher.hexdigest()
-        if total is not None and have != total:
+        ends = [n for n in (total, res.size_bytes) if n is not None]
+        if ends and have < min(ends) and digest != sha:
             raise CivitaiError(f"the file of {self.subject} ended after {fmt_bytes(have)} of "
-                               f"{fmt_bytes(total)}; the next attempt resumes", reason="connection",
+                               f"{fmt_bytes(min(ends))}; the next attempt resumes", reason="connection",
                                retryable=True)
         if sha and digest != sha:
             self._release_part(discard=True)
+            got = f"(got {digest[:12]}…, expected {sha[:12]}…)"
+            if self._cut is not None:
+                end, declared = self._cut
+                host = "without saying its length" if declared is None else f"(it declared {fmt_bytes(declared)})"
+                raise CivitaiError(f"the file host sent more than the {fmt_bytes(end)} Civitai lists for "
+                                   f"{self.subject} {host}, and those first {fmt_bytes(end)} do not match "
+                                   f"Civitai's SHA-256 {got}; they were deleted and will be downloaded again",
+                                   reason="hash_mismatch", retryable=True)
             raise CivitaiError(f"the downloaded file of {self.subject} does not match Civitai's SHA-256 "
-                               f"(got {digest[:12]}…, expected {sha[:12]}…); it was deleted and will be "
-                               f"downloaded again", reason="hash_mismatch", retryable=True)
+                               f"{got}; it was deleted and will be downloaded again",
+                               reason="hash_mismatch", retryable=True)
         if not sha and not size_plausible(have, res.size_bytes):
             self._release_part(discard=True)
             raise CivitaiError(f"the file of {self.subject} has {fmt_bytes(have)} but Civitai lists about "
@@ -593,14 +638,22 @@ class _Job:
         sidecar_total = (self._read_sidecar(side) or {}).get("total") if have else None
         while True:
             start = have
-            dl: Download = self._interruptible(
-                lambda start=start, validator=validator: self.client.open_download(
-                    res.version_id, res.file_id, start=start, etag=validator if start else None,
-                    read_timeout_s=self.ctx.read_timeout_s + 2, filename=name),
-                "open")
+            try:
+                dl: Download = self._interruptible(
+                    lambda start=start, validator=validator: self.client.open_download(
+                        res.version_id, res.file_id, start=start, etag=validator if start else None,
+                        read_timeout_s=self.ctx.read_timeout_s + 2, filename=name),
+                    "open")
+            except CivitaiError as exc:
+                if (exc.reason == "early_access" and getattr(exc, "ends_at", None) is None
+                        and res.early_access_ends_at is not None):
+                    raise early_access_error(self.subject, res.early_access_ends_at) from None
+                raise
             with dl:
                 if dl.status == 416:
-                    if start > 0 and (sidecar_total is None or sidecar_total == start):
+                    # Nothing past `start`: complete, if that is where the file ends (the hash decides).
+                    if start > 0 and (sidecar_total is None or start in (sidecar_total, dl.total_size,
+                                                                          res.size_bytes)):
                         log.info("%s: the partial file is already complete; verifying it", self.rel_name)
                         return have, start, hasher
                     if restarts >= MAX_RESTARTS:
@@ -625,11 +678,19 @@ class _Job:
                     raise CivitaiError(f"the file host is sending {fmt_bytes(total)} for {self.subject} but Civitai "
                                        f"lists about {fmt_bytes(res.size_bytes)}; it will be retried",
                                        reason="size_mismatch", retryable=True)
-                self._check_disk_space((total if total is not None else (res.size_bytes or 0)) - have)
+                end = file_end(res.size_bytes, total)
+                if end is not None:
+                    dl.limit_body(end - have)
+                self._check_disk_space((end or 0) - have)
                 self._write_sidecar(side, {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha,
                                            "etag": dl.etag, "last_modified": dl.last_modified, "total": total})
-                have = self._stream(dl, fd, hasher, have, total, sniff=(have == 0),
+                have = self._stream(dl, fd, hasher, have, end, sniff=(have == 0),
                                     json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES))
+                if dl.overran:
+                    self._cut = (end, total)
+                    log.info("%s: the file host sent more than the file's %s (%s); the rest was dropped",
+                             self.rel_name, fmt_bytes(end),
+                             "it gave no length" if total is None else f"it declared {fmt_bytes(total)}")
                 return have, total, hasher
 
     def _check_disk_space(self, needed: int) -> None:
@@ -797,7 +858,7 @@ class _Job:
                 target = folder / name
                 state = self._target_state(target, digest, estimate)
                 if state == "same":
-                    log.info("%s/%s appeared meanwhile with the same content; keeping it", folder.name, name)
+                    log.info("%s/%s appeared meanwhile with the same content; keeping it", self.model_type, name)
                     self._release_part(discard=True)
                     return name, True
                 if state == "free":
@@ -810,6 +871,6 @@ class _Job:
                     fsync_dir(folder)
                     self._release_part(discard=True)  # the sidecar; the part is gone already
                     return name, False
-        raise CivitaiError(f"{folder.name}/{names[0]} and its alternative names were taken by other files "
+        raise CivitaiError(f"{self.model_type}/{names[0]} and its alternative names were taken by other files "
                            f"during the download: move one away; the verified file stays as {part.name}",
                            reason="path_conflict")

@@ -15,19 +15,26 @@ import traceback
 log = logging.getLogger("worker")
 
 
+PARENT_CHECK_S = 5.0  # an idle worker wakes this often, only to see whether the supervisor is alive
+
+
 class Channel:
     """The worker's end of its Pipe. Sends come from the job thread and the reader thread."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, parent_check_s: float = PARENT_CHECK_S):
         self.conn = conn
         self._lock = threading.Lock()
         self._parent_pid = os.getppid()
+        self._parent_check_s = parent_check_s
 
     def recv(self) -> dict:
-        """The next message; EOFError once the supervisor is gone: EOF on the pipe, or (fork
-        leaves copies of pipe ends in siblings) this process was handed to another parent."""
-        while not self.conn.poll(1.0):
-            if os.name != "nt" and os.getppid() != self._parent_pid:
+        """The next message; EOFError once the supervisor is gone: EOF on the pipe, or this
+        process was handed to another parent. A forked worker also holds a copy of the
+        supervisor's end of its own pipe, so a supervisor killed with -9 may never show as
+        EOF here: the parent is checked every PARENT_CHECK_S while nothing arrives (a message
+        wakes the poll at once, so this costs no latency)."""
+        while not self.conn.poll(None if os.name == "nt" else self._parent_check_s):
+            if os.getppid() != self._parent_pid:
                 raise EOFError("the supervisor is gone")
         return self.conn.recv()
 
@@ -55,7 +62,9 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     cfg, _ = load_config(config_path)
     setup_child_logging(log_queue, secrets=(cfg.civitai_api_key,))
     channel = Channel(conn)
-    jobs: queue.Queue = queue.Queue()
+    # SimpleQueue: put() is safe from the SIGTERM handler (it may interrupt a get() in progress),
+    # and the main loop blocks on get() without a timeout: an idle worker does not wake up.
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
     cancelled: set[int] = set()
     current = {"job_id": None, "assigned": None}
@@ -104,10 +113,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     channel.send({"type": "ready", "pid": os.getpid()})
     log.info("%s ready", name)
     while not stop.is_set():
-        try:
-            job = jobs.get(timeout=0.5)
-        except queue.Empty:
-            continue
+        job = jobs.get()  # None: stop (SIGTERM, a stop message, or the supervisor gone)
         if job is None:
             break
         job_id = int(job["job_id"])
@@ -121,17 +127,13 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
             result = run_job(job, ctx, channel.send, should_stop)
             channel.send(result)
         except CivitaiError as exc:
-            channel.send({
-                "type": "error", "job_id": job_id, "error": str(exc), "reason": exc.reason,
-                "retryable": bool(exc.retryable), "retry_after_s": exc.retry_after_s,
-            })
+            if exc.wait:
+                log.info("job %s waits: %s", job_id, exc)
+            channel.send(exc.as_message(job_id))
         except Exception as exc:  # a bug: report it as a retryable failure, keep the worker alive
             log.error("job %s: unexpected error\n%s", job_id, traceback.format_exc())
-            channel.send({
-                "type": "error", "job_id": job_id, "reason": "internal",
-                "error": f"internal error in the download worker: {type(exc).__name__}: {exc}",
-                "retryable": True, "retry_after_s": None,
-            })
+            channel.send(CivitaiError(f"internal error in the download worker: {type(exc).__name__}: {exc}",
+                                      reason="internal", retryable=True).as_message(job_id))
         finally:
             cancelled.discard(job_id)
             current["job_id"] = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -78,7 +79,8 @@ def test_model_json_shape(fake):
     assert {"CRC32", "BLAKE3"} <= set(f0["hashes"])
     assert f0["sizeKB"] == (3 * MIB + 123) / 1024
     assert f0["metadata"] == {"format": "SafeTensor", "fp": "fp16", "size": "pruned"}
-    assert f0["primary"] is True and f1["primary"] is False
+    assert f0["primary"] is True and "primary" not in f1  # /models shows it only when true
+    assert fake.version_json(10)["files"][1]["primary"] is False  # /model-versions says false
     assert f0["downloadUrl"] == f"{fake.origin}/api/download/models/10"
     q = urllib.parse.parse_qs(urllib.parse.urlsplit(f1["downloadUrl"]).query)
     assert q == {"type": ["Model"], "format": ["SafeTensor"], "size": ["pruned"], "fp": ["fp32"]}
@@ -292,6 +294,8 @@ def test_status_fault_on_download_endpoint(fake, code):
             assert body["error"] == "Early Access" and body["deadline"]
         if code == 401:
             assert "logged in" in body["message"]
+        if code == 429:
+            assert body == {"error": "Rate limit exceeded, please retry shortly."}
     # times=1: the next request is normal again
     r = requests.get(fake.download_url(11, 110), allow_redirects=False, timeout=5)
     assert r.status_code == 307
@@ -522,7 +526,7 @@ def test_bytes_served(fake):
     assert fake.bytes_served(100) == 2 * size - 1000000
     fake.set_fault(100, "short", after_bytes=5000, times=1)
     with pytest.raises(requests.RequestException):
-        requests.get(url, timeout=10).content
+        _ = requests.get(url, timeout=10).content
     assert fake.bytes_served(100) == 2 * size - 1000000 + 5000
     assert fake.bytes_served(110) == 0
 
@@ -573,3 +577,239 @@ def test_expired_status_configurable_and_cd_name(fake):
     fake.set_file_meta(110, cd_name="модель.safetensors")
     r = requests.head(_location(fake, 11), timeout=5)
     assert "filename*=UTF-8''%D0%BC" in r.headers["Content-Disposition"]
+
+
+# --------------------------------------------------------------------------- bodies past the file
+
+
+def _raw_body(url: str, limit: int, headers: dict | None = None):
+    """(status, headers, bytes read until EOF or `limit`) with http.client, which, unlike a
+    download client, keeps reading a body that has no length."""
+    conn, resp = _raw(url, headers=headers)
+    got = bytearray()
+    try:
+        while len(got) < limit:
+            chunk = resp.read1(256 << 10) if hasattr(resp, "read1") else resp.read(256 << 10)
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        conn.close()
+    return resp.status, resp.headers, bytes(got)
+
+
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_endless_body_has_no_length_and_does_not_end(fake, framing):
+    fake.set_fault(110, "endless", framing=framing)
+    status, headers, body = _raw_body(_location(fake, 11), limit=8 * MIB)
+    assert status == 200 and headers.get("Content-Length") is None
+    if framing == "chunked":
+        assert headers["Transfer-Encoding"] == "chunked"
+    else:
+        assert headers["Connection"] == "close"
+    assert len(body) >= 8 * MIB  # still going when we stopped reading
+    assert body[:20000] == fake.file_bytes(110)  # the file first, then more
+
+
+def test_endless_body_with_a_range_and_an_end(fake):
+    fake.set_fault(100, "endless", framing="chunked", extra_bytes=5000)
+    data = fake.file_bytes(100)
+    status, headers, body = _raw_body(_location(fake, 10, 100), limit=64 * MIB,
+                                      headers={"Range": "bytes=1000-"})
+    assert status == 206 and headers["Content-Range"] == f"bytes 1000-{len(data) - 1}/{len(data)}"
+    assert len(body) == len(data) - 1000 + 5000 and body[:len(data) - 1000] == data[1000:]
+
+
+@pytest.mark.parametrize("declared", ["file", "body"])
+def test_overlong_body_goes_past_the_file(fake, declared):
+    fake.set_fault(110, "overlong", extra_bytes=3000, declared=declared)
+    url = _location(fake, 11)
+    u = urllib.parse.urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=5) as sock:
+        sock.sendall(f"GET {u.path}?{u.query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        raw = b""
+        while chunk := sock.recv(1 << 16):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    assert length == 20000 + (3000 if declared == "body" else 0)
+    assert len(body) == 23000 and body[:20000] == fake.file_bytes(110)
+
+
+# --------------------------------------------------------------------------- by hash
+
+
+def test_by_hash_get_takes_any_of_the_files_hashes_in_any_case(fake):
+    v = fake.version_json(11)
+    hashes = v["files"][0]["hashes"]
+    for value in (hashes["SHA256"].lower(), hashes["AutoV2"], hashes["BLAKE3"].lower(), hashes["CRC32"]):
+        r = requests.get(f"{fake.api_url}/model-versions/by-hash/{value}", timeout=5)
+        assert r.status_code == 200 and r.json() == v
+    r = requests.get(f"{fake.api_url}/model-versions/by-hash/{'0' * 64}", timeout=5)
+    assert r.status_code == 404 and r.json() == {"error": "Model not found"}
+
+
+def test_by_hash_knows_only_hashed_files_and_the_oldest_of_duplicates(fake):
+    fake.add_model(5, name="Reupload", versions=[dict(id=50, published_at="2025-01-01T00:00:00.000Z", files=[
+        dict(id=500, name="same.safetensors", data=b"fp32-bytes" * 1000, primary=True)])])
+    sha = fake.file_sha256(101)
+    assert fake.file_sha256(500) == sha
+    r = requests.get(f"{fake.api_url}/model-versions/by-hash/{sha}", timeout=5)
+    assert r.json()["id"] == 10  # published 2024: before the re-upload
+    fake.add_model(6, versions=[dict(id=60, files=[dict(id=600, name="new.safetensors", size_bytes=10,
+                                                         primary=True, hashed=False)])])
+    r = requests.get(f"{fake.api_url}/model-versions/by-hash/{fake.file_sha256(600)}", timeout=5)
+    assert r.status_code == 404
+    fake.hash_file(600)
+    r = requests.get(f"{fake.api_url}/model-versions/by-hash/{fake.file_sha256(600)}", timeout=5)
+    assert r.json()["id"] == 60
+
+
+def test_by_hash_post_answers_a_version_per_matched_file(fake):
+    wanted = [fake.file_sha256(110).lower(), "AB" * 32, fake.file_sha256(100), fake.file_sha256(101)]
+    r = requests.post(f"{fake.api_url}/model-versions/by-hash", json=wanted, timeout=5)
+    assert r.status_code == 200
+    got = r.json()
+    assert isinstance(got, list) and sorted(v["id"] for v in got) == [10, 10, 11]  # the unknown one is absent
+    assert got[[v["id"] for v in got].index(11)] == fake.version_json(11)
+    assert json.loads(fake.requests_to("api", method="POST")[-1].body) == wanted
+    assert requests.post(f"{fake.api_url}/model-versions/by-hash", json=[], timeout=5).json() == []
+
+
+@pytest.mark.parametrize("body, words", [
+    (["AB" * 32] * 101, "Too many hashes"),
+    (["abc"], "Invalid hash"),
+    ({"hashes": []}, "Expected array"),
+])
+def test_by_hash_post_refuses_bad_input_with_400(fake, body, words):
+    r = requests.post(f"{fake.api_url}/model-versions/by-hash", json=body, timeout=5)
+    assert r.status_code == 400
+    assert r.json()["error"] == f"Request must include an array of SHA256 Hashes. {words}"
+
+
+def test_post_elsewhere_is_not_allowed(fake):
+    assert requests.post(f"{fake.api_url}/models/1", json=[], timeout=5).status_code == 405
+    assert requests.post(_location(fake, 11), data=b"x", timeout=5).status_code == 405
+
+
+# --------------------------------------------------------------------------- file types
+
+
+def test_a_checkpoint_with_its_vae_fp16_and_fp32(fake):
+    fake.add_model(7, name="Full", versions=[dict(id=70, files=[
+        dict(id=700, name="full.safetensors", size_bytes=1000, primary=True, fp="fp16", size="pruned"),
+        dict(id=701, name="full_fp32.safetensors", size_bytes=2000, fp="fp32", size="full"),
+        dict(id=702, name="full.vae.safetensors", size_bytes=300, type="VAE", fp=None, size=None),
+        dict(id=703, name="full.ckpt", size_bytes=400, type="Pruned Model", format="PickleTensor", fp="fp16"),
+    ])])
+    listed = {f["id"]: f for f in fake.model_json(7)["modelVersions"][0]["files"]}
+    version = {f["id"]: f for f in fake.version_json(70)["files"]}
+    assert listed[702]["type"] == "VAE" and listed[702]["metadata"] == {"format": "SafeTensor"}  # no nulls
+    assert version[702]["metadata"] == {"format": "SafeTensor", "size": None, "fp": None}
+    assert listed[703]["type"] == "Pruned Model" and listed[703]["metadata"]["format"] == "PickleTensor"
+    assert [i for i, f in version.items() if f["primary"]] == [700]
+    assert version[701]["metadata"] == {"format": "SafeTensor", "size": "full", "fp": "fp32"}
+    # each file's own downloadUrl answers with that file
+    for fid, f in version.items():
+        r = requests.get(f["downloadUrl"], allow_redirects=False, timeout=5)
+        assert f"/files/{fid}/" in r.headers["Location"], (fid, f["downloadUrl"])
+    assert version[702]["downloadUrl"].endswith("?type=VAE&format=SafeTensor")
+
+
+# --------------------------------------------------------------------------- answers that mean "wait"
+
+
+def test_an_unhashed_file_has_no_hashes_until_civitai_hashes_it(fake):
+    fake.add_model(8, versions=[dict(id=80, files=[dict(id=800, name="fresh.safetensors", size_bytes=10,
+                                                         primary=True, hashed=False)])])
+    f = fake.version_json(80)["files"][0]
+    assert f["hashes"] == {} and f["pickleScanResult"] == f["virusScanResult"] == "Pending"
+    assert f["scannedAt"] is None
+    fake.hash_file(800)
+    f = fake.version_json(80)["files"][0]
+    assert f["hashes"]["SHA256"] == fake.file_sha256(800) and f["pickleScanResult"] == "Success"
+
+
+def test_early_access_answers_like_civitai(fake):
+    deadline = "2099-01-01T00:00:00.000Z"
+    fake.add_version(1, dict(id=13, early_access_ends_at=deadline, files=[
+        dict(id=130, name="ea.safetensors", size_bytes=100, primary=True)]))
+    r = requests.get(fake.download_url(13), allow_redirects=False, timeout=5)
+    assert r.status_code == 403 and r.json() == {
+        "error": "Early Access", "deadline": deadline,
+        "message": "This asset is in Early Access. You can use Buzz access it now!"}
+    listed = [v for v in fake.model_json(1)["modelVersions"] if v["id"] == 13][0]
+    assert listed["earlyAccessDeadline"] == deadline and listed["availability"] == "EarlyAccess"
+
+
+def test_downloads_disabled_by_the_creator(fake):
+    fake.add_model(9, versions=[dict(id=90, usage_control="Generation", files=[
+        dict(id=900, name="gen.safetensors", size_bytes=10, primary=True)])])
+    assert fake.version_json(90)["usageControl"] == "Generation"
+    r = requests.get(fake.download_url(90), allow_redirects=False, timeout=5)
+    assert r.status_code == 401 and r.json() == {
+        "error": "Unauthorized", "message": "The creator of this asset has disabled downloads on this file"}
+
+
+def test_a_status_fault_can_play_the_quota(fake):
+    fake.set_fault(110, "status", code=429, quota=True, times=1)
+    r = requests.get(fake.download_url(11), allow_redirects=False, timeout=5)
+    assert r.status_code == 429 and "unusual amount of downloading" in r.json()["error"]
+
+
+def test_the_daily_download_quota(fake):
+    fake.download_quota = 2
+    assert _location(fake, 10) and _location(fake, 11)
+    r = requests.get(fake.download_url(10), allow_redirects=False, timeout=5)
+    assert r.status_code == 429 and "Retry-After" not in r.headers
+    assert r.json() == {"error": "We've noticed an unusual amount of downloading from your account. "
+                                 "Contact support@civitai.com or come back later."}
+    assert fake.downloads_resolved == 2
+    fake.download_quota = None
+    assert _location(fake, 10)
+
+
+@pytest.mark.parametrize("kind, status, ctype, words", [
+    ("404", 404, "application/json", b'{"error": "Model not found"}'),
+    ("html_403", 403, "text/html", b"Just a moment..."),
+    ("500", 500, "application/json", b"Failed to fetch model version details"),
+    ("503", 503, "text/html", b"503 Service Unavailable"),
+])
+def test_metadata_faults_for_the_first_requests(fake, kind, status, ctype, words):
+    fake.metadata_fault(kind, times=2)
+    for _ in range(2):
+        r = requests.get(f"{fake.api_url}/model-versions/11", timeout=5)
+        assert r.status_code == status and r.headers["Content-Type"].startswith(ctype) and words in r.content
+    assert requests.get(f"{fake.api_url}/models/1", timeout=5).status_code == 200
+    fake.metadata_fault(kind, times=1, path=r"/models/1$")
+    assert requests.get(f"{fake.api_url}/model-versions/11", timeout=5).status_code == 200
+    assert requests.get(f"{fake.api_url}/models/1", timeout=5).status_code == status
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def test_answers_go_out_with_nodelay_and_in_one_write(fake, monkeypatch):
+    import socketserver
+
+    writes: list[bytes] = []
+    original = socketserver._SocketWriter.write
+
+    def record(self, b):
+        writes.append(bytes(b))
+        return original(self, b)
+
+    monkeypatch.setattr(socketserver._SocketWriter, "write", record)
+    with requests.Session() as s:  # kept alive: where Nagle and delayed ACKs would add 40 ms
+        assert s.get(f"{fake.api_url}/models/1", timeout=5).status_code == 200
+        with fake._api.conns_lock:
+            conns = list(fake._api.conns)
+        assert conns and all(c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for c in conns)
+        writes.clear()
+        r = s.get(f"{fake.api_url}/model-versions/11", timeout=5)
+        assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(r.content)
+        url = _location(fake, 11)
+        writes.clear()
+        r = s.get(url, timeout=5)  # a small file: headers and bytes together
+        assert r.content == fake.file_bytes(110)
+        assert len(writes) == 1 and writes[0].endswith(r.content)

@@ -26,6 +26,7 @@ from workers.civitai import (
     is_unsafe,
     newest_published_version,
     parse_retry_after,
+    parse_time,
     pick_file,
     redact_url,
     resolve,
@@ -361,13 +362,13 @@ def test_download_416_is_returned_with_the_total(rsps):
 @pytest.mark.parametrize("status, body, reason, retryable, words", [
     (401, {"error": "Unauthorized"}, "auth_required", False,
      "Civitai did not accept the API key"),
-    (403, {"error": "Early Access", "deadline": "2031-05-01T00:00:00.000Z"}, "early_access", False,
-     "until 2031-05-01T00:00:00.000Z"),
+    (403, {"error": "Early Access", "deadline": "2031-05-01T00:00:00.000Z"}, "early_access", True,
+     "until 2031-05-01 00:00 UTC"),
     (403, {"error": "Forbidden"}, "forbidden", False, "403 Forbidden"),
-    (404, {"error": "File not found"}, "not_found", False,
-     "model version 57618 was not found on Civitai (deleted or wrong id)"),
+    (404, {"error": "File not found"}, "not_found", True,
+     "the file of model version 57618 was not found on Civitai's download endpoint"),
     (410, {"error": "Model archived, not available for download"}, "gone", False, "archived"),
-    (429, {"error": "We've noticed an unusual amount of downloading"}, "rate_limited", True, "429"),
+    (429, {"error": "Rate limit exceeded, please retry shortly."}, "rate_limited", True, "429"),
     (500, {"error": "Error getting file"}, "server_error", True, "500"),
     (502, "<html>bad gateway</html>", "server_error", True, "502"),
 ])
@@ -408,7 +409,9 @@ def test_download_redirect_to_site_pages_is_mapped(rsps, location, reason):
     add_redirect(rsps, location)
     with pytest.raises(CivitaiError) as err:
         make_client().open_download(57618, 41079)
-    assert err.value.reason == reason and not err.value.retryable
+    assert err.value.reason == reason
+    assert err.value.wait == (reason == "early_access")  # early access waits; a login is the user's to fix
+    assert err.value.retryable == (reason == "early_access")
     assert len(rsps.calls) == 1
 
 
@@ -505,9 +508,155 @@ def test_urllib3_debug_log_has_no_query_strings(caplog):
 def test_error_message_as_worker_message():
     err = CivitaiError("boom", reason="server_error", retryable=True, retry_after_s=3.0, status=500)
     assert err.as_message(5) == {"type": "error", "job_id": 5, "error": "boom", "retryable": True,
-                                 "retry_after_s": 3.0, "reason": "server_error"}
+                                 "retry_after_s": 3.0, "reason": "server_error", "wait": False,
+                                 "wait_until": None}
+
+
+def test_a_wait_as_worker_message_has_both_the_moment_and_the_delay():
+    before = time.time()
+    err = CivitaiError("early access until …", reason="early_access", wait=True, wait_until=before + 100)
+    msg = err.as_message(6)
+    assert (msg["wait"], msg["retryable"], msg["reason"], msg["wait_until"]) == (True, True, "early_access",
+                                                                                  before + 100)
+    assert 99 <= msg["retry_after_s"] <= 100
+    err = CivitaiError("quota", reason="quota", wait=True, retry_after_s=3600)
+    assert before + 3600 <= err.as_message(7)["wait_until"] <= time.time() + 3600
+    json.dumps(msg)  # travels over the Pipe as plain data
 
 
 def test_requests_identify_the_daemon_not_python_requests():
     client = CivitaiClient("https://civitai.com/api/v1")
     assert not client.session.headers["User-Agent"].startswith("python-requests")
+
+
+# -- Civitai's own words, and answers that mean "wait" ----------------------------------------------
+
+DISABLED = "The creator of this asset has disabled downloads on this file"
+LOGIN = "The creator of this asset requires you to be logged in to download it"
+QUOTA = ("We've noticed an unusual amount of downloading from your account. Contact support@civitai.com "
+         "or come back later.")
+
+
+@pytest.mark.parametrize("key", [KEY, ""])
+def test_downloads_disabled_by_the_creator_is_said_and_no_key_is_blamed(rsps, key):
+    rsps.get(DL, status=401, json={"error": "Unauthorized", "message": DISABLED})
+    with pytest.raises(CivitaiError) as err:
+        make_client(key=key).open_download(57618, 41079)
+    assert (err.value.reason, err.value.retryable, err.value.wait) == ("downloads_disabled", False, False)
+    assert str(err.value) == (f"Civitai refuses the download of model version 57618: {DISABLED} (401); "
+                              f"only its creator can change that")
+    assert "civitai_api_key" not in str(err.value) and "API key" not in str(err.value)
+
+
+def test_a_login_only_file_without_a_key_gives_civitais_words_and_the_setting(rsps):
+    rsps.get(DL, status=401, json={"error": "Unauthorized", "message": LOGIN})
+    with pytest.raises(CivitaiError) as err:
+        make_client(key="").open_download(57618, 41079)
+    assert str(err.value) == ("Civitai requires a login or API key for this file (model version 57618; Civitai "
+                              f"says: {LOGIN}): set civitai_api_key in config.json or the CIVITAI_API_KEY "
+                              "environment variable")
+
+
+def test_early_access_waits_until_its_deadline(rsps):
+    rsps.get(DL, status=403, json={"error": "Early Access", "deadline": "2031-05-01T18:00:00.000Z",
+                                   "message": "This asset is in Early Access. You can use Buzz access it now!"})
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
+    e = err.value
+    assert (e.reason, e.wait, e.retryable) == ("early_access", True, True)
+    deadline = parse_time("2031-05-01T18:00:00.000Z")
+    assert e.wait_until == deadline + 60  # a minute after, not a moment before
+    assert str(e) == ("model version 57618 is in early access on Civitai until 2031-05-01 18:00 UTC; the download "
+                      "starts then; to get it sooner, buy early access on civitai.com with civitai_api_key set")
+    assert e.as_message(1)["wait_until"] == deadline + 60
+
+
+def test_early_access_past_its_deadline_or_without_one_waits_an_hour(rsps):
+    rsps.get(DL, status=403, json={"error": "Early Access", "deadline": "2020-01-01T00:00:00.000Z"})
+    rsps.get(DL, status=403, json={"error": "Early Access"})
+    for words in ("was to end at 2020-01-01 00:00 UTC, but Civitai still refuses", "which gives no end date"):
+        with pytest.raises(CivitaiError) as err:
+            make_client().open_download(57618, 41079)
+        assert err.value.wait and words in str(err.value)
+        assert 3590 <= err.value.wait_until - time.time() <= 3600
+
+
+def test_the_daily_quota_waits_an_hour_or_what_retry_after_says(rsps):
+    rsps.get(DL, status=429, json={"error": QUOTA})
+    rsps.get(DL, status=429, json={"error": QUOTA}, headers={"Retry-After": "7200"})
+    for wait_s in (3600, 7200):
+        before = time.time()
+        with pytest.raises(CivitaiError) as err:
+            make_client().open_download(57618, 41079)
+        e = err.value
+        assert (e.reason, e.wait, e.retryable, e.status) == ("quota", True, True, 429)
+        assert before + wait_s <= e.wait_until <= time.time() + wait_s
+        assert str(e).startswith(f"Civitai's download quota for this account is used up (429: {QUOTA}); "
+                                 "downloads wait until ")
+
+
+def test_a_cloudflare_page_with_403_on_the_download_is_retried_not_final(rsps):
+    rsps.get(DL, status=403, body="<!DOCTYPE html><html><title>Just a moment...</title></html>",
+             content_type="text/html")
+    with pytest.raises(CivitaiError) as err:
+        make_client().open_download(57618, 41079)
+    assert (err.value.reason, err.value.retryable, err.value.wait) == ("forbidden", True, False)
+    assert "web page" in str(err.value)
+
+
+@pytest.mark.parametrize("first", [
+    dict(status=404, json={"error": "Model not found"}),
+    dict(status=403, body="<!DOCTYPE html><html>Just a moment...</html>", content_type="text/html"),
+])
+def test_resolve_asks_again_after_one_transient_metadata_answer(rsps, first):
+    rsps.get(f"{API}/model-versions/1387174", **first)
+    rsps.get(f"{API}/model-versions/1387174", json=load("model-version-1387174.json"))
+    assert resolve(make_client(), version_id=1387174).file_id == 1289799
+    assert len(rsps.calls) == 2
+
+
+@pytest.mark.parametrize("answer, calls", [
+    (dict(status=404, json={"error": "Model not found"}), 2),
+    (dict(status=403, body="<html><body>Checking your browser</body></html>", content_type="text/html"), 2),
+    (dict(status=503, body="<html>503 Service Temporarily Unavailable</html>", content_type="text/html"), 3),
+    (dict(status=500, json={"error": "Failed to fetch model version details"}), 3),
+    (dict(status=200, body="<!DOCTYPE html><html>maintenance</html>", content_type="text/html"), 3),
+])
+def test_a_transient_metadata_answer_is_retryable_with_a_growing_backoff(rsps, answer, calls):
+    rsps.get(f"{API}/model-versions/7", **answer)
+    for attempt, delay in ((1, 15), (2, 60), (3, 240), (4, 900), (9, 900)):
+        rsps.calls.reset()
+        with pytest.raises(CivitaiError) as err:
+            resolve(make_client(), version_id=7, attempt=attempt)
+        e = err.value
+        assert (e.reason, e.retryable, e.wait, e.retry_after_s) == ("metadata_unavailable", True, False, delay)
+        assert len(rsps.calls) == calls  # the client's quick retries of 5xx are not repeated
+    assert "model version 7" in str(e)
+
+
+def test_a_metadata_403_in_json_is_a_refusal_not_a_hiccup(rsps):
+    rsps.get(f"{API}/model-versions/7", status=403, json={"error": "Forbidden"})
+    with pytest.raises(CivitaiError) as err:
+        resolve(make_client(), version_id=7)
+    assert (err.value.reason, err.value.retryable) == ("forbidden", False)
+    assert len(rsps.calls) == 1
+
+
+def test_a_version_whose_creator_disabled_downloads_is_refused_before_any_download(rsps):
+    version = load("model-version-1387174.json")
+    version["usageControl"] = "Generation"
+    rsps.get(f"{API}/model-versions/1387174", json=version)
+    with pytest.raises(CivitaiError) as err:
+        resolve(make_client(), version_id=1387174)
+    assert (err.value.reason, err.value.retryable) == ("downloads_disabled", False)
+    assert "has disabled downloads on Civitai (usageControl: Generation)" in str(err.value)
+
+
+def test_resolve_knows_when_early_access_ends(rsps):
+    version = load("model-version-1387174.json")
+    assert version["usageControl"] == "Download"
+    version.update(availability="EarlyAccess", earlyAccessEndsAt="2031-05-01T18:00:00.000Z")
+    rsps.get(f"{API}/model-versions/1387174", json=version)
+    res = resolve(make_client(), version_id=1387174)
+    assert res.early_access_ends_at == parse_time("2031-05-01T18:00:00.000Z")
+    assert resolve(make_client(), version_id=1387174).scan == "Success"

@@ -7,6 +7,7 @@ import json
 import os
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,36 @@ def test_invalid_model_type_is_refused(fake, runner):
     assert err.reason == "path_conflict" and "model_type" in str(err)
 
 
+@pytest.mark.parametrize("model_type", ["models/Stable-diffusion", "Lora/SDXL/characters", "Lora"])
+def test_a_folder_as_the_users_ui_names_it_is_used_as_written(fake, runner, model_type):
+    add_model(fake)
+    done = runner.run(model_id=1, model_type=model_type)
+    assert done["path"] == f"{model_type}/model.safetensors"
+    assert (runner.base / "models" / model_type / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("model_type, words", [
+    ("models/../../etc", "'..' is not allowed"), ("Lora/CON", "reserved device name"),
+    ("Lora/trailing.", "ends in a dot"), ("/abs", "relative to download_dir"),
+])
+def test_a_folder_the_rules_refuse_says_why(fake, runner, model_type, words):
+    add_model(fake)
+    err = runner.fail(model_id=1, model_type=model_type)
+    assert err.reason == "path_conflict" and "model_type" in str(err) and words in str(err)
+    assert fake.requests == []
+
+
+def test_a_symlink_inside_a_nested_folder_is_not_followed(fake, runner, tmp_path):
+    add_model(fake)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (runner.base / "models" / "models").mkdir(parents=True)
+    os.symlink(outside, runner.base / "models" / "models" / "Stable-diffusion")
+    err = runner.fail(model_id=1, model_type="models/Stable-diffusion/sdxl")
+    assert err.reason == "path_conflict" and "symlink" in str(err)
+    assert os.listdir(outside) == []
+
+
 def test_model_type_folder_symlinked_outside_is_refused(fake, runner, tmp_path):
     add_model(fake)
     outside = tmp_path / "outside"
@@ -156,11 +187,25 @@ def test_model_type_folder_symlinked_outside_is_refused(fake, runner, tmp_path):
     assert os.listdir(outside) == []
 
 
-def test_no_sha_from_civitai_records_the_computed_one(fake, runner):
-    add_model(fake, extra={"hashes": {}})
-    done = runner.run(model_id=1)
+def test_a_file_civitai_has_not_hashed_waits_and_is_never_placed_unverified(fake, runner):
+    add_model(fake, hashed=False)  # just uploaded: no hashes, scans Pending
+    before = time.time()
+    err = runner.fail(model_id=1)
+    assert (err.reason, err.wait, err.retryable) == ("unhashed", True, True)
+    assert before + 850 <= err.wait_until <= time.time() + 950  # asked again in about 15 min
+    assert "has not hashed the file of model version 11 (model.safetensors) yet (its scan is pending)" in str(err)
+    assert "not placed unverified" in str(err)
+    assert runner.messages[0]["type"] == "resolved" and runner.messages[0]["sha256"] is None
+    assert cdn_requests(fake) == [] and fake.requests_to("api", path_re="/api/download/") == []
+    assert runner.listing() == []
+    fake.hash_file(111)  # Civitai's scan is done: the next try downloads and verifies
+    assert runner.run(model_id=1)["sha256"] == sha(fake, 111)
+
+
+def test_an_unhashed_file_with_a_hash_from_the_manifest_is_verified_with_it(fake, runner):
+    add_model(fake, hashed=False)
+    done = runner.run(model_id=1, sha256=sha(fake, 111).upper())
     assert done["sha256"] == sha(fake, 111)
-    assert runner.messages[0]["sha256"] is None
 
 
 def test_unsafe_file_is_refused_unless_allowed(fake, runner, tmp_path):
@@ -320,12 +365,18 @@ def test_200_to_a_range_request_restarts_from_zero(fake, runner):
 
 
 def test_changed_file_with_stale_etag_comes_back_whole(fake, runner):
-    add_model(fake, extra={"hashes": {}})  # no hash to pin: the new content is what Civitai serves now
+    old_bytes, new_bytes = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    new_sha = hashlib.sha256(new_bytes).hexdigest()
+    # Civitai already lists the new file's hash while the CDN still serves the old bytes.
+    add_model(fake, data=old_bytes, sha256=new_sha)
     fake.set_fault(111, "short", times=1, after_bytes=MiB + 10)
     runner.fail(model_id=1)
-    fake.replace_file(111)  # new content, new ETag: If-Range makes the CDN send all of it
+    fake.replace_file(111, data=new_bytes, sha256=new_sha)  # new ETag: If-Range brings all of it
     done = runner.run(model_id=1)
-    assert done["sha256"] == sha(fake, 111)
+    assert done["sha256"] == new_sha
+    resumed = cdn_requests(fake)[-1]
+    assert resumed.headers.get("Range") and resumed.headers.get("If-Range")
+    assert fake.bytes_served(111) == MiB + 10 + len(new_bytes)
 
 
 def test_complete_part_and_416_goes_straight_to_verify(fake, runner):
@@ -341,6 +392,18 @@ def test_complete_part_and_416_goes_straight_to_verify(fake, runner):
 
 
 # -- bad bytes and refusals ------------------------------------------------------------------------
+
+def test_a_complete_part_is_verified_even_if_the_host_once_declared_more(fake, runner):
+    add_model(fake)
+    data = fake.file_bytes(111)
+    runner.folder().mkdir(parents=True)
+    (runner.folder() / ".model.safetensors.part").write_bytes(data)
+    (runner.folder() / ".model.safetensors.part.json").write_text(json.dumps(
+        {"version_id": 11, "file_id": 111, "sha256": sha(fake, 111), "etag": None, "total": len(data) + 40000}))
+    done = runner.run(model_id=1)
+    assert done["bytes"] == len(data)
+    assert fake.bytes_served(111) == 0  # the 416 says the file has no more; not fetched again
+
 
 def test_wrong_bytes_delete_the_part_and_fail_retryable(fake, runner):
     add_model(fake)
@@ -386,20 +449,28 @@ def test_html_from_the_cdn_with_octet_stream_type_is_sniffed(fake, runner):
     assert not (runner.folder() / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("code, reason, retryable", [
-    (401, "auth_required", False), (403, "early_access", False), (410, "gone", False),
-    (429, "rate_limited", True), (503, "server_error", True),
+@pytest.mark.parametrize("code, body, reason, retryable, wait", [
+    (401, None, "auth_required", False, False),
+    (403, None, "early_access", True, True),
+    (404, None, "not_found", True, False),  # transient storage failures give 404 too
+    (410, None, "gone", False, False),
+    (429, {"error": "We've noticed an unusual amount of downloading from your account. Contact "
+                    "support@civitai.com or come back later."}, "quota", True, True),
+    (429, None, "rate_limited", True, False),
+    (503, None, "server_error", True, False),
 ])
-def test_download_endpoint_statuses(fake, runner, code, reason, retryable):
+def test_download_endpoint_statuses(fake, runner, code, body, reason, retryable, wait):
     add_model(fake)
-    fake.set_fault(111, "status", code=code, retry_after=7 if code == 429 else None,
+    fake.set_fault(111, "status", code=code, retry_after=7 if code == 429 else None, body=body,
                    deadline="2031-01-02T03:04:05.000Z")
     err = runner.fail(model_id=1)
-    assert (err.reason, err.retryable, err.status) == (reason, retryable, code)
-    if code == 429:
+    assert (err.reason, err.retryable, err.wait, err.status) == (reason, retryable, wait, code)
+    if reason == "rate_limited":
         assert err.retry_after_s == 7
+    if reason == "quota":
+        assert err.retry_after_s >= 3600 - 5  # an hour at least, whatever Retry-After says
     if code == 403:
-        assert "2031-01-02T03:04:05.000Z" in str(err)
+        assert "until 2031-01-02 03:04 UTC; the download starts then" in str(err)
     assert runner.listing() == []
 
 
@@ -418,10 +489,69 @@ def test_early_access_version(fake, runner):
     assert err.reason == "early_access" and "2031-06-01" in str(err)
 
 
-def test_unknown_version_is_not_found(fake, runner):
+def test_a_creators_disabled_downloads_reach_the_user_in_civitais_words(fake, runner):
     add_model(fake)
+    fake.set_fault(111, "status", code=401, message="The creator of this asset has disabled downloads on this file")
+    err = runner.fail(model_id=1)
+    assert (err.reason, err.retryable, err.wait) == ("downloads_disabled", False, False)
+    assert "The creator of this asset has disabled downloads on this file" in str(err)
+    assert "civitai_api_key" not in str(err)
+    # A version that says so in its metadata is refused before any download starts.
+    add_model(fake, versions=[dict(id=11, usage_control="Generation",
+                                   files=[dict(id=111, name="gen.safetensors", size_bytes=MiB, primary=True)])])
+    fake.clear_requests()
+    err = runner.fail(model_id=1)
+    assert err.reason == "downloads_disabled" and "usageControl: Generation" in str(err)
+    assert fake.requests_to("api", path_re="/api/download/") == []
+
+
+def test_early_access_without_a_deadline_in_the_answer_takes_the_versions_date(fake, runner):
+    add_model(fake, versions=[dict(id=11, early_access_ends_at="2031-06-01T12:30:00.000Z",
+                                   files=[dict(id=111, name="ea.safetensors", size_bytes=MiB, primary=True)])])
+    fake.set_fault(111, "status", code=403, body={"error": "Early Access"})
+    err = runner.fail(version_id=11)
+    assert (err.reason, err.wait) == ("early_access", True)
+    assert "until 2031-06-01 12:30 UTC; the download starts then" in str(err)
+    assert err.wait_until == datetime(2031, 6, 1, 12, 31, tzinfo=UTC).timestamp()
+
+
+def test_the_daily_quota_is_a_wait_of_an_hour(fake, runner):
+    add_model(fake)
+    fake.download_quota = 0
+    before = time.time()
+    err = runner.fail(model_id=1)
+    assert (err.reason, err.wait, err.status) == ("quota", True, 429)
+    assert err.wait_until >= before + 3600 and "unusual amount of downloading" in str(err)
+    assert runner.listing() == []
+
+
+@pytest.mark.parametrize("kind", ["404", "html_403", "500", "503"])
+def test_one_transient_metadata_answer_does_not_fail_the_attempt(fake, runner, kind):
+    add_model(fake)
+    runner.ctx.client._sleep = lambda s: None
+    fake.metadata_fault(kind, times=1)
+    assert runner.run(model_id=1)["sha256"] == sha(fake, 111)
+
+
+def test_a_metadata_api_that_stays_unavailable_fails_the_attempt_retryable(fake, runner):
+    add_model(fake)
+    runner.ctx.client._sleep = lambda s: None
+    fake.metadata_fault("html_403", times=None)
+    err = runner.fail(model_id=1, attempt=2)
+    assert (err.reason, err.retryable, err.wait, err.retry_after_s) == ("metadata_unavailable", True, False, 60)
+    assert "web page" in str(err)
+    assert runner.listing() == []
+
+
+def test_unknown_version_is_retried_with_backoff_before_it_fails(fake, runner):
+    add_model(fake)
+    runner.ctx.client._sleep = lambda s: None
     err = runner.fail(model_id=1, version_id=999)
-    assert err.reason == "not_found" and "model version 999 was not found on Civitai" in str(err)
+    assert (err.reason, err.retryable, err.wait) == ("metadata_unavailable", True, False)
+    assert "model version 999 was not found on Civitai (deleted, a wrong id, or published moments ago" in str(err)
+    assert err.retry_after_s == 15
+    assert len(fake.requests_to("api", path_re="/model-versions/999")) == 2  # asked once more at once
+    assert runner.fail(model_id=1, version_id=999, attempt=3).retry_after_s == 240
 
 
 def test_expired_cdn_link_is_resolved_again(fake, runner):
@@ -436,6 +566,97 @@ def test_cdn_redirect_chain_is_followed_without_the_key(fake, runner):
     fake.set_fault(111, "redirect_chain", times=1, n=3)
     assert runner.run(model_id=1)["sha256"] == sha(fake, 111)
     assert all(r.headers.get("Authorization") is None for r in fake.requests_to("cdn"))
+
+
+# -- bodies longer than the file --------------------------------------------------------------------
+
+def run_watched(runner, deadline_s: float, part_name: str = ".model.safetensors.part", **job):
+    """run_job in a thread while the partial file's size is sampled. Returns (result or the
+    CivitaiError, the largest size seen); a job still running at the deadline is stopped."""
+    part = runner.folder() / part_name
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = runner.run(**job)
+        except CivitaiError as exc:
+            box["result"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    biggest = 0
+    end = time.monotonic() + deadline_s
+    while thread.is_alive() and time.monotonic() < end:
+        try:
+            biggest = max(biggest, part.stat().st_size)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    if thread.is_alive():
+        runner.stop.set()
+        thread.join(15)
+        try:
+            biggest = max(biggest, part.stat().st_size)
+        except FileNotFoundError:
+            pass
+        pytest.fail(f"the job was still running after {deadline_s} s; the partial file had reached "
+                    f"{biggest / MiB:.1f} MiB")
+    most = max([m["bytes_done"] for m in runner.messages if m["type"] == "progress"] or [0])
+    return box["result"], max(biggest, most)
+
+
+@pytest.mark.parametrize("framing", ["close", "chunked"])
+def test_an_endless_body_without_length_ends_at_the_size_civitai_gives(fake, runner, framing):
+    size = 4 * MiB + 321
+    add_model(fake, size_bytes=size)
+    fake.set_fault(111, "endless", framing=framing)  # no Content-Length, then bytes without end
+    done, biggest = run_watched(runner, 20, model_id=1)
+    assert not isinstance(done, CivitaiError), done
+    assert (done["sha256"], done["bytes"]) == (sha(fake, 111), size)
+    assert biggest <= size
+    assert (runner.folder() / "model.safetensors").stat().st_size == size
+    assert runner.listing() == ["model.safetensors"]
+
+
+def test_an_endless_body_whose_first_bytes_are_wrong_fails_and_never_grows(fake, runner):
+    size = 2 * MiB + 5
+    add_model(fake, size_bytes=size, sha256="AB" * 32)  # Civitai's hash is not the file's
+    fake.set_fault(111, "endless")
+    err, biggest = run_watched(runner, 20, model_id=1)
+    assert isinstance(err, CivitaiError)
+    assert (err.reason, err.retryable) == ("hash_mismatch", True)
+    assert "without saying its length" in str(err) and "SHA-256" in str(err)
+    assert biggest <= size
+    assert runner.listing() == []
+
+
+@pytest.mark.parametrize("declared", ["file", "body"])
+def test_a_body_longer_than_the_file_is_cut_at_its_end(fake, runner, declared):
+    size = 3 * MiB + 77
+    add_model(fake, size_bytes=size)
+    # "file": the body is longer than its Content-Length; "body": the host claims 40 KiB more
+    # than Civitai's size (within sizeKB's tolerance) and sends them.
+    fake.set_fault(111, "overlong", extra_bytes=40 << 10, declared=declared)
+    done, biggest = run_watched(runner, 20, model_id=1)
+    assert not isinstance(done, CivitaiError), done
+    assert (done["sha256"], done["bytes"]) == (sha(fake, 111), size)
+    assert biggest <= size + (40 << 10)
+    assert (runner.folder() / "model.safetensors").stat().st_size == size
+    assert runner.listing() == ["model.safetensors"]
+
+
+def test_a_partial_file_longer_than_the_file_is_cut_back(fake, runner):
+    """A partial file left by a version without the cap (803 MiB for a 4 MiB model)."""
+    size = 2 * MiB + 11
+    add_model(fake, size_bytes=size)
+    runner.folder().mkdir(parents=True)
+    (runner.folder() / ".model.safetensors.part").write_bytes(fake.file_bytes(111) + b"\0" * (3 * MiB))
+    (runner.folder() / ".model.safetensors.part.json").write_text(json.dumps(
+        {"version_id": 11, "file_id": 111, "sha256": sha(fake, 111), "etag": None, "total": None}))
+    done = runner.run(model_id=1)
+    assert (done["sha256"], done["bytes"]) == (sha(fake, 111), size)
+    assert runner.listing() == ["model.safetensors"]
+    assert fake.bytes_served(111) == 0  # the first `size` bytes were the file: nothing to fetch
 
 
 # -- stall, drip and cancel -----------------------------------------------------------------------

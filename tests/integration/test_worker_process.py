@@ -1,0 +1,155 @@
+"""The download worker as a real process behind a stand-in supervisor: its messages, how
+rarely it wakes up when idle, a cancel, and its exit when the supervisor is killed with -9."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.fakeciv import fake_civitai  # noqa: F401  (fixture)
+from tests.helpers import REPO, base_config, pid_alive, wait_until
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and forks like the Linux supervisor")
+
+# A supervisor reduced to its pipe: it forks the worker the way supervisor.py does (so the
+# worker holds a copy of this end of its pipe, as a forked worker does), relays JSON lines from
+# stdin to the worker and the worker's messages to stdout.
+STAND_IN = r"""
+import json, multiprocessing as mp, sys, threading
+from workers.worker import worker_main
+ctx = mp.get_context("fork")
+parent, child = ctx.Pipe(duplex=True)
+proc = ctx.Process(target=worker_main, name="worker-1", args=("worker-1", child, sys.argv[1], None))
+proc.start()
+print(json.dumps({"type": "pid", "pid": proc.pid}), flush=True)
+def relay():
+    for line in sys.stdin:
+        parent.send(json.loads(line))
+threading.Thread(target=relay, daemon=True).start()
+while True:
+    try:
+        msg = parent.recv()
+    except EOFError:
+        break
+    print(json.dumps(msg), flush=True)
+"""
+
+
+class StandIn:
+    def __init__(self, tmp_path, fake):
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(base_config(fake, download_dir=str(tmp_path / "models"))))
+        self.proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(config)], cwd=REPO, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.messages: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.worker_pid = self.next("pid", 30)["pid"]
+        self.next("ready", 30)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.messages.put((time.monotonic(), json.loads(line)))
+
+    def next(self, kind: str, timeout: float) -> dict:
+        return self.next_timed(kind, timeout)[1]
+
+    def next_timed(self, kind: str, timeout: float) -> tuple[float, dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                at, msg = self.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {kind!r} message from the worker within {timeout} s") from None
+            if msg.get("type") == kind:
+                return at, msg
+
+    def send(self, msg: dict) -> None:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self):
+        for pid in (self.worker_pid, self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def stand_in(tmp_path, fake_civitai):  # noqa: F811
+    fake_civitai.add_model(1, type="Checkpoint", versions=[dict(id=11, files=[
+        dict(id=111, name="model.safetensors", size_bytes=2 * MiB, primary=True)])])
+    s = StandIn(tmp_path, fake_civitai)
+    yield s
+    s.close()
+
+
+def job(job_id: int = 1, **kw) -> dict:
+    spec = {"job_id": job_id, "model_id": 1, "version_id": None, "file_id": None, "model_type": None,
+            "filename": None, "sha256": None, "attempt": 1}
+    spec.update(kw)
+    return {"type": "job", "job": spec}
+
+
+def context_switches(pid: int) -> int:
+    """Every time any thread of `pid` was switched in or out: its wake-ups, give or take."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                for line in fh:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return total
+
+
+def test_an_idle_worker_wakes_up_at_most_every_few_seconds(stand_in):
+    stand_in.send(job())  # one job first: whatever it started must not keep waking the worker
+    stand_in.next("done", 30)
+    time.sleep(1)  # let the job's threads end; the window below is the idle worker
+    before = context_switches(stand_in.worker_pid)
+    time.sleep(10)
+    woke = context_switches(stand_in.worker_pid) - before
+    # The supervisor check every 5 s; polling every 0.5 s and 1 s was about 30 in this window.
+    assert woke <= 6, f"{woke} context switches in 10 s of idleness"
+
+
+def test_a_cancel_reaches_a_running_download_within_two_seconds(stand_in, fake_civitai):  # noqa: F811
+    fake_civitai.set_fault(111, "drip", bps=200_000, after_bytes=256 << 10)
+    stand_in.send(job())
+    stand_in.next("progress", 30)
+    sent = time.monotonic()
+    stand_in.send({"type": "cancel", "job_id": 1})
+    at, error = stand_in.next_timed("error", 10)
+    assert error["reason"] == "cancelled" and error["wait"] is False
+    assert at - sent < 2.0
+
+
+def test_a_wait_reaches_the_supervisor_with_its_moment(stand_in, fake_civitai):  # noqa: F811
+    fake_civitai.set_file_meta(111, hashed=False)
+    before = time.time()
+    stand_in.send(job(7))
+    error = stand_in.next("error", 30)
+    assert set(error) == {"type", "job_id", "error", "reason", "retryable", "retry_after_s", "wait", "wait_until"}
+    assert (error["job_id"], error["reason"], error["wait"], error["retryable"]) == (7, "unhashed", True, True)
+    assert before + 850 < error["wait_until"] < time.time() + 950
+    assert 850 < error["retry_after_s"] <= 900
+    assert "has not hashed the file of model version 11" in error["error"]
+
+
+def test_a_worker_whose_supervisor_is_killed_exits(stand_in):
+    assert pid_alive(stand_in.worker_pid)
+    os.kill(stand_in.proc.pid, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(stand_in.worker_pid), 15, message="the orphaned worker to exit")
