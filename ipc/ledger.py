@@ -27,6 +27,7 @@ SELECTORS = ("file_type", "format", "fp")
 DEFAULT_PRIORITY = 10
 BUSY_RETRY_S = 10.0  # the same file on its way in another job: look again this soon
 PAUSED_KEY = "paused"  # kv: everything paused (survives restarts)
+QUOTA_KEY = "quota_until"  # kv: Civitai's daily download quota is used up until then (per account)
 
 
 def _norm(value) -> str | None:
@@ -99,6 +100,7 @@ class JobLedger:
         self._delayed: list[tuple[float, int]] = []  # (not_before, id) of queued jobs due later
         self.held: dict[int, str] = {}  # job id -> the worker that holds it (from dispatch to its end)
         self.paused_all = False
+        self.quota_until = 0.0  # the account's download quota: no download starts before
 
     # --- loading --------------------------------------------------------------------------
 
@@ -115,6 +117,7 @@ class JobLedger:
         for job in self.store.active_jobs():
             self._index(job)
         self.paused_all = bool(self.store.get_kv(PAUSED_KEY, False))
+        self.quota_until = float(self.store.get_kv(QUOTA_KEY, 0) or 0)
         return recovered
 
     def _index(self, job: dict) -> None:
@@ -243,6 +246,8 @@ class JobLedger:
 
     def next_due(self) -> float | None:
         """When the earliest waiting job becomes runnable (wall clock), if any."""
+        if self.quota_until > self.clock() and (self._ready or self._delayed):
+            return self.quota_until
         while self._delayed:
             not_before, job_id = self._delayed[0]
             job = self.active.get(job_id)
@@ -253,7 +258,7 @@ class JobLedger:
 
     def has_ready(self) -> bool:
         self._promote_due()
-        return bool(self._ready) and not self.paused_all
+        return bool(self._ready) and not self.paused_all and self.quota_until <= self.clock()
 
     def _promote_due(self) -> None:
         now = self.clock()
@@ -267,7 +272,7 @@ class JobLedger:
         """Give each of the idle `workers` the most urgent runnable job (priority, then age) that
         cannot be the same file as one already running, persisting the attempt first. Returns
         (worker, job, outcome) for each assignment."""
-        if self.paused_all or not workers:
+        if self.paused_all or not workers or self.quota_until > self.clock():
             return []
         self._promote_due()
         running = [self.active[j] for j in self.held if j in self.active]
@@ -418,6 +423,10 @@ class JobLedger:
             until = now + delay
         self._set(job, state=JobState.QUEUED, attempts=max(0, job["attempts"] - 1), speed_bps=0, error=error,
                   reason=reason, not_before=float(until), waiting_since=since)
+        if reason == Reason.QUOTA and until > self.quota_until:
+            # The quota is the account's: every further start would only count against it.
+            self.quota_until = float(until)
+            self.store.set_kv(QUOTA_KEY, self.quota_until)
         log.info("job %s waits until %s UTC: %s", job["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(until)),
                  error)
         return Outcome(job=job, events=[("download_retry", {

@@ -245,6 +245,14 @@ def test_the_daily_quota_backs_off_an_hour_or_more(ledger):
     take_one(ledger)
     out = run_to_error(ledger, job, reason="quota", wait=True, retry_after_s=2, error="daily download limit")
     assert out.events[0][1]["delay_s"] >= 3600 and ledger.get(job["id"])["attempts"] == 0
+    # The quota is the account's: no other download starts before it is over, even after a restart.
+    other = ledger.queue({"model_id": 2, "version_id": 2, "file_id": 2}).job
+    assert ledger.take(["w1"]) == [] and not ledger.has_ready()
+    again = JobLedger(ledger.store, clock=ledger.clock)
+    again.load()
+    assert again.take(["w1"]) == [] and again.next_due() == pytest.approx(ledger.quota_until)
+    ledger.clock.t = ledger.quota_until + 1
+    assert {j["id"] for _, j, _ in ledger.take(["w1", "w2"])} == {job["id"], other["id"]}
 
 
 def test_an_unhashed_file_waits_up_to_a_day_then_fails_saying_so(ledger, clock):
