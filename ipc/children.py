@@ -247,8 +247,8 @@ class ForkedChild(Child):
     def close_log_handler(self) -> None:
         """Stop the thread that wrote a dead child's records (after it drained them)."""
         handler, self.log_handler = self.log_handler, None
-        if handler is None:
-            return
+        if not isinstance(handler, logging.Handler):
+            return  # nothing, or the queue all spawned children share (the supervisor's to close)
         closer = getattr(handler, "close_after_child", None)
         if closer is not None:
             closer()

@@ -155,6 +155,17 @@ class ControlOps:
             sup.keeper.apply({"op": "remove_entry", "model_id": model_id, "file_id": file_id})
         return {"removed": removed}
 
+    # --- the speed cap ---------------------------------------------------------------------------
+
+    def op_speed(self) -> dict:
+        return self.sup.speed_view()
+
+    def op_set_speed(self, max_speed=None) -> dict:
+        if max_speed is not None and not (isinstance(max_speed, int) and not isinstance(max_speed, bool)
+                                          and 0 <= max_speed <= 10**12):
+            raise ControlError(422, "'max_speed' must be bytes per second (0: no cap) or null to clear the override")
+        return self.sup.set_speed_override(max_speed)
+
     # --- the updater ------------------------------------------------------------------------------
 
     def op_check_updates(self) -> dict:
