@@ -697,7 +697,7 @@ def task_xml(layout: Layout, at_logon: bool, user_id: str) -> str:
         "    <Priority>7</Priority>",
         "    <RestartOnFailure>",
         "      <Interval>PT1M</Interval>",
-        "      <Count>999</Count>",
+        "      <Count>255</Count>",  # the schema's unsignedByte: 999 is refused
         "    </RestartOnFailure>",
         "  </Settings>",
         '  <Actions Context="Author">',

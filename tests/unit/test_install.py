@@ -432,7 +432,7 @@ def test_task_scheduler_task_at_boot_or_logon():
     assert task.findtext("t:Principals/t:Principal/t:LogonType", namespaces=ns) == "S4U"
     assert task.findtext("t:Principals/t:Principal/t:UserId", namespaces=ns) == r"PC\ann"
     assert task.findtext("t:Settings/t:ExecutionTimeLimit", namespaces=ns) == "PT0S"
-    assert task.findtext("t:Settings/t:RestartOnFailure/t:Count", namespaces=ns) == "999"
+    assert task.findtext("t:Settings/t:RestartOnFailure/t:Count", namespaces=ns) == "255"
     assert task.findtext("t:Actions/t:Exec/t:Arguments", namespaces=ns) == (
         r'/d /c "C:\civitai\.venv\Scripts\python.exe C:\civitai\supervisor.py --config C:\civitai\config.json'
         r' >> "C:\civitai\data\logs\service.log" 2>&1"')
