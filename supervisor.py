@@ -39,6 +39,7 @@ from ipc.manifest import ManifestError, ManifestFile, duplicate_entries, entry_t
 from ipc.messages import Msg
 from ipc.naming import part_filename
 from ipc.operations import ControlOps
+from ipc.oslayer import OS
 from ipc.ratelimit import SharedRateLimit, effective_rate, local_minute, next_boundary_s
 from ipc.retry import STORE_RETRY
 from ipc.states import ChildKind, ChildState, KillReason
@@ -251,7 +252,7 @@ class Supervisor:
             self.signals.put(signum)
             self.wake()
 
-        for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGBREAK"):  # SIGBREAK: Ctrl-Break on Windows
+        for name in OS.stop_signals:
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), handler)
 
@@ -268,6 +269,8 @@ class Supervisor:
 
     def run(self) -> int:
         self.install_signal_handlers()
+        if OS.kill_children_with_me():
+            log.info("the children are in a Job Object: they end with the supervisor")
         recovered = self.ledger.load()
         if recovered:
             log.info("recovered %d unfinished job(s) from the last run: %s", len(recovered),

@@ -11,7 +11,6 @@ import collections
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ipc.logsetup import parse_relayed_line
+from ipc.oslayer import OS
 from ipc.retry import CHILD_RESTART, RetryPolicy
 from ipc.states import ChildKind, ChildState, KillReason, check_child_transition
 
@@ -278,11 +278,7 @@ class FreshChild(Child):
         self.proc: subprocess.Popen | None = None
 
     def _start(self) -> None:
-        kwargs: dict = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-        else:
-            kwargs["start_new_session"] = True  # Ctrl-C in a terminal reaches only us: we stop it in order
+        kwargs = OS.fresh_child_flags()  # its own process group: Ctrl-C reaches only us; we stop it in order
         proc = subprocess.Popen([sys.executable, "-m", self.module, *self.argv_for(self)], cwd=str(self.cwd),
                                 env=self.env_for(self), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, **kwargs)
@@ -315,7 +311,7 @@ class FreshChild(Child):
         if self.proc is None:
             return
         try:
-            self.proc.kill() if kill else self.proc.terminate()
+            self.proc.kill() if kill else OS.polite_stop(self.proc)
         except OSError:
             pass
 

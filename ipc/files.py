@@ -1,60 +1,32 @@
 """The file-system primitives every process shares, one copy each: locks between processes that
-die with their holder, atomic replacement, and making a rename durable. The OS-specific calls
-live here and nowhere else."""
+die with their holder, atomic replacement, making a rename durable, folders made inside a base,
+and the data folder's pid lock. What differs on Windows is in ipc/oslayer.py."""
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ipc.oslayer import OS
+
 O_BINARY = getattr(os, "O_BINARY", 0)
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
-if os.name == "nt":  # pragma: no cover - exercised on Windows only
-    import msvcrt
 
-    def lock_fd(fd: int) -> None:
-        """Block until this process holds the lock of the open file `fd`."""
-        os.lseek(fd, 0, os.SEEK_SET)
-        while True:
-            try:
-                msvcrt.locking(fd, msvcrt.LK_LOCK, 1)  # retries for 10 s, then raises
-                return
-            except OSError:
-                continue
+def lock_fd(fd: int) -> None:
+    """Block until this process holds the lock of the open file `fd`."""
+    OS.lock_fd(fd)
 
-    def unlock_fd(fd: int) -> None:
-        os.lseek(fd, 0, os.SEEK_SET)
-        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
 
-    def try_lock_fd(fd: int) -> bool:
-        """Lock an open file for this process without waiting; False if another holds it."""
-        os.lseek(fd, 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-else:
-    import fcntl
+def unlock_fd(fd: int) -> None:
+    OS.unlock_fd(fd)
 
-    def lock_fd(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
 
-    def unlock_fd(fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def try_lock_fd(fd: int) -> bool:
-        """Lock an open file for this process without waiting; False if another holds it."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            # Held by another: False. A file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded.
-            return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
-        return True
+def try_lock_fd(fd: int) -> bool:
+    """Lock an open file for this process without waiting; False if another holds it."""
+    return OS.try_lock_fd(fd)
 
 
 @contextmanager
@@ -74,20 +46,8 @@ def file_lock(path: Path) -> Iterator[int]:
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable. Windows cannot open a directory; its renames are
-    journaled by NTFS, so there is nothing to do there."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Make a rename in `folder` durable (nothing to do on Windows: NTFS journals renames)."""
+    OS.fsync_dir(folder)
 
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
