@@ -318,7 +318,7 @@ class Host:
         if os.name == "nt":
             try:
                 import ctypes
-                is_admin = bool(ctypes.windll.shell32.IsUserAnAdmin())
+                is_admin = bool(ctypes.windll.shell32.IsUserAnAdmin())  # type: ignore[attr-defined]
             except (AttributeError, OSError):
                 is_admin = False
         # sd_booted(): systemd is PID 1 exactly when this folder exists.
@@ -332,7 +332,7 @@ class Host:
 
     def has_user_manager(self) -> bool:
         runtime = self.environ.get("XDG_RUNTIME_DIR")
-        return bool(runtime) and os.path.exists(posixpath.join(runtime, "systemd", "private"))
+        return bool(runtime) and os.path.exists(posixpath.join(runtime or "", "systemd", "private"))
 
 
 # --- Linux: the systemd unit ---------------------------------------------------------------------
@@ -518,9 +518,10 @@ def _service_account(layout: Layout, host: Host, run_as: str | None) -> tuple[st
         import grp
         import pwd
     except ImportError:      # a Linux dry run on Windows: no account database to ask
-        name = run_as or host.environ.get("USERNAME") or "user"
-        return name, name
-    name = run_as or (host.environ.get("SUDO_USER") if host.environ.get("SUDO_USER") not in (None, "", "root") else None)
+        user = run_as or host.environ.get("USERNAME") or "user"
+        return user, user
+    name: str | None = run_as or (host.environ.get("SUDO_USER")
+                                  if host.environ.get("SUDO_USER") not in (None, "", "root") else None)
     if not name:
         try:
             name = pwd.getpwuid(os.stat(layout.checkout).st_uid).pw_name
@@ -614,7 +615,7 @@ def nssm_steps(layout: Layout, uninstall: bool, name: str = SERVICE_NAME, nssm: 
     def run(*args: str, check: bool = True) -> Run:
         return Run((nssm, *args), platform="windows", check=check)
 
-    removal = [run("stop", name, check=False), run("remove", name, "confirm", check=False)]
+    removal: list[Step] = [run("stop", name, check=False), run("remove", name, "confirm", check=False)]
     if uninstall:
         return removal
     log = ntpath.join(layout.log_dir, LOG_FILE_NAME)
@@ -716,7 +717,7 @@ def schtasks_steps(layout: Layout, uninstall: bool, at_logon: bool, user_id: str
     def run(*args: str, check: bool = True) -> Run:
         return Run(("schtasks", *args), platform="windows", check=check)
 
-    removal = [run("/End", "/TN", name, check=False), run("/Delete", "/TN", name, "/F", check=False)]
+    removal: list[Step] = [run("/End", "/TN", name, check=False), run("/Delete", "/TN", name, "/F", check=False)]
     if uninstall:
         return removal
     xml_path = ntpath.join(layout.data_dir, f"{name}.task.xml")

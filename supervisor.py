@@ -651,14 +651,14 @@ class Supervisor:
         if kind in ("lost", "restarted"):
             ex: Exit = item[1]
             with self.txn():
-                if kind == "lost":
+                if kind == "lost" and ex.job_id is not None:
                     outcome = self.note(self.ledger.job_lost(ex.job_id, ex.reason, ex.code, timeout_s=self.cfg.timeout,
                                                              stopping=self.stopping))
                 if ex.child.kind == ChildKind.WORKER and not ex.planned and ex.reason != "cancel":
                     self.store.incr_kv("metrics.worker_restarts")
                     self.emit("worker_restarted", worker=ex.child.name,
                               reason="timeout" if ex.reason == "timeout" else "crash", exitcode=ex.code)
-            if kind == "lost":
+            if kind == "lost" and ex.job_id is not None:
                 self.after_job_change(outcome)
             return
         if kind == "update":
@@ -673,7 +673,7 @@ class Supervisor:
                 outcome = self.ledger.on_verifying(job_id)
             elif typ == Msg.DONE:
                 outcome = self.note(self.ledger.on_done(job_id, msg, self._stat(msg["path"])))
-                if outcome.finished:
+                if outcome.finished and outcome.job is not None:
                     self.keeper.apply({"op": "record", "job": dict(outcome.job)})
                     log.info("job %s %s: %s", job_id, "already present" if msg.get("skipped") else "done",
                              msg["path"])

@@ -254,7 +254,7 @@ class ForkedChild(Child):
             closer()
             return
         try:
-            handler.queue._writer.close()
+            handler.queue._writer.close()  # type: ignore[attr-defined]
         except (AttributeError, OSError):
             pass
         threading.Thread(target=handler.close, name=f"{self.name}-log-close", daemon=True).start()

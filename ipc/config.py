@@ -171,7 +171,8 @@ _VALIDATORS = {
     "retries": lambda v: _number("retries", v, 0, 100, integer=True),
     "workers": lambda v: _number("workers", v, 1, 32, integer=True),
     "timeout": lambda v: _number("timeout", v, 1, 7 * 24 * 3600),
-    "download_dir": lambda v: _check("download_dir", v, "a non-empty path", isinstance(v, str) and v.strip()) or v.strip(),
+    "download_dir": lambda v: _check("download_dir", v, "a non-empty path", isinstance(v, str) and bool(v.strip()))
+    or v.strip(),
     "active_port": lambda v: _number("active_port", v, 1, 65535, integer=True),
     "bind": lambda v: _bind(v),
     "allowed_hosts": lambda v: _hosts(v),
@@ -292,7 +293,8 @@ def _update_every(value):
 
 def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """What a reload changes: (keys that take effect live, keys that need a restart)."""
-    live, restart = [], []
+    live: list[str] = []
+    restart: list[str] = []
     for f in dataclasses.fields(Config):
         if f.name == "config_path" or getattr(old, f.name) == getattr(new, f.name):
             continue
@@ -325,7 +327,7 @@ def load_config(path: str | os.PathLike, environ: dict | None = None) -> tuple[C
     """Read and validate config.json. Returns the config and warnings (unknown keys).
 
     A missing file means all defaults. Raises ConfigError naming the file and the key."""
-    environ = os.environ if environ is None else environ
+    env: dict | os._Environ = os.environ if environ is None else environ
     path = Path(path).absolute()
     raw: dict = {}
     if path.exists():
@@ -357,10 +359,10 @@ def load_config(path: str | os.PathLike, environ: dict | None = None) -> tuple[C
     for key in ("civitai_api_key", "jwt_secret", "webhook_secret"):
         if _is_placeholder(values.get(key, "")):
             values[key] = ""
-    env_key = environ.get("CIVITAI_API_KEY", "")
+    env_key = env.get("CIVITAI_API_KEY", "")
     if env_key and not _is_placeholder(env_key):
         values["civitai_api_key"] = env_key.strip()
-    env_secret = environ.get("CIVITAI_JWT_SECRET", "")
+    env_secret = env.get("CIVITAI_JWT_SECRET", "")
     if env_secret and not _is_placeholder(env_secret):
         values["jwt_secret"] = env_secret
     secret = values.get("jwt_secret", "")

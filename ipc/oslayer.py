@@ -130,26 +130,26 @@ class WindowsLayer:
         """Put this process (and so every child it starts) in a Job Object that kills them all when
         its last handle closes: under NSSM or Task Scheduler the children must not outlive the
         service, even when it is killed. Returns whether it worked."""
-        ctypes = self._ctypes
-        if ctypes is None:
-            import ctypes
+        import ctypes as real_ctypes
         from ctypes import wintypes
+
+        ctypes: Any = self._ctypes or real_ctypes
 
         kernel32 = self._kernel32 or ctypes.WinDLL("kernel32", use_last_error=True)
 
-        class IO_COUNTERS(ctypes.Structure):
+        class IO_COUNTERS(real_ctypes.Structure):
             _fields_ = [(n, ctypes.c_ulonglong) for n in (
                 "ReadOperationCount", "WriteOperationCount", "OtherOperationCount",
                 "ReadTransferCount", "WriteTransferCount", "OtherTransferCount")]
 
-        class BASIC_LIMIT(ctypes.Structure):
+        class BASIC_LIMIT(real_ctypes.Structure):
             _fields_ = [("PerProcessUserTimeLimit", ctypes.c_longlong), ("PerJobUserTimeLimit", ctypes.c_longlong),
                         ("LimitFlags", wintypes.DWORD), ("MinimumWorkingSetSize", ctypes.c_size_t),
                         ("MaximumWorkingSetSize", ctypes.c_size_t), ("ActiveProcessLimit", wintypes.DWORD),
                         ("Affinity", ctypes.c_size_t), ("PriorityClass", wintypes.DWORD),
                         ("SchedulingClass", wintypes.DWORD)]
 
-        class EXTENDED_LIMIT(ctypes.Structure):
+        class EXTENDED_LIMIT(real_ctypes.Structure):
             _fields_ = [("BasicLimitInformation", BASIC_LIMIT), ("IoInfo", IO_COUNTERS),
                         ("ProcessMemoryLimit", ctypes.c_size_t), ("JobMemoryLimit", ctypes.c_size_t),
                         ("PeakProcessMemoryUsed", ctypes.c_size_t), ("PeakJobMemoryUsed", ctypes.c_size_t)]

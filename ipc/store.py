@@ -254,7 +254,14 @@ class JobStore:
                "fp": fp, "created_at": now, "updated_at": now}
         cur = self._write(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           list(row.values()))
-        return self.get_job(cur.lastrowid)
+        return self._job(cur.lastrowid)
+
+    def _job(self, job_id) -> dict:
+        """A job that must exist (just written)."""
+        job = self.get_job(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        return job
 
     def set_fields(self, job_id: int, fields: dict) -> str:
         """Write columns of a job without reading it back (the ledger keeps its own copy and
@@ -346,19 +353,19 @@ class JobStore:
             fields["updated_at"] = utc_now_iso()
             cols = ", ".join(f"{k} = ?" for k in fields)
             self._write(f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id])
-            return self.get_job(job_id)
+            return self._job(job_id)
 
     def begin_attempt(self, job_id: int) -> dict:
         """Persist the attempt before the work starts: a crash right after still counts it."""
         with self._lock, self.transaction():
-            job = self.get_job(job_id)
+            job = self._job(job_id)
             check_transition(job["state"], JobState.DOWNLOADING)
             self._write(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, error = NULL, speed_bps = 0, "
                 "updated_at = ? WHERE id = ?",
                 (JobState.DOWNLOADING.value, utc_now_iso(), job_id),
             )
-            return self.get_job(job_id)
+            return self._job(job_id)
 
     def recover_unfinished(self) -> list[dict]:
         """After any stop: jobs that were running go back to the queue, attempts kept."""
@@ -458,7 +465,8 @@ class JobStore:
     # --- manifest changes not yet written to manifest.json -------------------------------------
 
     def add_manifest_op(self, op: dict) -> int:
-        return self._write("INSERT INTO manifest_pending (op) VALUES (?)", (json.dumps(op, default=str),)).lastrowid
+        return int(self._write("INSERT INTO manifest_pending (op) VALUES (?)",
+                               (json.dumps(op, default=str),)).lastrowid or 0)
 
     def manifest_ops(self) -> list[tuple[int, dict]]:
         return [(r["id"], json.loads(r["op"])) for r in self._query("SELECT * FROM manifest_pending ORDER BY id")]

@@ -58,7 +58,7 @@ def verify_token(secret: str, token: str, now: float | None = None) -> dict:
     exp = claims.get("exp")
     if not _is_number(exp):
         raise TokenError("token expiry (exp) is not a number")
-    if exp <= now:
+    if exp <= now:  # type: ignore[operator]
         raise TokenError("token has expired")
     nbf = claims.get("nbf")
     if nbf is not None and (not _is_number(nbf) or nbf > now + LEEWAY_S):

@@ -28,6 +28,7 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC
+from typing import Any
 
 import requests
 
@@ -356,7 +357,8 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
     wake = threading.Event()
     have_manifest = threading.Event()
     lock = threading.Lock()
-    state = {"entries": [], "pending": None, "running": False, "retry_at": None, "last_success_ts": None}
+    state: dict[str, Any] = {"entries": [], "pending": None, "running": False, "retry_at": None,
+                             "last_success_ts": None, "config": None}
 
     def on_sigterm(signum, frame):
         stop.set()
@@ -492,7 +494,8 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
         if new_cfg is not None:
             if (new_cfg.update_time, new_cfg.update_every) != (cfg.update_time, cfg.update_every):
                 plan(new_cfg)
-            client.throttle.interval_s = float(new_cfg.throttle)
+            if client.throttle is not None:
+                client.throttle.interval_s = float(new_cfg.throttle)
             cfg = new_cfg
         next_iso = next_check_iso()
         if next_iso != sent_next:
