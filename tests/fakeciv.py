@@ -1053,7 +1053,9 @@ class FakeCivitai:
         code = int(af.status)
         body, ctype = af.body, "application/json; charset=utf-8"
         if body is None:
-            body = json.dumps({"error": _api_error_message(code)}).encode()
+            # The metadata API's 429 is a plain rate limit: the quota's words belong to downloads.
+            message = RATE_LIMIT_MESSAGE if code == 429 else _api_error_message(code)
+            body = json.dumps({"error": message}).encode()
         elif isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
         else:
