@@ -92,6 +92,8 @@ class Supervisor:
         self._store_retry_at = 0.0
         self._sync_due: str | None = None  # a manifest sync that could not run yet
         self._events: list = []
+        self._after: list = []
+        self._batch: list = []  # this tick's messages from the workers: stored in one transaction
         self._txn_depth = 0
         self._progress_stored: dict[int, float] = {}
         self._next_manifest_poll = 0.0
@@ -180,10 +182,12 @@ class Supervisor:
             return
         self._txn_depth = 1
         self._events = []
+        self._after = []
         try:
             with self.store.transaction():
                 yield
                 stored = [self.store.add_event(name, fields) for name, fields in self._events]
+            after = self._after
         except BaseException as exc:
             self._resync()
             if isinstance(exc, StoreUnavailable):
@@ -192,6 +196,9 @@ class Supervisor:
         finally:
             self._txn_depth = 0
             self._events = []
+            self._after = []
+        for action in after:  # what the committed change asks of memory and files
+            action()
         self._store_fine()
         if stored and self.webhook_announcer is not None:
             self.webhook_announcer.announce()
@@ -203,6 +210,13 @@ class Supervisor:
         """Queue an outcome's events for the current transaction."""
         self._events.extend(outcome.events)
         return outcome
+
+    def after_commit(self, action) -> None:
+        """Run `action` once the current transaction has committed (never if it fails)."""
+        if self._txn_depth:
+            self._after.append(action)
+        else:
+            action()
 
     def emit(self, event: str, /, **fields) -> None:
         self._events.append((event, fields))
@@ -409,6 +423,8 @@ class Supervisor:
         except Fatal:
             if not fatal_ok:
                 raise
+        finally:
+            self.flush_batch()
         if not self.stopping:
             self.pool.restart_due()
         events = self.pool.enforce(self.cfg.timeout, self.stop_deadline)
@@ -611,18 +627,25 @@ class Supervisor:
         except StoreUnavailable:
             pass
 
-    def apply(self, *item) -> bool:
-        """Store what a child said or what became of it; kept in order and tried again later if
-        the database cannot take it now (a job's last message is never dropped)."""
+    def apply(self, *item) -> None:
+        """Store what a child said or what became of it, with everything else that came in this
+        tick, in one transaction; kept in order and tried again later if the database cannot
+        take it now (a job's last message is never dropped)."""
+        self._batch.append(item)
+
+    def flush_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
         if self.deferred:
-            self.deferred.append(item)
-            return False
+            self.deferred.extend(batch)
+            return
         try:
-            self._apply(item)
-            return True
+            with self.txn():
+                for item in batch:
+                    self._apply(item)
         except StoreUnavailable:
-            self.deferred.append(item)
-            return False
+            self.deferred.extend(batch)
 
     def retry_deferred(self) -> None:
         if self._sync_due and self.clock() >= self._store_retry_at and not self.deferred:
@@ -658,8 +681,8 @@ class Supervisor:
                     self.store.incr_kv("metrics.worker_restarts")
                     self.emit("worker_restarted", worker=ex.child.name,
                               reason="timeout" if ex.reason == "timeout" else "crash", exitcode=ex.code)
-            if kind == "lost" and ex.job_id is not None:
-                self.after_job_change(outcome)
+                if kind == "lost" and ex.job_id is not None:
+                    self.after_commit(lambda: self.after_job_change(outcome))
             return
         if kind == "update":
             self._apply_update(item[1])
@@ -679,13 +702,17 @@ class Supervisor:
                              msg["path"])
             else:
                 outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
-        if typ in (Msg.DONE, Msg.ERROR):
-            self._progress_stored.pop(job_id, None)
-            child = self.pool.get(child_name)
-            if child is not None and child.job_id == job_id:
-                child.job_id = None
-                child.release_job_by = None
-            self.after_job_change(outcome)
+            if typ in (Msg.DONE, Msg.ERROR):
+                self.after_commit(lambda: self._job_let_go(child_name, job_id, outcome))
+
+    def _job_let_go(self, child_name: str, job_id: int, outcome: Outcome) -> None:
+        """A worker's last message about a job is stored: the worker is free for another."""
+        self._progress_stored.pop(job_id, None)
+        child = self.pool.get(child_name)
+        if child is not None and child.job_id == job_id:
+            child.job_id = None
+            child.release_job_by = None
+        self.after_job_change(outcome)
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
         try:
