@@ -382,7 +382,7 @@ class Supervisor:
         keeper_due = self.keeper.next_due()
         if keeper_due is not None:
             due.append(keeper_due)
-        if self.deferred or self._sync_due:
+        if self.deferred or self._sync_due or self._store_problem:
             due.append(self._store_retry_at)
         if self._watchdog_s:
             due.append(self._next_watchdog)
@@ -618,14 +618,9 @@ class Supervisor:
                                   "speed_bps": msg.get("speed_bps")})
         now = self.clock()
         if self._store_problem or now - self._progress_stored.get(job_id, 0) < PROGRESS_STORE_INTERVAL_S:
-            return  # progress is only a view: never worth a retry
+            return
         self._progress_stored[job_id] = now
-        try:
-            with self.txn():
-                self.ledger.on_progress(job_id, msg.get("bytes_done") or 0, msg.get("bytes_total"),
-                                        msg.get("speed_bps") or 0)
-        except StoreUnavailable:
-            pass
+        self.apply("progress", job_id, msg)  # stored with the tick's other messages
 
     def apply(self, *item) -> None:
         """Store what a child said or what became of it, with everything else that came in this
@@ -645,7 +640,8 @@ class Supervisor:
                 for item in batch:
                     self._apply(item)
         except StoreUnavailable:
-            self.deferred.extend(batch)
+            # Progress is only a view: never worth a retry.
+            self.deferred.extend(item for item in batch if item[0] != "progress")
 
     def retry_deferred(self) -> None:
         if self._sync_due and self.clock() >= self._store_retry_at and not self.deferred:
@@ -655,6 +651,14 @@ class Supervisor:
                     self.sync_manifest(why)
             except StoreUnavailable:
                 self._sync_due = why
+                return
+        if self.clock() < self._store_retry_at:
+            return
+        if self._store_problem and not self.deferred:
+            try:  # nothing waits, but the trouble was seen: is the database writable again?
+                with self.txn():
+                    pass
+            except StoreUnavailable:
                 return
         while self.deferred and self.clock() >= self._store_retry_at:
             try:
@@ -667,6 +671,11 @@ class Supervisor:
 
     def _apply(self, item: tuple) -> None:
         kind = item[0]
+        if kind == "progress":
+            _, job_id, msg = item
+            self.ledger.on_progress(job_id, msg.get("bytes_done") or 0, msg.get("bytes_total"),
+                                    msg.get("speed_bps") or 0)
+            return
         if kind == "emit":
             with self.txn():
                 self.emit(item[1], **item[2])
@@ -698,8 +707,9 @@ class Supervisor:
                 outcome = self.note(self.ledger.on_done(job_id, msg, self._stat(msg["path"])))
                 if outcome.finished and outcome.job is not None:
                     self.keeper.apply({"op": "record", "job": dict(outcome.job)})
-                    log.info("job %s %s: %s", job_id, "already present" if msg.get("skipped") else "done",
-                             msg["path"])
+                    log.info("job %s %s: %s (%s, sha256 %s…)", job_id,
+                             "already present and verified" if msg.get("skipped") else "done",
+                             msg["path"], _size_text(int(msg.get("bytes") or 0)), str(msg["sha256"])[:12])
             else:
                 outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
             if typ in (Msg.DONE, Msg.ERROR):
@@ -865,7 +875,7 @@ class Supervisor:
                 except StoreUnavailable:
                     pass  # recovered as a lost job when the worker is reaped, or at the next start
                 continue
-            log.info("job %s -> %s (attempt %s/%s)", job["id"], name, job["attempts"], job["max_attempts"])
+            log.debug("job %s -> %s (attempt %s/%s)", job["id"], name, job["attempts"], job["max_attempts"])
 
     # --- control socket ---------------------------------------------------------------------------
 
@@ -938,6 +948,14 @@ class Supervisor:
         if {"max_speed", "speed_schedule"} & set(live):
             self.apply_speed()
         del old
+
+
+def _size_text(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"
 
 
 # --- command line ---------------------------------------------------------------------------------
