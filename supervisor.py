@@ -51,7 +51,7 @@ log = logging.getLogger("supervisor")
 
 SHUTDOWN_BUDGET_S = 18.0  # under the 20 s the contract promises
 STORE_BUSY_TIMEOUT_S = 0.5  # the loop never waits longer than this on a locked database
-MANIFEST_POLL_S = 1.0
+MANIFEST_POLL_S = 2.0  # how soon a person's save of manifest.json is noticed
 WEB_PROBE_S = 0.25
 PROGRESS_STORE_INTERVAL_S = 1.0
 PRUNE_EVERY_S = 86400.0
