@@ -17,13 +17,22 @@ from bottle import Bottle, HTTPResponse, JSONPlugin, redirect, request, response
 from ipc import VERSION
 from ipc.config import jwt_secret
 from ipc.control import ControlError
+from ipc.layouts import CIVITAI_TYPES, folder_for
 from ipc.naming import folder_problem
 from ipc.states import JobState
 from ipc.store import public_job
-from web import metrics, openapi
+from web import library, metrics, openapi
 from web.auth import MAX_BODY_BYTES, AuthPlugin, Gatekeeper
 from web.errors import REASONS, error_body, json_error
-from web.openapi import DEFAULT_LIST_LIMIT, MAX_ID, MAX_JSON_DEPTH, MAX_LIST_LIMIT, MAX_PRIORITY, MAX_STORE_ID
+from web.openapi import (
+    DEFAULT_LIST_LIMIT,
+    MAX_ID,
+    MAX_JSON_DEPTH,
+    MAX_LIST_LIMIT,
+    MAX_PRIORITY,
+    MAX_SPEED_BPS,
+    MAX_STORE_ID,
+)
 
 HEALTH_TIMEOUT_S = 3.0  # /health waits this long for the supervisor's word
 
@@ -31,6 +40,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 CIVITAI_HOSTS = ("civitai.com", "civitai.green")
 WS_AUTHORIZE_KEY = "civitai.ws_authorize"
 JOB_FIELDS = ("model_id", "version_id", "file_id", "url", "priority", "model_type")
+SCAN_FIELDS = ("folder", "dry_run")
 # What a 404 for a path id says; another `<name_id:int>` gets "no <name> with id N".
 MISSING_ID = {
     "job_id": "no job with id {}",
@@ -94,6 +104,15 @@ def read_json_object() -> dict:
     if _nested_deeper_than(body, MAX_JSON_DEPTH):
         raise json_error(400, too_deep)
     return body
+
+
+def read_optional_json_object() -> dict:
+    """Like read_json_object, but no body at all is an empty object (a POST with nothing to say)."""
+    environ = request.environ
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not chunked and environ.get("CONTENT_LENGTH") in (None, "", "0"):
+        return {}
+    return read_json_object()
 
 
 def refuse_unknown_fields(body: dict, accepted) -> None:
@@ -254,7 +273,8 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         ws_src = f" ws://{host} wss://{host}" if re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", host) else ""
         response.set_header(
             "Content-Security-Policy",
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            # blob: previews are fetched with the token (an <img> cannot send it) and shown as blob URLs.
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             f"connect-src 'self'{ws_src}; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
         )
         if "Cache-Control" not in response.headers:
@@ -416,6 +436,87 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     @app.post("/api/resume")
     def resume_all():
         return ask("resume")
+
+    # --- speed ---
+
+    @app.get("/api/speed")
+    def get_speed():
+        return ask("speed")
+
+    @app.put("/api/speed")
+    def put_speed():
+        body = read_json_object()
+        refuse_unknown_fields(body, ("max_speed",))
+        if "max_speed" not in body:
+            raise json_error(422, "'max_speed' is required: bytes per second (0: no cap), or null to go back "
+                                  "to the config's and the schedule's cap")
+        value = body["max_speed"]
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_SPEED_BPS):
+            shown = json.dumps(value)[:60]
+            raise json_error(422, f"'max_speed' must be a whole number of bytes per second from 0 (no cap) to "
+                                  f"{MAX_SPEED_BPS}, or null to clear the override; got {shown} (a rate such as "
+                                  f"\"5MB\" is written in config.json, the API takes bytes)")
+        return ask("set_speed", max_speed=value)
+
+    # --- the library ---
+
+    info_cache = library.InfoCache()
+
+    @app.get("/api/library")
+    def get_library():
+        result = ask("manifest")
+        entries = result.get("entries", []) if isinstance(result, dict) else []
+        jobs = store.list_jobs(limit=library.JOB_WINDOW)
+        return library.build_library(entries, jobs, cfg.download_path, site_origin=cfg.civitai_origin,
+                                     info_cache=info_cache)
+
+    @app.get("/api/library/preview")
+    def get_preview():
+        rel = request.query.getunicode("path")
+        if rel is None:
+            raise json_error(400, "query parameter 'path' (<folder>/<file>, as /api/library lists it) is required")
+        try:
+            path, content_type, size = library.preview_file(cfg.download_path, rel)
+            fh = open(path, "rb")  # noqa: SIM115 - the WSGI server closes it after the last byte
+        except library.LibraryPathError as exc:
+            raise json_error(exc.status, str(exc)) from None
+        except OSError:
+            raise json_error(404, f"no preview beside {rel}") from None
+        # A preview changes only with its version; the page keeps what it fetched for a while.
+        return HTTPResponse(body=fh, status=200, headers={
+            "Content-Type": content_type, "Content-Length": str(size), "Cache-Control": "private, max-age=300"})
+
+    @app.post("/api/library/scan")
+    def start_scan():
+        body = read_optional_json_object()
+        refuse_unknown_fields(body, SCAN_FIELDS)
+        args = {}
+        folder = body.get("folder")
+        if folder is not None:
+            if not isinstance(folder, str):
+                raise json_error(400, "'folder' must be a string")
+            problem = folder_problem(folder)
+            if problem:
+                raise json_error(422, f"'folder' must be a folder under download_dir: {problem}")
+            args["folder"] = folder
+        dry_run = body.get("dry_run")
+        if dry_run is not None:
+            if not isinstance(dry_run, bool):
+                raise json_error(400, "'dry_run' must be true or false")
+            args["dry_run"] = dry_run
+        result = ask("library_scan", **args)
+        return answer(202, {"scan": result.get("scan") if isinstance(result, dict) else None})
+
+    @app.get("/api/library/scan")
+    def scan_status():
+        result = ask("library_scan_status")
+        return {"scan": result.get("scan") if isinstance(result, dict) else None}
+
+    @app.get("/api/layout")
+    def get_layout():
+        # What "Add a model" shows before the download: where each Civitai type goes.
+        return {"layout": cfg.layout, "types": list(CIVITAI_TYPES),
+                "folders": {kind: folder_for(kind, cfg.layout, cfg.folders) for kind in CIVITAI_TYPES}}
 
     # --- manifest and updates ---
 
