@@ -252,6 +252,18 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         except OSError as exc:
             raise json_error(503, f"the supervisor is not answering ({exc})") from None
 
+    def job_view(row: dict) -> dict:
+        """A job as the API shows it, with `preview`: whether the finished file has its preview
+        beside it (the GUI asks for the image only then)."""
+        out = public_job(row)
+        rel = row.get("path") or (f"{row['model_type']}/{row['filename']}"
+                                  if row.get("model_type") and row.get("filename") else None)
+        out["preview"] = row.get("state") == JobState.DONE and library.has_preview(cfg.download_path, rel)
+        return out
+
+    if hub is not None:
+        hub.job_view = job_view  # the WebSocket snapshot shows jobs the same way
+
     def job_or_404(job_id: int) -> dict:
         job = store.get_job(job_id)
         if job is None:
@@ -361,7 +373,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         else:
             rows = [row for state in states for row in store.list_jobs(state=state, limit=limit)]
             rows = sorted(rows, key=lambda r: r["id"], reverse=True)[:limit]
-        return {"jobs": [public_job(r) for r in rows]}
+        return {"jobs": [job_view(r) for r in rows]}
 
     @app.post("/api/jobs")
     def add_job():
@@ -395,11 +407,11 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         args["priority"] = priority
         args["model_type"] = model_type
         result = ask("add_job", **{k: v for k, v in args.items() if v is not None})
-        return answer(201 if result.get("created") else 200, {"job": public_job(result["job"])})
+        return answer(201 if result.get("created") else 200, {"job": job_view(result["job"])})
 
     @app.get("/api/jobs/<job_id:int>")
     def get_job(job_id):
-        return {"job": public_job(job_or_404(job_id))}
+        return {"job": job_view(job_or_404(job_id))}
 
     @app.route("/api/jobs/<job_id:int>", method="PATCH")
     def patch_job(job_id):
@@ -409,25 +421,25 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         if priority is None:
             raise json_error(422, "'priority' is required")
         result = ask("set_priority", job_id=job_id, priority=priority)
-        return {"job": public_job(result["job"])}
+        return {"job": job_view(result["job"])}
 
     @app.delete("/api/jobs/<job_id:int>")
     def cancel_job(job_id):
         result = ask("cancel_job", job_id=job_id)
-        return {"job": public_job(result["job"])}
+        return {"job": job_view(result["job"])}
 
     @app.post("/api/jobs/<job_id:int>/retry")
     def retry_job(job_id):
         result = ask("retry_job", job_id=job_id)
-        return {"job": public_job(result["job"])}
+        return {"job": job_view(result["job"])}
 
     @app.post("/api/jobs/<job_id:int>/pause")
     def pause_job(job_id):
-        return {"job": public_job(ask("pause_job", job_id=job_id)["job"])}
+        return {"job": job_view(ask("pause_job", job_id=job_id)["job"])}
 
     @app.post("/api/jobs/<job_id:int>/resume")
     def resume_job(job_id):
-        return {"job": public_job(ask("resume_job", job_id=job_id)["job"])}
+        return {"job": job_view(ask("resume_job", job_id=job_id)["job"])}
 
     @app.post("/api/pause")
     def pause_all():
@@ -537,7 +549,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
             raise json_error(422, f"'priority' must be from 1 to {MAX_PRIORITY}, got {entry['priority']}")
         result = ask("add_manifest_entry", entry=entry)
         job = result.get("job")
-        return answer(201, {"entry": result.get("entry"), "job": public_job(job) if isinstance(job, dict) else None})
+        return answer(201, {"entry": result.get("entry"), "job": job_view(job) if isinstance(job, dict) else None})
 
     @app.delete("/api/manifest/<model_id:int>")
     def delete_manifest_model(model_id):

@@ -75,6 +75,7 @@ class Hub:
         self._flush_timer = None
         self._greenlets: list = []
         self._stopping = False
+        self.job_view: Callable[[dict], dict] = public_job  # the app sets its own (jobs with `preview`)
 
     # --- feeding events in --------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class Hub:
         jobs = {j["id"]: j for j in self.store.list_jobs(limit=SNAPSHOT_RECENT_JOBS)}
         for job in self.store.active_jobs():
             jobs[job["id"]] = job
-        return [public_job(j) for j in sorted(jobs.values(), key=lambda j: j["id"], reverse=True)]
+        return [self.job_view(j) for j in sorted(jobs.values(), key=lambda j: j["id"], reverse=True)]
 
     def run_session(self, ws, after: int | None = None) -> None:
         """Serve one connected WebSocket until it closes or is dropped: the snapshot, the events

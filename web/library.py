@@ -251,6 +251,25 @@ def build_library(entries: list[dict], jobs: Iterable[dict], download_dir: Path,
     return {"entries": items, "folders": folders, "disk": disk, "counts": counts}
 
 
+def has_preview(download_dir: Path, rel_path: str | None) -> bool:
+    """Whether a `<stem>.preview.<ext>` (a plain file, reached through no symlink) is beside the
+    library file `rel_path`: what a job row needs to know before it asks for the image."""
+    if not isinstance(rel_path, str) or "/" not in rel_path:
+        return False
+    folder, _, filename = rel_path.rpartition("/")
+    where = _inside(Path(download_dir), folder) if folder and ".." not in folder.split("/") else None
+    if where is None:
+        return False
+    stem = _stem(filename)
+    for ext in PREVIEW_EXTS:
+        try:
+            if stat.S_ISREG(os.lstat(where / f"{stem}.preview.{ext}").st_mode):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def preview_file(download_dir: Path, rel_path: str) -> tuple[Path, str, int]:
     """The preview image of the library file `rel_path` (`<folder>/<file>`): (path, content type,
     size). Raises LibraryPathError (400 no folder in it, 422 a name the rules refuse, 404 no preview)."""

@@ -302,6 +302,8 @@ def spec(version: str) -> dict:
                     "sha256": _nullable({"type": "string"}),
                     "path": _nullable({"type": "string", "description": "The file, relative to download_dir"}),
                     "source": {"type": "string", "description": "Who queued it: `manifest`, `api`, `update`…"},
+                    "preview": {"type": "boolean", "description": "A finished file has its preview beside it "
+                                                                  "(GET /api/library/preview?path=<path>)"},
                 }},
                 "NewJob": {
                     "type": "object", "additionalProperties": False,

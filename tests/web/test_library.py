@@ -259,3 +259,16 @@ def test_the_layout_table_follows_the_config(tmp_path):
     assert body["layout"] == "comfyui"
     assert body["folders"]["Checkpoint"] == "checkpoints" and body["folders"]["LORA"] == "loras/civitai"
     assert body["folders"]["LoCon"] == "loras" and "LORA" in body["types"]
+
+
+# --- a job's preview flag ----------------------------------------------------------------------------
+
+def test_a_finished_job_says_whether_its_preview_is_there(lib):
+    jobs = {j["model_id"]: j for j in lib.client.get("/api/jobs?limit=50").json()["jobs"]}
+    assert jobs[1]["state"] == "done" and jobs[1]["preview"] is True  # checkpoint/dream.preview.png
+    assert jobs[2]["preview"] is False  # still downloading
+    one = lib.client.get(f"/api/jobs/{jobs[1]['id']}").json()["job"]
+    assert one["preview"] is True
+    assert {j["id"]: j["preview"] for j in lib.hub.snapshot_jobs()}[jobs[1]["id"]] is True
+    (lib.cfg.download_path / "checkpoint" / "dream.preview.png").unlink()
+    assert lib.client.get(f"/api/jobs/{jobs[1]['id']}").json()["job"]["preview"] is False
