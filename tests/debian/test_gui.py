@@ -219,6 +219,7 @@ def test_gui_job_row_shows_the_model_as_people_know_it(fake_civitai, daemon_fact
             browser.get(f"{daemon.base_url}/gui#token={daemon.token()}")
             wait_until(lambda: browser.find_element(By.ID, "conn").get_attribute("data-state") == "live", 15,
                        message="the live indicator")
+            browser.find_element(By.CSS_SELECTOR, '#job-filter [data-filter="all"]').click()
             job = daemon.api("POST", "/api/jobs", json={"model_id": 510}).json()["job"]
             row = f'.job[data-job-id="{job["id"]}"]'
             wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, row)

@@ -967,9 +967,9 @@ async function loadSpeed() {
 
 function renderSpeed() {
   const s = state.speed || {};
-  const where = { config: "config.json", schedule: "the schedule", api: "set here" }[s.source] || s.source || "";
+  const where = { config: "from config.json", schedule: "from the schedule", api: "set here" }[s.source] || s.source || "";
   $("#speed-now").textContent = s.max_speed ? "cap " + fmtSpeed(s.max_speed) : "no cap";
-  const bits = [s.max_speed ? `Cap in force: ${(s.max_speed / MB).toFixed(1)} MB/s, from ${where}.` : `No cap in force${where ? " (" + where + ")" : ""}.`];
+  const bits = [s.max_speed ? `Cap in force: ${(s.max_speed / MB).toFixed(1)} MB/s, ${where}.` : `No cap in force${where ? " (" + where + ")" : ""}.`];
   if (s.override !== null && s.override !== undefined) bits.push("Clear goes back to " + (s.config ? (s.config / MB).toFixed(1) + " MB/s" : "no cap") + (s.schedule && s.schedule.length ? " and the schedule" : "") + ".");
   else if (s.schedule && s.schedule.length) bits.push("Schedule: " + s.schedule.map((w) => `${w.from}–${w.to} ${w.max_speed ? (w.max_speed / MB).toFixed(1) + " MB/s" : "no cap"}`).join(", ") + ".");
   $("#speed-info").textContent = bits.join(" ");
@@ -1257,6 +1257,7 @@ function onScanStarted(ev) {
 }
 
 function onScanProgress(ev) {
+  if (state.scan && state.scan.state !== "running") return;  // a late one after the scan's end
   state.scan = Object.assign({}, state.scan || {}, { state: "running" }, ev);
   delete state.scan.event;
   renderScan();
