@@ -206,7 +206,7 @@ function pumpThumbs() {
       headers: { "Authorization": "Bearer " + state.token }, cache: "default",
     }).then(async (res) => {
       if (!res.ok) throw new Error(String(res.status));
-      const url = URL.createObjectURL(await res.blob());
+      const url = await thumbnailUrl(await res.blob());
       thumbs.urls.set(path, url);
       thumbs.misses.delete(path);
       resolve(url);
@@ -230,6 +230,25 @@ function recheckPreview(job) {
   if (tries >= 3 || finished === null || Date.now() - finished > 120000) return;
   previewChecks.set(job.id, tries + 1);
   setTimeout(() => refetchJob(job.id), 2000 * (tries + 1));
+}
+
+// A preview may be megabytes; a thousand of them kept as they came would hold that much memory.
+// Each is drawn once onto a small canvas, and only that thumbnail is kept.
+const THUMB_PX = 112;
+async function thumbnailUrl(blob) {
+  try {
+    const bmp = await createImageBitmap(blob);
+    const scale = Math.max(THUMB_PX / bmp.width, THUMB_PX / bmp.height);
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = THUMB_PX;
+    const w = bmp.width * scale, h = bmp.height * scale;
+    canvas.getContext("2d").drawImage(bmp, (THUMB_PX - w) / 2, (THUMB_PX - h) / 2, w, h);
+    bmp.close();
+    const small = await new Promise((resolve) => canvas.toBlob(resolve, "image/webp", 0.85));
+    return URL.createObjectURL(small || blob);
+  } catch (e) {
+    return URL.createObjectURL(blob);
+  }
 }
 
 function setThumb(box, path, label, opts) {
