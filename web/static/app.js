@@ -1054,6 +1054,7 @@ const LIB_STATES = [
 ];
 const LIB_LABEL = { update_available: "update", present: "present" };
 let libTimer = null;
+const libRows = new Map();  // job id -> [{e, el}]: the rows a job's events update
 
 function libraryReloadSoon() {
   clearTimeout(libTimer);
@@ -1099,11 +1100,16 @@ function renderLibrary() {
   const list = $("#library");
   const frag = document.createDocumentFragment();
   const tpl = $("#lib-template").content.firstElementChild;
+  libRows.clear();
   for (const e of lib.entries) {
     const el = tpl.cloneNode(true);
     el.dataset.key = libKey(e);
     fillLibItem(el, e);
     frag.appendChild(el);
+    if (e.job && e.job.id !== undefined) {
+      if (!libRows.has(e.job.id)) libRows.set(e.job.id, []);
+      libRows.get(e.job.id).push({ e, el });
+    }
   }
   list.replaceChildren(frag);
   applyLibFilter();
@@ -1156,18 +1162,23 @@ function fillLibItem(el, e) {
 }
 
 function renderLibraryLive() {
-  // Progress and state of running jobs without reloading the whole list.
-  const list = $("#library");
-  for (const e of state.library.entries) {
-    if (!e.job) continue;
-    const job = state.jobs.get(e.job.id);
+  // State and progress of the entries whose jobs moved, without rebuilding the list: a lookup
+  // by job id, no DOM query, so a thousand rows cost nothing per progress event.
+  let changed = false;
+  for (const [id, rows] of libRows) {
+    const job = state.jobs.get(id);
     if (!job) continue;
-    const el = list.querySelector(`.lib-item[data-key="${CSS.escape(libKey(e))}"]`);
-    if (!el) continue;
-    const before = el.dataset.state;
-    fillLibItemState(el, e);
-    if (before !== el.dataset.state) applyLibFilter();
+    for (const { e, el } of rows) {
+      const st = liveState(e);
+      if (el.dataset.state !== st) { fillLibItemState(el, e); changed = true; }
+      if (st === "downloading" && job.bytes_total) {
+        const meta = [e.type, e.base_model, e.folder && e.folder + "/"].filter(Boolean);
+        meta.push(`${fmtBytes(job.bytes_done)} of ${fmtBytes(job.bytes_total)}`);
+        $(".lib-meta", el).textContent = meta.join(" · ");
+      }
+    }
   }
+  if (changed) { renderLibFilter(); applyLibFilter(); }
 }
 
 function fillLibItemState(el, e) {
