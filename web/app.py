@@ -6,6 +6,7 @@ changes go to the supervisor over the control socket.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -17,13 +18,22 @@ from bottle import Bottle, HTTPResponse, JSONPlugin, redirect, request, response
 from ipc import VERSION
 from ipc.config import jwt_secret
 from ipc.control import ControlError
+from ipc.layouts import CIVITAI_TYPES, folder_for
 from ipc.naming import folder_problem
 from ipc.states import JobState
 from ipc.store import public_job
-from web import metrics, openapi
+from web import library, metrics, openapi
 from web.auth import MAX_BODY_BYTES, AuthPlugin, Gatekeeper
 from web.errors import REASONS, error_body, json_error
-from web.openapi import DEFAULT_LIST_LIMIT, MAX_ID, MAX_JSON_DEPTH, MAX_LIST_LIMIT, MAX_PRIORITY, MAX_STORE_ID
+from web.openapi import (
+    DEFAULT_LIST_LIMIT,
+    MAX_ID,
+    MAX_JSON_DEPTH,
+    MAX_LIST_LIMIT,
+    MAX_PRIORITY,
+    MAX_SPEED_BPS,
+    MAX_STORE_ID,
+)
 
 HEALTH_TIMEOUT_S = 3.0  # /health waits this long for the supervisor's word
 
@@ -31,6 +41,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 CIVITAI_HOSTS = ("civitai.com", "civitai.green")
 WS_AUTHORIZE_KEY = "civitai.ws_authorize"
 JOB_FIELDS = ("model_id", "version_id", "file_id", "url", "priority", "model_type")
+SCAN_FIELDS = ("folder", "dry_run")
 # What a 404 for a path id says; another `<name_id:int>` gets "no <name> with id N".
 MISSING_ID = {
     "job_id": "no job with id {}",
@@ -94,6 +105,15 @@ def read_json_object() -> dict:
     if _nested_deeper_than(body, MAX_JSON_DEPTH):
         raise json_error(400, too_deep)
     return body
+
+
+def read_optional_json_object() -> dict:
+    """Like read_json_object, but no body at all is an empty object (a POST with nothing to say)."""
+    environ = request.environ
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    if not chunked and environ.get("CONTENT_LENGTH") in (None, "", "0"):
+        return {}
+    return read_json_object()
 
 
 def refuse_unknown_fields(body: dict, accepted) -> None:
@@ -233,6 +253,18 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         except OSError as exc:
             raise json_error(503, f"the supervisor is not answering ({exc})") from None
 
+    def job_view(row: dict) -> dict:
+        """A job as the API shows it, with `preview`: whether the finished file has its preview
+        beside it (the GUI asks for the image only then)."""
+        out = public_job(row)
+        rel = row.get("path") or (f"{row['model_type']}/{row['filename']}"
+                                  if row.get("model_type") and row.get("filename") else None)
+        out["preview"] = row.get("state") == JobState.DONE and library.has_preview(cfg.download_path, rel)
+        return out
+
+    if hub is not None:
+        hub.job_view = job_view  # the WebSocket snapshot shows jobs the same way
+
     def job_or_404(job_id: int) -> dict:
         job = store.get_job(job_id)
         if job is None:
@@ -254,7 +286,8 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         ws_src = f" ws://{host} wss://{host}" if re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", host) else ""
         response.set_header(
             "Content-Security-Policy",
-            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            # blob: previews are fetched with the token (an <img> cannot send it) and shown as blob URLs.
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             f"connect-src 'self'{ws_src}; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
         )
         if "Cache-Control" not in response.headers:
@@ -341,7 +374,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         else:
             rows = [row for state in states for row in store.list_jobs(state=state, limit=limit)]
             rows = sorted(rows, key=lambda r: r["id"], reverse=True)[:limit]
-        return {"jobs": [public_job(r) for r in rows]}
+        return {"jobs": [job_view(r) for r in rows]}
 
     @app.post("/api/jobs")
     def add_job():
@@ -375,11 +408,11 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         args["priority"] = priority
         args["model_type"] = model_type
         result = ask("add_job", **{k: v for k, v in args.items() if v is not None})
-        return answer(201 if result.get("created") else 200, {"job": public_job(result["job"])})
+        return answer(201 if result.get("created") else 200, {"job": job_view(result["job"])})
 
     @app.get("/api/jobs/<job_id:int>")
     def get_job(job_id):
-        return {"job": public_job(job_or_404(job_id))}
+        return {"job": job_view(job_or_404(job_id))}
 
     @app.route("/api/jobs/<job_id:int>", method="PATCH")
     def patch_job(job_id):
@@ -389,25 +422,25 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
         if priority is None:
             raise json_error(422, "'priority' is required")
         result = ask("set_priority", job_id=job_id, priority=priority)
-        return {"job": public_job(result["job"])}
+        return {"job": job_view(result["job"])}
 
     @app.delete("/api/jobs/<job_id:int>")
     def cancel_job(job_id):
         result = ask("cancel_job", job_id=job_id)
-        return {"job": public_job(result["job"])}
+        return {"job": job_view(result["job"])}
 
     @app.post("/api/jobs/<job_id:int>/retry")
     def retry_job(job_id):
         result = ask("retry_job", job_id=job_id)
-        return {"job": public_job(result["job"])}
+        return {"job": job_view(result["job"])}
 
     @app.post("/api/jobs/<job_id:int>/pause")
     def pause_job(job_id):
-        return {"job": public_job(ask("pause_job", job_id=job_id)["job"])}
+        return {"job": job_view(ask("pause_job", job_id=job_id)["job"])}
 
     @app.post("/api/jobs/<job_id:int>/resume")
     def resume_job(job_id):
-        return {"job": public_job(ask("resume_job", job_id=job_id)["job"])}
+        return {"job": job_view(ask("resume_job", job_id=job_id)["job"])}
 
     @app.post("/api/pause")
     def pause_all():
@@ -416,6 +449,88 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     @app.post("/api/resume")
     def resume_all():
         return ask("resume")
+
+    # --- speed ---
+
+    @app.get("/api/speed")
+    def get_speed():
+        return ask("speed")
+
+    @app.put("/api/speed")
+    def put_speed():
+        body = read_json_object()
+        refuse_unknown_fields(body, ("max_speed",))
+        if "max_speed" not in body:
+            raise json_error(422, "'max_speed' is required: bytes per second (0: no cap), or null to go back "
+                                  "to the config's and the schedule's cap")
+        value = body["max_speed"]
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_SPEED_BPS):
+            shown = json.dumps(value)[:60]
+            raise json_error(422, f"'max_speed' must be a whole number of bytes per second from 0 (no cap) to "
+                                  f"{MAX_SPEED_BPS}, or null to clear the override; got {shown} (a rate such as "
+                                  f"\"5MB\" is written in config.json, the API takes bytes)")
+        return ask("set_speed", max_speed=value)
+
+    # --- the library ---
+
+    info_cache = library.InfoCache()
+
+    @app.get("/api/library")
+    def get_library():
+        result = ask("manifest")
+        entries = result.get("entries", []) if isinstance(result, dict) else []
+        jobs = store.list_jobs(limit=library.JOB_WINDOW)
+        return library.build_library(entries, jobs, cfg.download_path, site_origin=cfg.civitai_origin,
+                                     info_cache=info_cache)
+
+    @app.get("/api/library/preview")
+    def get_preview():
+        rel = request.query.getunicode("path")
+        if rel is None:
+            raise json_error(400, "query parameter 'path' (<folder>/<file>, as /api/library lists it) is required")
+        try:
+            path, content_type, size = library.preview_file(cfg.download_path, rel)
+            # No symlink put there since the check is followed either; the server closes the file.
+            fh = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)), "rb")
+        except library.LibraryPathError as exc:
+            raise json_error(exc.status, str(exc)) from None
+        except OSError:
+            raise json_error(404, f"no preview beside {rel}") from None
+        # A preview changes only with its version; the page keeps what it fetched for a while.
+        return HTTPResponse(body=fh, status=200, headers={
+            "Content-Type": content_type, "Content-Length": str(size), "Cache-Control": "private, max-age=300"})
+
+    @app.post("/api/library/scan")
+    def start_scan():
+        body = read_optional_json_object()
+        refuse_unknown_fields(body, SCAN_FIELDS)
+        args = {}
+        folder = body.get("folder")
+        if folder is not None:
+            if not isinstance(folder, str):
+                raise json_error(400, "'folder' must be a string")
+            problem = folder_problem(folder)
+            if problem:
+                raise json_error(422, f"'folder' must be a folder under download_dir: {problem}")
+            args["folder"] = folder
+        dry_run = body.get("dry_run")
+        if dry_run is not None:
+            if not isinstance(dry_run, bool):
+                raise json_error(400, "'dry_run' must be true or false")
+            args["dry_run"] = dry_run
+        result = ask("library_scan", **args)
+        return answer(202, {"scan": result.get("scan") if isinstance(result, dict) else None})
+
+    @app.get("/api/library/scan")
+    def scan_status():
+        result = ask("library_scan_status")
+        return {"scan": result.get("scan") if isinstance(result, dict) else None}
+
+    @app.get("/api/layout")
+    def get_layout():
+        # What "Add a model" shows before the download: where each Civitai type goes.
+        return {"layout": cfg.layout, "types": list(CIVITAI_TYPES),
+                "folders": {kind: folder_for(kind, cfg.layout, cfg.folders) for kind in CIVITAI_TYPES}}
 
     # --- manifest and updates ---
 
@@ -436,7 +551,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
             raise json_error(422, f"'priority' must be from 1 to {MAX_PRIORITY}, got {entry['priority']}")
         result = ask("add_manifest_entry", entry=entry)
         job = result.get("job")
-        return answer(201, {"entry": result.get("entry"), "job": public_job(job) if isinstance(job, dict) else None})
+        return answer(201, {"entry": result.get("entry"), "job": job_view(job) if isinstance(job, dict) else None})
 
     @app.delete("/api/manifest/<model_id:int>")
     def delete_manifest_model(model_id):

@@ -18,7 +18,9 @@ from ipc.store import public_job
 
 log = logging.getLogger("web.hub")
 
-PROGRESS_INTERVAL_S = 0.25  # download_progress: at most 4 a second a job
+PROGRESS_INTERVAL_S = 0.25  # download_progress: at most 4 a second a job; library_scan_progress: 4 a second
+PROGRESS_EVENTS = ("download_progress", "library_scan_progress")
+SCAN_KEY = "library_scan"  # the one scan's progress, keyed apart from every job
 CLIENT_QUEUE_MAX = 2000  # messages a client may lag behind before it is dropped
 SEND_TIMEOUT_S = 10.0  # one message that takes longer than this to send drops the client
 SNAPSHOT_RECENT_JOBS = 100
@@ -75,6 +77,7 @@ class Hub:
         self._flush_timer = None
         self._greenlets: list = []
         self._stopping = False
+        self.job_view: Callable[[dict], dict] = public_job  # the app sets its own (jobs with `preview`)
 
     # --- feeding events in --------------------------------------------------------------
 
@@ -87,10 +90,10 @@ class Hub:
                 return  # already published (from the store while the subscription was away)
             if event_id > self.last_id + 1:
                 self.catch_up(until_id=event_id - 1)
-            self._forget_progress(event.get("job_id"))
+            self._forget_progress(self._progress_key(event))
             self._broadcast(event)
             self.last_id = max(self.last_id, event_id)
-        elif event.get("event") == "download_progress":
+        elif event.get("event") in PROGRESS_EVENTS:
             self._progress(event)
         else:
             self._broadcast(event)
@@ -106,13 +109,17 @@ class Hub:
             if not page:
                 return count
             for event in page:
-                self._forget_progress(event.get("job_id"))
+                self._forget_progress(self._progress_key(event))
                 self._broadcast(event)
                 self.last_id = max(self.last_id, int(event["id"]))
                 count += 1
 
+    @staticmethod
+    def _progress_key(event: dict):
+        return SCAN_KEY if str(event.get("event", "")).startswith("library_scan") else event.get("job_id")
+
     def _progress(self, event: dict) -> None:
-        job_id = event.get("job_id")
+        job_id = self._progress_key(event)
         now = self._clock()
         last = self._progress_sent.get(job_id)
         if last is None or now - last >= PROGRESS_INTERVAL_S:
@@ -164,7 +171,7 @@ class Hub:
         jobs = {j["id"]: j for j in self.store.list_jobs(limit=SNAPSHOT_RECENT_JOBS)}
         for job in self.store.active_jobs():
             jobs[job["id"]] = job
-        return [public_job(j) for j in sorted(jobs.values(), key=lambda j: j["id"], reverse=True)]
+        return [self.job_view(j) for j in sorted(jobs.values(), key=lambda j: j["id"], reverse=True)]
 
     def run_session(self, ws, after: int | None = None) -> None:
         """Serve one connected WebSocket until it closes or is dropped: the snapshot, the events

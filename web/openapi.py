@@ -13,6 +13,7 @@ MAX_ID = 2**53  # what a browser's JSON numbers hold exactly: the most a body's 
 MAX_STORE_ID = 2**63 - 1  # SQLite's largest integer: an id in a path above it cannot exist
 MAX_PRIORITY = 1_000_000
 MAX_LIST_LIMIT = 1000
+MAX_SPEED_BPS = 2**40  # 1 TiB/s: an override above it is a typo, not a cap
 DEFAULT_LIST_LIMIT = 100
 MAX_JSON_DEPTH = 32  # nesting of a request body; the API's own bodies are at most 3 deep
 # gevent's pywsgi (http.client.parse_headers) refuses these; web/ws.py answers them as JSON.
@@ -26,6 +27,7 @@ _NAME_CHAR = r'[^\\/<>:"|?*\x00-\x1f\x7f-\x9f]'
 _NAME_END = r'[^\\/<>:"|?*\x00-\x1f\x7f-\x9f. ]'
 FOLDER_PATTERN = f"^{_NAME_CHAR}{{0,199}}{_NAME_END}(/{_NAME_CHAR}{{0,199}}{_NAME_END}){{0,15}}$"
 FILENAME_PATTERN = f"^({_NAME_END}({_NAME_CHAR}{{0,198}}{_NAME_END})?)?$"
+LIBRARY_PATH_PATTERN = f"^{_NAME_CHAR}{{0,199}}{_NAME_END}(/{_NAME_CHAR}{{0,199}}{_NAME_END}){{1,16}}$"
 URL_PATTERN = r"^[ \t\r\n]*[hH][tT][tT][pP][sS]?://[^\x00-\x20\x7f]+[ \t\r\n]*$"
 
 # Every answer may be one of these, whatever the route: the server refuses before any route runs.
@@ -44,20 +46,22 @@ def _errors(*codes: int) -> dict:
     return {str(c): {"$ref": f"#/components/responses/E{c}"} for c in sorted(set(codes) | set(_ALWAYS))}
 
 
-def _op(summary: str, responses: dict, *, params=None, body=None, public=False, errors=(401,), tag="jobs"):
+def _op(summary: str, responses: dict, *, params=None, body=None, body_required=True, public=False, errors=(401,),
+        tag="jobs"):
     codes = set(errors) | ({400, 413} if body else set())
     op = {"summary": summary, "tags": [tag], "responses": {**responses, **_errors(*codes)}}
     if params:
         op["parameters"] = params
     if body:
-        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+        op["requestBody"] = {"required": body_required, "content": {"application/json": {"schema": body}}}
     if public:
         op["security"] = []
     return op
 
 
-def _query(name: str, description: str, schema: dict, **extra) -> dict:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema, **extra}
+def _query(name: str, description: str, schema: dict, required: bool = False, **extra) -> dict:
+    return {"name": name, "in": "query", "required": required, "description": description, "schema": schema,
+            **extra}
 
 
 def _path_id(name: str, what: str) -> dict:
@@ -80,6 +84,9 @@ _FILE_ID = _path_id("fileId", "The file's id on Civitai (fileId in the manifest 
 _PAUSED = {"type": "object", "required": ["paused"], "properties": {"paused": {"type": "boolean"}}}
 _FILE_ID = _path_id("fileId", "The file's id on Civitai")
 _JOB_ANSWER = {"type": "object", "properties": {"job": _ref("Job")}, "required": ["job"]}
+_SCAN_ANSWER = {"type": "object", "properties": {"scan": _nullable(_ref("Scan"))}, "required": ["scan"]}
+_RATE = {"type": "integer", "minimum": 0, "description": "Bytes per second; 0: no cap"}
+_LIBRARY_STATES = ["present", "downloading", "queued", "paused", "failed", "missing", "update_available"]
 _PRIORITY = {"type": "integer", "minimum": 1, "maximum": MAX_PRIORITY, "description": "1 is the most urgent"}
 _FOLDER = {
     "type": "string", "pattern": FOLDER_PATTERN, "example": "lora",
@@ -106,7 +113,7 @@ def spec(version: str) -> dict:
         "info": {"title": "Civitai download daemon", "version": version, "description": _SECURITY_NOTE},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "tags": [{"name": n} for n in ("jobs", "manifest", "updates", "events", "daemon")],
+        "tags": [{"name": n} for n in ("jobs", "manifest", "library", "updates", "events", "daemon")],
         "paths": {
             "/health": {"get": _op("Liveness of the web process", {
                 "200": _json({"type": "object", "required": ["status"],
@@ -162,6 +169,40 @@ def spec(version: str) -> dict:
                 "kept across restarts", {"200": _json(_PAUSED, "Paused")}, errors=(401, 503), tag="daemon")},
             "/api/resume": {"post": _op("Resume downloads after a pause", {"200": _json(_PAUSED, "Resumed")},
                                         errors=(401, 503), tag="daemon")},
+            "/api/speed": {
+                "get": _op("The download speed cap in force and where it comes from", {
+                    "200": _json(_ref("Speed"), "The cap")}, errors=(401, 503), tag="daemon"),
+                "put": _op("Set an override of the cap (kept across restarts), or clear it with null", {
+                    "200": _json(_ref("Speed"), "The cap now")}, body=_ref("SpeedChange"),
+                    errors=(401, 422, 503), tag="daemon"),
+            },
+            "/api/library": {"get": _op(
+                "Every manifest entry with its state, names, base model, type, folder, size, trigger "
+                "words and whether a preview is beside it; free space and bytes used per folder",
+                {"200": _json(_ref("Library"), "The library")}, errors=(401, 503), tag="library")},
+            "/api/library/preview": {"get": _op(
+                "The preview image beside a file of the library (`<stem>.preview.<ext>`), with its real "
+                "content type; symlinks are not followed",
+                {"200": {"description": "The image", "content": {
+                    t: {"schema": {"type": "string", "format": "binary"}}
+                    for t in ("image/png", "image/jpeg", "image/webp", "image/gif")}}},
+                params=[_query("path", "`<folder>/<file>` of the model file, as /api/library lists it; a "
+                               "name the folder rules refuse (SPEC §3) is a 422",
+                               {"type": "string", "pattern": LIBRARY_PATH_PATTERN,
+                                "example": "lora/model.safetensors"}, required=True)],
+                errors=(400, 401, 404, 422), tag="library")},
+            "/api/library/scan": {
+                "post": _op("Adopt the model files already under download_dir (`supervisor.py import`): "
+                            "hash them, identify them on Civitai, add them to the manifest as they are", {
+                                "202": _json(_SCAN_ANSWER, "Started")},
+                            body=_ref("ScanRequest"), body_required=False, errors=(401, 404, 409, 422, 503),
+                            tag="library"),
+                "get": _op("The running or last scan", {"200": _json(
+                    {"type": "object", "required": ["scan"], "properties": {"scan": _nullable(_ref("Scan"))}},
+                    "The scan, or null when none ran since the daemon started")}, errors=(401, 503), tag="library"),
+            },
+            "/api/layout": {"get": _op("Where each Civitai type goes under the configured layout and folders", {
+                "200": _json(_ref("Layout"), "The layout")}, tag="library")},
             "/api/manifest": {
                 "get": _op("manifest.json's entries", {"200": _json(
                     {"type": "object", "required": ["entries"],
@@ -261,6 +302,8 @@ def spec(version: str) -> dict:
                     "sha256": _nullable({"type": "string"}),
                     "path": _nullable({"type": "string", "description": "The file, relative to download_dir"}),
                     "source": {"type": "string", "description": "Who queued it: `manifest`, `api`, `update`…"},
+                    "preview": {"type": "boolean", "description": "A finished file has its preview beside it "
+                                                                  "(GET /api/library/preview?path=<path>)"},
                 }},
                 "NewJob": {
                     "type": "object", "additionalProperties": False,
@@ -304,6 +347,63 @@ def spec(version: str) -> dict:
                         "format": _nullable({"type": "string", "pattern": r"\S", "example": "SafeTensor"}),
                         "fp": _nullable({"type": "string", "pattern": r"\S", "example": "fp16"}),
                     }},
+                "Speed": {"type": "object", "required": ["max_speed", "source", "config", "override", "schedule"],
+                          "properties": {
+                              "max_speed": _nullable({**_RATE, "description": "The cap in force, bytes per "
+                                                      "second; null: no cap"}),
+                              "source": {"type": "string", "enum": ["config", "schedule", "api"]},
+                              "config": _RATE,
+                              "override": _nullable({**_RATE, "description": "Set by PUT /api/speed"}),
+                              "schedule": {"type": "array", "items": {
+                                  "type": "object", "properties": {"from": {"type": "string"}, "to": {"type": "string"},
+                                                                   "max_speed": _RATE}}}}},
+                "SpeedChange": {"type": "object", "additionalProperties": False, "required": ["max_speed"],
+                                "properties": {"max_speed": _nullable({
+                                    **_RATE, "maximum": MAX_SPEED_BPS,
+                                    "description": "An override in bytes per second (0: no cap); null clears it. "
+                                                   "A rate such as \"5MB\" is for config.json: 422 here."})}},
+                "ScanRequest": {"type": "object", "additionalProperties": False, "properties": {
+                    "folder": _nullable({**_FOLDER, "description": "Only this folder under download_dir"}),
+                    "dry_run": _nullable({"type": "boolean", "description": "Identify, add nothing"})}},
+                "Scan": {"type": "object", "required": ["state"], "additionalProperties": True, "properties": {
+                    "state": {"type": "string", "enum": ["running", "done", "failed"]},
+                    "folder": _nullable({"type": "string"}), "dry_run": {"type": "boolean"},
+                    "files_done": {"type": "integer", "minimum": 0}, "files_total": {"type": "integer", "minimum": 0},
+                    "bytes_done": {"type": "integer", "minimum": 0}, "bytes_total": {"type": "integer", "minimum": 0},
+                    "matched": {"type": "integer", "minimum": 0}, "added": {"type": "integer", "minimum": 0},
+                    "already_listed": {"type": "integer", "minimum": 0},
+                    "unknown": {"type": "array", "items": {"type": "string"}},
+                    "differs": {"type": "array", "items": {"type": "string"}},
+                    "skipped": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+                    "seconds": _nullable({"type": "number", "minimum": 0}), "error": _nullable({"type": "string"})}},
+                "LibraryEntry": {"type": "object", "required": ["model_id", "folder", "state"], "properties": {
+                    "model_id": _nullable({"type": "integer"}), "version_id": _nullable({"type": "integer"}),
+                    "file_id": _nullable({"type": "integer"}), "folder": _nullable({"type": "string"}),
+                    "filename": _nullable({"type": "string"}),
+                    "path": _nullable({"type": "string", "description": "<folder>/<file>: the preview route's path"}),
+                    "state": {"type": "string", "enum": _LIBRARY_STATES},
+                    "model_name": _nullable({"type": "string"}), "version_name": _nullable({"type": "string"}),
+                    "base_model": _nullable({"type": "string"}),
+                    "type": _nullable({"type": "string", "description": "Civitai's type (LORA, Checkpoint, …)"}),
+                    "size": _nullable({"type": "integer", "minimum": 0, "description": "Bytes on disk"}),
+                    "expected_size": _nullable({"type": "integer", "minimum": 0}),
+                    "trigger_words": {"type": "array", "items": {"type": "string"}},
+                    "preview": {"type": "boolean"}, "info": {"type": "boolean"},
+                    "url": _nullable({"type": "string", "description": "The model's page on Civitai"}),
+                    "job": _nullable({"type": "object", "additionalProperties": True})}},
+                "Library": {"type": "object", "required": ["entries", "folders", "disk", "counts"], "properties": {
+                    "entries": {"type": "array", "items": _ref("LibraryEntry")},
+                    "folders": {"type": "array", "items": {"type": "object", "properties": {
+                        "folder": {"type": "string"}, "exists": {"type": "boolean"},
+                        "entries": {"type": "integer", "minimum": 0}, "entry_bytes": {"type": "integer", "minimum": 0},
+                        "bytes": {"type": "integer", "minimum": 0}, "files": {"type": "integer", "minimum": 0}}}},
+                    "disk": _nullable({"type": "object", "properties": {
+                        "total": {"type": "integer"}, "used": {"type": "integer"}, "free": {"type": "integer"}}}),
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+                "Layout": {"type": "object", "required": ["layout", "types", "folders"], "properties": {
+                    "layout": {"type": "string", "enum": ["plain", "comfyui", "a1111"]},
+                    "types": {"type": "array", "items": {"type": "string"}},
+                    "folders": {"type": "object", "additionalProperties": {"type": "string"}}}},
                 "Event": {"type": "object", "required": ["id", "event", "ts"], "additionalProperties": True,
                           "properties": {"id": {"type": "integer"}, "event": {"type": "string"},
                                          "ts": {"type": "string", "format": "date-time"}}},

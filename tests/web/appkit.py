@@ -90,6 +90,9 @@ class FakeControl:
         self.calls: list[tuple[str, dict]] = []
         self.fail: ControlError | None = None
         self.manifest = [{"modelId": 1, "model_type": "checkpoint", "note": "mine"}]
+        self.download_dir = None  # set by make_env: where a scan's folder must exist
+        self.scan: dict | None = None
+        self.speed_config, self.speed_override = 0, None
 
     def call(self, op, **args):
         self.calls.append((op, args))
@@ -151,6 +154,26 @@ class FakeControl:
             return {"status": "ok", "reason": None}
         if op == "check_updates":
             return {"started": True}
+        if op == "library_scan":
+            if self.scan and self.scan["state"] == "running":
+                raise ControlError(409, "a library scan is already running")
+            folder = args.get("folder")
+            if folder is not None and self.download_dir is not None and not (self.download_dir / folder).is_dir():
+                raise ControlError(404, f"there is no folder {folder} under download_dir")
+            self.scan = {"state": "running", "folder": folder, "dry_run": bool(args.get("dry_run")),
+                         "files_done": 0, "files_total": 0, "bytes_done": 0, "bytes_total": 0, "matched": 0,
+                         "added": 0, "already_listed": 0, "unknown": [], "differs": [], "skipped": [],
+                         "seconds": 0.0, "error": None}
+            return {"scan": self.scan}
+        if op == "library_scan_status":
+            return {"scan": self.scan}
+        if op in ("speed", "set_speed"):
+            if op == "set_speed":
+                self.speed_override = args["max_speed"]
+            override = self.speed_override
+            in_force = override if override is not None else self.speed_config
+            return {"max_speed": in_force or None, "source": "api" if override is not None else "config",
+                    "config": self.speed_config, "override": override, "schedule": []}
         raise ControlError(400, f"unknown operation {op!r}")
 
     def subscribe(self):
@@ -173,6 +196,7 @@ def make_env(tmp_path) -> Env:
     writer = JobStore(cfg.db_path)
     reader = JobStore(cfg.db_path, readonly=True)
     control = FakeControl(writer)
+    control.download_dir = cfg.download_path
     hub = Hub(reader)
     now = [time.time()]
     app = make_app(cfg, reader, control, hub, clock=lambda: now[0])

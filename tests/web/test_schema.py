@@ -31,6 +31,8 @@ RULES_BEYOND_THE_SCHEMA = {
         r"^'url' (must|is not)", r"^the URL's \w+ must be from 1 to", r"in the URL must be a number",
         r"^'file_id' needs 'version_id'", r"does not match the URL's",
     ),
+    "POST /api/library/scan": (r"^'folder' must be a folder under download_dir: ",),
+    "GET /api/library/preview": (r"^'path': ",),
     "POST /api/manifest": (
         r"field 'model_type': ", r"field 'filename': expected a plain file name",
         r"field '(file_type|format|fp)': expected a string",

@@ -632,6 +632,29 @@ def test_progress_is_at_most_four_a_second_a_job_and_the_newest_wins(env, monkey
     session.join(5)
 
 
+def test_scan_progress_is_at_most_four_a_second_and_never_after_the_scan(env):
+    clock = [100.0]
+    hub = Hub(env.store, clock=lambda: clock[0])
+    ws = FakeWebSocket()
+    session = gevent.spawn(hub.run_session, ws, None)
+    _wait(lambda: ws.sent)
+    for i in range(10):
+        hub.publish({"event": "library_scan_progress", "files_done": i, "files_total": 10, "bytes_done": i,
+                     "bytes_total": 10})
+        clock[0] += 0.0625
+    _wait(lambda: _drained(hub))
+    assert [e["files_done"] for e in ws.sent[1:]] == [0, 4, 8]
+    # The scan's end makes the pending progress (files_done 9) stale: it is never sent after it.
+    hub.publish(_event(env.writer, "library_scan_done", folder=None, files=10, matched=1, added=1,
+                       already_listed=0, unknown=[], seconds=1.0))
+    clock[0] += 1
+    hub._flush_progress()
+    _wait(lambda: len(ws.sent) >= 5 and _drained(hub))
+    assert [e["event"] for e in ws.sent[4:]] == ["library_scan_done"]
+    ws.hang_up()
+    session.join(5)
+
+
 def test_a_slow_client_is_dropped_and_others_keep_up(env, monkeypatch):
     monkeypatch.setattr(hub_module, "CLIENT_QUEUE_MAX", 5)
     slow, fast = FakeWebSocket(send_delay_s=10), FakeWebSocket()

@@ -1,0 +1,343 @@
+"""workers/sidecars.py: the .civitai.info and .preview.<ext> beside a verified file, against real
+Civitai JSON (tests/data) and mocked image hosts (responses)."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import responses
+
+from workers import sidecars
+from workers.civitai import CivitaiClient
+from workers.sidecars import (
+    info_document,
+    info_path,
+    is_sidecar_name,
+    preview_candidates,
+    sidecar_state,
+    sniff_image,
+    write_sidecars,
+    write_sidecars_for,
+)
+
+DATA = Path(__file__).parent.parent / "data"
+API = "https://civitai.test/api/v1"
+KEY = "sk-secret-key-1234567890"
+IMG = "https://image.civitai.test/xG1n/abc"
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
+JPEG = b"\xff\xd8\xff\xe0" + b"\x01" * 40
+WEBP = b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x02" * 40
+GIF = b"GIF89a" + b"\x03" * 40
+MP4 = b"\x00\x00\x00\x18ftypisom" + b"\x00" * 40
+
+
+def load(name):
+    return json.loads((DATA / name).read_text())
+
+
+class CountingThrottle:
+    def __init__(self):
+        self.waits = 0
+
+    def wait(self):
+        self.waits += 1
+        return 0.0
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """A request no test mocked is a test bug, never a trip to the real image host."""
+    def refuse(self, request, **kwargs):
+        raise AssertionError(f"unmocked request to {request.url}")
+    monkeypatch.setattr("requests.adapters.HTTPAdapter.send", refuse)
+
+
+@pytest.fixture
+def version():
+    return load("model-version-1387174.json")
+
+
+@pytest.fixture
+def model():
+    return load("model-1231067.json")
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    folder = tmp_path / "Lora"
+    folder.mkdir()
+    path = folder / "pp-storybook_rank2_bf16.safetensors"
+    path.write_bytes(b"weights")
+    return path
+
+
+@pytest.fixture
+def client():
+    c = CivitaiClient(API, api_key=KEY)
+    c.session.headers["Authorization"] = f"Bearer {KEY}"  # even a session that carries the key
+    c.session.cookies.set("session", "civitai-cookie", domain=".civitai.test")
+    return c
+
+
+def image(url, level=1, kind="image"):
+    return {"url": url, "nsfwLevel": level, "type": kind, "width": 832, "height": 1216}
+
+
+def with_images(version_json, *images):
+    """The version with these images, or with none that can be fetched."""
+    out = copy.deepcopy(version_json)
+    out["images"] = list(images) or [image(f"{IMG}/rated-x.png", level=8)]
+    return out
+
+
+# --- the info document ----------------------------------------------------------------------------
+
+def test_info_is_the_version_json_with_the_models_name_type_and_fields(version, model):
+    doc = info_document(version, model)
+    for key, value in version.items():
+        if key != "model":
+            assert doc[key] == value, key  # everything Civitai sent, as it sent it
+    assert doc["trainedWords"] == ["ppstorybook"]
+    assert doc["model"]["name"] == "Vivid Impressions Storybook Style" and doc["model"]["type"] == "LORA"
+    assert doc["model"]["tags"] == model["tags"] and doc["model"]["description"] == model["description"]
+    assert doc["model"]["allowCommercialUse"] == model["allowCommercialUse"]
+    assert doc["creator"] == model["creator"]
+    assert version.get("creator") is None  # the input is not changed
+
+
+def test_info_of_a_version_from_the_models_list_gets_model_and_model_id(model):
+    listed = model["modelVersions"][0]
+    assert "model" not in listed and "modelId" not in listed
+    doc = info_document(listed, model)
+    assert doc["model"]["name"] == model["name"] and doc["model"]["type"] == "LORA"
+    assert doc["modelId"] == 1231067 and doc["id"] == listed["id"]
+
+
+def test_info_file_is_ascii_json_with_four_space_indents(version, model, model_file, client):
+    with responses.RequestsMock() as mock:
+        mock.get(version["images"][0]["url"], body=JPEG, content_type="image/jpeg")
+        result = write_sidecars_for(version, model, model_file, client=client, throttle=None)
+    target = model_file.with_name("pp-storybook_rank2_bf16.civitai.info")
+    assert result.info == target == info_path(model_file)
+    raw = target.read_bytes()
+    raw.decode("ascii")  # Civitai Helper opens it with the platform's encoding
+    assert raw.startswith(b'{\n    "id": 1387174,')
+    written = json.loads(raw)
+    assert written["trainedWords"] == ["ppstorybook"] and written["model"]["name"] == model["name"]
+    assert written["extensions"]["civitai_daemon"]["version_id"] == 1387174
+
+
+# --- the preview ----------------------------------------------------------------------------------
+
+def test_the_preview_is_the_first_allowed_image_byte_for_byte_named_by_its_bytes(version, model, model_file,
+                                                                                 client):
+    v = with_images(version, image(f"{IMG}/x.mp4", kind="video"), image(f"{IMG}/r.jpeg", level=4),
+                    image(f"{IMG}/ok.jpeg", level=2), image(f"{IMG}/later.jpeg", level=1))
+    throttle = CountingThrottle()
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/ok.jpeg", body=WEBP, content_type="image/webp")  # served as WebP whatever its name
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=throttle)
+        assert [c.request.url for c in mock.calls] == [f"{IMG}/ok.jpeg"]
+        sent = mock.calls[0].request.headers
+    preview = model_file.with_name("pp-storybook_rank2_bf16.preview.webp")
+    assert result.preview == preview and preview.read_bytes() == WEBP
+    assert throttle.waits == 1  # through the daemon's throttle
+    assert "Authorization" not in sent and "Cookie" not in sent, dict(sent)
+    assert KEY not in json.dumps(dict(sent))
+    assert sent["User-Agent"].startswith("civitai-daemon")
+
+
+def test_preview_nsfw_allows_an_image_above_pg13(version, model, model_file, client):
+    v = with_images(version, image(f"{IMG}/r.png", level=4), image(f"{IMG}/pg.png", level=1))
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/r.png", body=PNG)
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=None, preview_nsfw=True)
+    assert result.preview.name.endswith(".preview.png") and result.preview.read_bytes() == PNG
+
+
+def test_candidates_follow_nsfw_levels_and_skip_videos():
+    images = [image(f"{IMG}/1", 1), image(f"{IMG}/2", 2), image(f"{IMG}/4", 4), image(f"{IMG}/8", 8),
+              image(f"{IMG}/16", 16), image(f"{IMG}/v", 1, "video"), {"url": f"{IMG}/unrated"},
+              {"url": f"{IMG}/old-sfw", "nsfw": False}, {"url": f"{IMG}/old-none", "nsfw": "None"},
+              {"url": f"{IMG}/old-soft", "nsfw": "Soft"}, {"url": "ftp://x/y", "nsfwLevel": 1}, "junk"]
+    sfw = [c["url"].rsplit("/", 1)[1] for c in preview_candidates(images, False)]
+    assert sfw == ["1", "2", "old-sfw", "old-none"]
+    everything = [c["url"].rsplit("/", 1)[1] for c in preview_candidates(images, True)]
+    assert everything == ["1", "2", "4", "8", "16", "unrated", "old-sfw", "old-none", "old-soft"]
+
+
+def test_sniffing():
+    assert [sniff_image(b[:16]) for b in (PNG, JPEG, WEBP, GIF, MP4, b"<html>", b"")] == [
+        "png", "jpeg", "webp", "gif", None, None, None]
+
+
+def test_a_video_or_a_web_page_where_an_image_was_listed_falls_to_the_next(version, model, model_file, client):
+    v = with_images(version, image(f"{IMG}/a.jpeg"), image(f"{IMG}/b.jpeg"), image(f"{IMG}/c.jpeg"))
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/a.jpeg", body=MP4, content_type="video/mp4")
+        mock.get(f"{IMG}/b.jpeg", body=b"<html>nope</html>", content_type="text/html")
+        mock.get(f"{IMG}/c.jpeg", body=GIF, content_type="image/gif")
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=None)
+    assert result.preview.name.endswith(".preview.gif") and result.error is None
+
+
+def test_an_image_above_the_cap_is_not_kept(version, model, model_file, client, monkeypatch):
+    monkeypatch.setattr(sidecars, "MAX_PREVIEW_BYTES", 1000)
+    big = PNG + b"\x00" * 2000
+    v = with_images(version, image(f"{IMG}/big-declared.png"), image(f"{IMG}/big-streamed.png"),
+                    image(f"{IMG}/small.png"))
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/big-declared.png", body=big, headers={"Content-Length": str(len(big))})
+        mock.get(f"{IMG}/big-streamed.png", body=big)  # no Content-Length: the cap counts bytes
+        mock.get(f"{IMG}/small.png", body=PNG)
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=None)
+    assert result.preview.read_bytes() == PNG
+    leftovers = [p.name for p in model_file.parent.iterdir()]
+    assert sorted(leftovers) == sorted([model_file.name, "pp-storybook_rank2_bf16.civitai.info",
+                                        "pp-storybook_rank2_bf16.preview.png"])
+
+
+def test_a_redirect_is_followed_without_the_key(version, model, model_file, client):
+    v = with_images(version, image(f"{IMG}/moved.png"))
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/moved.png", status=302, headers={"Location": "https://cdn.elsewhere.test/p.png"})
+        mock.get("https://cdn.elsewhere.test/p.png", body=PNG)
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=None)
+        assert all("Authorization" not in c.request.headers for c in mock.calls)
+    assert result.preview.read_bytes() == PNG
+
+
+def test_a_failed_fetch_never_fails_and_is_tried_again_later(version, model, model_file, client, caplog):
+    v = with_images(version, image(f"{IMG}/p.png"), image(f"{IMG}/second.png"))
+    now = [1_000_000.0]
+    caplog.set_level(logging.INFO, logger="workers.sidecars")
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/p.png", status=503)
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=None, clock=lambda: now[0])
+        assert len(mock.calls) == 1  # the first allowed image is the preview: no fall-back on a 503
+    assert result.preview is None and "503" in result.error and result.info.exists()
+    mark = json.loads(result.info.read_text())["extensions"]["civitai_daemon"]
+    assert mark["retry_at"] == now[0] + sidecars.PREVIEW_RETRY_S and "503" in mark["error"]
+    assert "no preview" in caplog.text and "503" in caplog.text
+    assert not sidecar_state(model_file, now=now[0])["retry_due"]
+
+    # The next verify before the retry time asks nothing.
+    with responses.RequestsMock() as mock:
+        again = write_sidecars_for(v, model, model_file, client=client, throttle=None, clock=lambda: now[0] + 60)
+        assert len(mock.calls) == 0
+    assert again.preview is None and "later" in again.skipped
+
+    # After it, the image comes.
+    now[0] += sidecars.PREVIEW_RETRY_S + 1
+    assert sidecar_state(model_file, now=now[0])["retry_due"]
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/p.png", body=PNG)
+        last = write_sidecars_for(v, model, model_file, client=client, throttle=None, clock=lambda: now[0])
+    assert last.preview.read_bytes() == PNG and last.error is None
+    mark = json.loads(last.info.read_text())["extensions"]["civitai_daemon"]
+    assert "retry_at" not in mark and mark["preview"] == last.preview.name
+    assert sidecar_state(model_file, now=now[0]) == {"info": True, "preview": last.preview.name, "retry_due": False}
+
+
+def test_rate_limited_image_host_waits_as_long_as_it_says(version, model, model_file, client):
+    v = with_images(version, image(f"{IMG}/p.png"))
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/p.png", status=429, headers={"Retry-After": "7200"})
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=None, clock=lambda: 0.0)
+    assert result.retry_at == 7200.0
+
+
+def test_connection_error_is_retryable(version, model, model_file, client):
+    import requests as rq
+    v = with_images(version, image(f"{IMG}/p.png"))
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/p.png", body=rq.ConnectionError("refused"))
+        result = write_sidecars_for(v, model, model_file, client=client, throttle=None)
+    assert result.error and result.retry_at and result.info.exists()
+
+
+def test_the_users_own_preview_is_never_replaced(version, model, model_file, client):
+    own = model_file.with_name("pp-storybook_rank2_bf16.preview.png")
+    own.write_bytes(b"my own picture")
+    with responses.RequestsMock() as mock:
+        result = write_sidecars_for(version, model, model_file, client=client, throttle=None)
+        assert len(mock.calls) == 0
+    assert own.read_bytes() == b"my own picture" and "user's own" in result.skipped
+    assert result.info.exists()
+
+
+def test_an_update_refreshes_both_and_removes_our_old_preview(version, model, model_file, client):
+    with responses.RequestsMock() as mock:
+        mock.get(version["images"][0]["url"], body=PNG)
+        first = write_sidecars_for(version, model, model_file, client=client, throttle=None)
+    assert first.preview.name.endswith(".png")
+    newer = with_images(version, image(f"{IMG}/v2.jpeg"))
+    newer.update(id=2000001, name="v2", trainedWords=["newword"])
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/v2.jpeg", body=JPEG)
+        second = write_sidecars_for(newer, model, model_file, client=client, throttle=None)
+    assert second.preview.name.endswith(".preview.jpeg") and second.preview.read_bytes() == JPEG
+    assert not first.preview.exists()
+    info = json.loads(second.info.read_text())
+    assert info["id"] == 2000001 and info["trainedWords"] == ["newword"]
+
+    # An update whose images are all above PG-13 leaves no stale preview of the old version.
+    third_v = with_images(newer, image(f"{IMG}/x.png", level=16))
+    third_v["id"] = 2000002
+    third = write_sidecars_for(third_v, model, model_file, client=client, throttle=None)
+    assert third.preview is None and not second.preview.exists() and "preview_nsfw" in third.skipped
+
+
+def test_an_unchanged_info_is_not_rewritten(version, model, model_file, client):
+    with responses.RequestsMock() as mock:
+        mock.get(version["images"][0]["url"], body=PNG)
+        write_sidecars_for(version, model, model_file, client=client, throttle=None)
+    target = info_path(model_file)
+    before = os.stat(target)
+    with responses.RequestsMock() as mock:
+        write_sidecars_for(version, model, model_file, client=client, throttle=None)
+        assert len(mock.calls) == 0  # the preview of this version is there already
+    assert os.stat(target).st_ino == before.st_ino and os.stat(target).st_mtime_ns == before.st_mtime_ns
+
+
+def test_another_tools_extension_block_stays(version, model, model_file, client):
+    target = info_path(model_file)
+    target.write_text(json.dumps({"id": 1387174, "extensions": {"sd_civitai_helper": {"version": "1.8"}}}))
+    write_sidecars_for(with_images(version), model, model_file, client=client, throttle=None)
+    assert json.loads(target.read_text())["extensions"]["sd_civitai_helper"] == {"version": "1.8"}
+
+
+def test_trouble_on_disk_is_logged_not_raised(version, model, model_file, client, caplog):
+    info_path(model_file).mkdir()  # something in the way that is not a file
+    result = write_sidecars_for(with_images(version), model, model_file, client=client, throttle=None)
+    assert result.error and "not a plain file" in result.error and "not written" in caplog.text
+
+
+def test_sidecars_off_writes_nothing(version, model, model_file, client):
+    result = write_sidecars_for(version, model, model_file, client=client, throttle=None, sidecars=False)
+    assert result.info is None and sorted(p.name for p in model_file.parent.iterdir()) == [model_file.name]
+
+
+def test_write_sidecars_takes_the_resolved_json(version, model, model_file, client):
+    res = SimpleNamespace(version_json=with_images(version), model_json=model, model_name=model["name"])
+    write_sidecars(res, model_file, client=client, throttle=None, preview_nsfw=False, sidecars=True)
+    assert json.loads(info_path(model_file).read_text())["model"]["name"] == model["name"]
+    # A Resolved from before version_json existed writes nothing and does not fail.
+    other = model_file.with_name("other.safetensors")
+    other.write_bytes(b"x")
+    result = write_sidecars(SimpleNamespace(version_id=1), other, client=client, throttle=None,
+                            preview_nsfw=False, sidecars=True)
+    assert result.info is None and not info_path(other).exists()
+
+
+def test_sidecar_names_are_never_model_files():
+    for name in ("a.civitai.info", "a.preview.png", "A.Preview.JPEG", "a.preview.webp", "a.preview.gif",
+                 "a.preview.mp4", "a.metadata.json"):
+        assert is_sidecar_name(name), name
+    for name in ("a.safetensors", "preview.png.safetensors", "a.png", "civitai.info.ckpt", "a.preview"):
+        assert not is_sidecar_name(name), name

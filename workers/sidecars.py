@@ -1,0 +1,445 @@
+"""The files other tools read beside a verified model file: `<stem>.civitai.info` and `<stem>.preview.<ext>`.
+
+Formats, as the readers expect them (SPEC §10):
+- `.civitai.info` is the model version's JSON as Civitai's API returns it, with the model's
+  `name` and `type` (and its description, tags, licence fields and creator, as zixaphir's
+  Civitai Helper fork appends them) under `model`: what the web UI's Civitai Helper
+  (butaixianran, zixaphir), ComfyUI-Lora-Manager (model_scanner: builds its `.metadata.json`
+  from it) and Forge read. Written as ASCII JSON with 4-space indents like Civitai Helper,
+  whose reader opens it with the platform's default encoding.
+- `.preview.<ext>` is the version's first image (`type` "image") that `preview_nsfw` allows,
+  byte for byte as served, named by what its bytes are: png, jpeg, webp or gif. The web UI's
+  find_preview looks for `<stem>.preview.{png,jpg,jpeg,webp,gif}`, Lora-Manager for
+  `.preview.{webp,png,jpeg,jpg,mp4}`.
+
+Our own bookkeeping (which preview we wrote, a failed fetch to retry) lives in the info file
+under `extensions.civitai_daemon`, the way zixaphir's fork keeps `extensions.sd_civitai_helper`.
+A preview we did not write (the user's own) is never replaced. Nothing here ever fails a
+download: the entry points log and return what they did.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from ipc.files import atomic_write
+from workers.civitai import USER_AGENT, parse_retry_after, redact_url
+
+log = logging.getLogger(__name__)
+
+INFO_SUFFIX = ".civitai.info"
+PREVIEW_INFIX = ".preview."
+# Every name a preview of ours may have, and the ones the readers look for (a user's own may be any).
+PREVIEW_EXTS = ("png", "jpeg", "jpg", "webp", "gif")
+MARK_KEY = "civitai_daemon"
+MAX_PREVIEW_BYTES = 20 * 1024 * 1024
+SFW_MAX_LEVEL = 2  # Civitai's nsfwLevel flags: 1 PG, 2 PG-13, 4 R, 8 X, 16 XXX, 32 blocked
+PREVIEW_RETRY_S = 3600.0  # a failed image fetch is tried again at the next verify or update after this
+IMAGE_TIMEOUT_S = 30.0
+MAX_IMAGE_REDIRECTS = 5
+MAX_CANDIDATES = 10  # Civitai lists at most 10 images a version
+# The model's fields that Civitai Helper (zixaphir) copies into the version's `model` object.
+MODEL_FIELDS = ("name", "type", "nsfw", "poi", "mode", "description", "tags", "allowNoCredit",
+                "allowCommercialUse", "allowDerivatives", "allowDifferentLicense")
+
+
+class PreviewError(Exception):
+    """One image could not be used. `retryable`: a passing fault (5xx, 429, connection), to try
+    again later rather than fall back to the next image."""
+
+    def __init__(self, message: str, *, retryable: bool = False, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class SidecarResult:
+    info: Path | None = None  # the .civitai.info written or already current
+    preview: Path | None = None  # our preview beside the file, if there is one now
+    skipped: str | None = None  # why no preview was fetched (none allowed, the user's own, not due)
+    error: str | None = None  # why the preview fetch failed; tried again after retry_at
+    retry_at: float | None = None
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+def info_path(final_path: Path) -> Path:
+    final_path = Path(final_path)
+    return final_path.with_name(final_path.stem + INFO_SUFFIX)
+
+
+def preview_path(final_path: Path, ext: str) -> Path:
+    final_path = Path(final_path)
+    return final_path.with_name(f"{final_path.stem}{PREVIEW_INFIX}{ext}")
+
+
+def existing_previews(final_path: Path) -> list[Path]:
+    """The `<stem>.preview.*` images beside a model file, in the web UI's order of preference."""
+    out = []
+    for ext in PREVIEW_EXTS:
+        path = preview_path(final_path, ext)
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                out.append(path)
+        except OSError:
+            continue
+    return out
+
+
+def is_sidecar_name(name: str) -> bool:
+    """A file beside a model that describes it (ours, Civitai Helper's, Lora-Manager's): never a model."""
+    lower = name.lower()
+    if lower.endswith((INFO_SUFFIX, ".metadata.json")):
+        return True
+    stem, dot, ext = lower.rpartition(".")
+    return bool(dot) and stem.endswith(".preview") and ext in (*PREVIEW_EXTS, "mp4", "webm")
+
+
+# --- the info document ---------------------------------------------------------------------------
+
+def _version_in_model(model_json: dict | None, version_id) -> dict:
+    for version in (model_json or {}).get("modelVersions") or ():
+        if isinstance(version, dict) and version.get("id") == version_id:
+            return version
+    return {}
+
+
+def info_document(version_json: dict, model_json: dict | None = None) -> dict:
+    """The `.civitai.info` content: the version's JSON with the model's fields under `model`.
+
+    A version taken from /models/{id} (`modelVersions[]`) lacks `model` and `modelId`; /model-versions
+    has `model {name, type, nsfw, poi}` but not the description, tags and licence. Both are filled
+    from the model's JSON where it is given; nothing Civitai sent is overwritten."""
+    doc = copy.deepcopy(version_json)
+    model_json = model_json or {}
+    model = dict(doc.get("model") or {}) if isinstance(doc.get("model"), dict) else {}
+    for key in MODEL_FIELDS:
+        if key not in model and model_json.get(key) is not None:
+            model[key] = copy.deepcopy(model_json[key])
+    doc["model"] = model
+    if doc.get("modelId") is None and model_json.get("id") is not None:
+        doc["modelId"] = model_json["id"]
+    if "creator" not in doc and isinstance(model_json.get("creator"), dict):
+        doc["creator"] = copy.deepcopy(model_json["creator"])
+    if not doc.get("images"):
+        images = _version_in_model(model_json, doc.get("id")).get("images")
+        if images:
+            doc["images"] = copy.deepcopy(images)
+    if "extensions" in doc and not isinstance(doc["extensions"], dict):
+        del doc["extensions"]
+    return doc
+
+
+def render_info(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=4) + "\n").encode("ascii")
+
+
+def read_info(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(8 * 1024 * 1024).decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def our_mark(info: dict | None) -> dict:
+    block = ((info or {}).get("extensions") or {}) if isinstance((info or {}).get("extensions"), dict) else {}
+    mark = block.get(MARK_KEY)
+    return mark if isinstance(mark, dict) else {}
+
+
+def trained_words(info: dict | None) -> list[str]:
+    words = (info or {}).get("trainedWords")
+    if not isinstance(words, list):
+        return []
+    return [w.strip() for w in words if isinstance(w, str) and w.strip()]
+
+
+# --- which image ---------------------------------------------------------------------------------
+
+def image_allowed(image: dict, preview_nsfw: bool) -> bool:
+    """A still image whose rating preview_nsfw allows: nsfwLevel 1 (PG) or 2 (PG-13) without it.
+    An image with no rating at all (nsfwLevel 0 or missing, no legacy `nsfw`) counts as unrated,
+    which only preview_nsfw allows."""
+    if not isinstance(image, dict):
+        return False
+    if image.get("type", "image") != "image":
+        return False  # Civitai serves some "images" as mp4/webm videos
+    url = image.get("url")
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+        return False
+    if preview_nsfw:
+        return True
+    level = image.get("nsfwLevel")
+    if isinstance(level, int) and not isinstance(level, bool) and level > 0:
+        return level <= SFW_MAX_LEVEL
+    legacy = image.get("nsfw")  # before nsfwLevel: a bool, or "None" | "Soft" | "Mature" | "X"
+    return legacy is False or legacy == "None"
+
+
+def preview_candidates(images, preview_nsfw: bool) -> list[dict]:
+    if not isinstance(images, list):
+        return []
+    return [img for img in images if image_allowed(img, preview_nsfw)][:MAX_CANDIDATES]
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image type the bytes are (the extension the file gets), or None for anything else."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    return None
+
+
+def _what_it_is(head: bytes, content_type: str) -> str:
+    if len(head) >= 12 and head[4:8] == b"ftyp":
+        return "an MP4 video"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "a WebM video"
+    if head.lstrip()[:1] in (b"<", b"{"):
+        return "a web page or JSON, not an image"
+    return f"not a PNG, JPEG, WebP or GIF image ({content_type or 'no content type'})"
+
+
+# --- fetching ------------------------------------------------------------------------------------
+
+def fetch_image(session, url: str, *, user_agent: str = USER_AGENT, throttle=None,
+                timeout_s: float = IMAGE_TIMEOUT_S, max_bytes: int | None = None) -> tuple[bytes, str]:
+    """GET one image: (bytes, ext). Raises PreviewError.
+
+    Each request is built fresh and sent through the session's connection pool with only a
+    User-Agent and Accept: no Authorization, no cookies, whatever the session holds, because
+    the image host is not Civitai's API host and the key must never reach it."""
+    for _ in range(MAX_IMAGE_REDIRECTS + 1):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PreviewError(f"the image URL {redact_url(url)} is not http(s)")
+        if throttle is not None:
+            throttle.wait()
+        prepared = requests.Request("GET", url, headers={
+            "User-Agent": user_agent, "Accept": "image/png,image/jpeg,image/webp,image/gif;q=0.9,*/*;q=0.1",
+            "Accept-Encoding": "identity",
+        }).prepare()
+        # The environment's proxies and CA bundle still apply, as they do to every other request.
+        settings = session.merge_environment_settings(url, {}, True, None, None)
+        settings.pop("stream", None)
+        try:
+            resp = session.send(prepared, stream=True, allow_redirects=False,
+                                timeout=(min(10.0, timeout_s), timeout_s), **settings)
+        except requests.RequestException as exc:
+            raise PreviewError(f"fetching {redact_url(url)} failed ({type(exc).__name__})", retryable=True) from None
+        try:
+            if resp.is_redirect:
+                url = urljoin(url, resp.headers.get("Location", ""))
+                continue
+            return _read_image(resp, url, MAX_PREVIEW_BYTES if max_bytes is None else max_bytes)
+        finally:
+            resp.close()
+    raise PreviewError(f"the image at {redact_url(url)} redirected too many times")
+
+
+def _read_image(resp, url: str, max_bytes: int) -> tuple[bytes, str]:
+    shown = redact_url(url)
+    status = resp.status_code
+    if status == 429 or status >= 500:
+        raise PreviewError(f"the image host answered {status} for {shown}", retryable=True,
+                           retry_after_s=parse_retry_after(resp.headers.get("Retry-After")))
+    if status != 200:
+        raise PreviewError(f"the image host answered {status} for {shown}")
+    try:
+        length = int(resp.headers.get("Content-Length") or -1)
+    except ValueError:
+        length = -1
+    if length > max_bytes:
+        raise PreviewError(f"the image at {shown} is {length} bytes, more than the {max_bytes} a preview may be")
+    chunks, size = [], 0
+    try:
+        for chunk in resp.iter_content(64 * 1024):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise PreviewError(f"the image at {shown} is more than the {max_bytes} bytes a preview may be")
+    except requests.RequestException as exc:
+        raise PreviewError(f"reading {shown} failed ({type(exc).__name__})", retryable=True) from None
+    body = b"".join(chunks)
+    if length >= 0 and size != length:
+        raise PreviewError(f"the image at {shown} ended after {size} of {length} bytes", retryable=True)
+    ext = sniff_image(body[:16])
+    if ext is None:
+        content_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip()
+        raise PreviewError(f"{shown} is {_what_it_is(body[:16], content_type)}")
+    return body, ext
+
+
+# --- the entry points ----------------------------------------------------------------------------
+
+def _writable_target(path: Path) -> bool:
+    """A path we may (re)place: absent, or a regular file (never a symlink or a folder)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def _remove(path: Path) -> None:
+    try:
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_sidecars_for(version_json: dict | None, model_json: dict | None, final_path: Path, *,
+                       client=None, session=None, throttle=None, preview_nsfw: bool = False,
+                       sidecars: bool = True, clock=time.time) -> SidecarResult:
+    """Write or refresh the sidecars of the verified file `final_path` from Civitai's JSON (an
+    adopted file, a finished download, an update). Never raises: trouble is logged and returned."""
+    result = SidecarResult()
+    if not sidecars:
+        result.skipped = "sidecars are off"
+        return result
+    final_path = Path(final_path)
+    if not isinstance(version_json, dict) or not version_json.get("id"):
+        result.skipped = "no version JSON from Civitai"
+        log.debug("no sidecars for %s: %s", final_path.name, result.skipped)
+        return result
+    try:
+        _write(version_json, model_json, final_path, result, client=client, session=session, throttle=throttle,
+               preview_nsfw=preview_nsfw, clock=clock)
+    except Exception as exc:  # a sidecar is never worth a failed download
+        log.warning("the sidecars of %s were not written: %s", final_path.name, exc, exc_info=not isinstance(exc, OSError))
+        result.error = result.error or str(exc)
+    return result
+
+
+def write_sidecars(res, final_path: Path, *, client, throttle, preview_nsfw: bool, sidecars: bool) -> SidecarResult:
+    """The worker's call after a file is verified (workers.civitai.Resolved carries the JSON)."""
+    return write_sidecars_for(getattr(res, "version_json", None), getattr(res, "model_json", None), final_path,
+                              client=client, throttle=throttle, preview_nsfw=preview_nsfw, sidecars=sidecars)
+
+
+def _write(version_json, model_json, final_path: Path, result: SidecarResult, *, client, session, throttle,
+           preview_nsfw: bool, clock) -> None:
+    target = info_path(final_path)
+    if not _writable_target(target):
+        raise OSError(f"{target} exists and is not a plain file: it is left as it is")
+    old = read_info(target)
+    old_mark = our_mark(old)
+    doc = info_document(version_json, model_json)
+    version_id = doc.get("id")
+    now = clock()
+
+    mark = {"version_id": version_id}
+    preview, preview_version = old_mark.get("preview"), old_mark.get("preview_version_id")
+    ours = preview_path(final_path, preview.rpartition(".")[2]) if isinstance(preview, str) and preview else None
+    if ours is not None and (ours.name != preview or ours not in existing_previews(final_path)):
+        ours = None  # gone, or a name that is not one of ours
+    foreign = [p for p in existing_previews(final_path) if p != ours]
+
+    candidates = preview_candidates(doc.get("images"), preview_nsfw)
+    fetch = True
+    if foreign:
+        result.skipped, fetch = f"{foreign[0].name} is the user's own preview", False
+    elif not candidates:
+        result.skipped, fetch = "no image of this version is one preview_nsfw allows", False
+        if ours is not None:
+            _remove(ours)  # it shows another version
+            ours = None
+    elif ours is not None and preview_version == version_id:
+        fetch = False
+    elif old_mark.get("retry_at") and old_mark.get("error_version_id") == version_id and old_mark["retry_at"] > now:
+        result.skipped, fetch = "the last fetch failed; it is tried again later", False
+        mark.update({k: old_mark[k] for k in ("error", "retry_at", "error_version_id") if k in old_mark})
+
+    if fetch:
+        try:
+            got, retry_after_s = _fetch_first(candidates, client=client, session=session, throttle=throttle,
+                                              result=result)
+        except Exception as exc:  # the info file is still worth writing
+            log.warning("fetching the preview of %s failed: %s", final_path.name, exc, exc_info=True)
+            got, retry_after_s, result.error = None, None, f"the preview fetch failed: {exc}"
+        if got is not None:
+            body, ext = got
+            new = preview_path(final_path, ext)
+            if _writable_target(new):
+                atomic_write(new, body, mode=0o644)
+                if ours is not None and ours != new:
+                    _remove(ours)
+                ours, preview_version = new, version_id
+            else:
+                result.error = f"{new.name} exists and is not a plain file"
+        if result.error:
+            result.retry_at = now + max(PREVIEW_RETRY_S, retry_after_s or 0.0)
+            mark.update(error=result.error, retry_at=result.retry_at, error_version_id=version_id)
+            log.warning("no preview for %s yet: %s; tried again at the next check after %s", final_path.name,
+                        result.error, time.strftime("%Y-%m-%d %H:%M", time.localtime(result.retry_at)))
+    if ours is not None:
+        mark.update(preview=ours.name, preview_version_id=preview_version)
+        result.preview = ours
+
+    extensions = dict(doc.get("extensions") or {}) if isinstance(doc.get("extensions"), dict) else {}
+    if isinstance(old, dict) and isinstance(old.get("extensions"), dict):
+        extensions = {**old["extensions"], **extensions}  # another tool's block stays
+    extensions[MARK_KEY] = mark
+    doc["extensions"] = extensions
+    data = render_info(doc)
+    try:
+        current = target.read_bytes() if old is not None else None
+    except OSError:
+        current = None
+    if current != data:
+        atomic_write(target, data, mode=0o644)
+    result.info = target
+
+
+def _fetch_first(candidates: list[dict], *, client, session, throttle, result: SidecarResult):
+    """(bytes, ext) of the first candidate that is a still image within the cap, and the
+    Retry-After of a passing fault. It stops at a passing fault: the first allowed image is the
+    preview, and a later one is no stand-in for a 503."""
+    session = session if session is not None else getattr(client, "session", None)
+    if session is None:
+        session = requests.Session()
+    user_agent = str(getattr(session, "headers", {}).get("User-Agent") or USER_AGENT)
+    timeout_s = min(IMAGE_TIMEOUT_S, float(getattr(client, "timeout_s", IMAGE_TIMEOUT_S) or IMAGE_TIMEOUT_S))
+    problems = []
+    for image in candidates:
+        try:
+            return fetch_image(session, image["url"], user_agent=user_agent, throttle=throttle,
+                               timeout_s=timeout_s), None
+        except PreviewError as exc:
+            if exc.retryable:
+                result.error = str(exc)
+                return None, exc.retry_after_s
+            log.info("preview candidate skipped: %s", exc)
+            problems.append(str(exc))
+    result.skipped = "no allowed image could be used: " + "; ".join(problems[:3])
+    return None, None
+
+
+def sidecar_state(final_path: Path, now: float | None = None) -> dict:
+    """What is beside a model file, for the library and a scan that tops sidecars up:
+    {"info": bool, "preview": name | None, "retry_due": bool}."""
+    info = read_info(info_path(final_path))
+    previews = existing_previews(final_path)
+    mark = our_mark(info)
+    retry_at = mark.get("retry_at")
+    due = bool(retry_at) and (retry_at <= (time.time() if now is None else now))
+    return {"info": info is not None, "preview": previews[0].name if previews else None, "retry_due": due}
