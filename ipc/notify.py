@@ -8,7 +8,7 @@ list and its scheme (`notify[1] tgram://`), Apprise's own log records never reac
 prints URLs at DEBUG), and every text we send or log is scrubbed of the secrets we know.
 
 Apprise is imported only where sinks are built (the webhook process's main thread, the
-notify-test command), so that the supervisor can import this module for `forget_sinks`.
+notify-test command), so that the supervisor can import this module for `prepare_sinks`.
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ log = logging.getLogger("notify")
 SINKS_KEY = "notify.sinks"  # kv: {sink id: {"scheme", "last_event_id", "sent", "gave_up", ...}}
 RETRY = WEBHOOK_RETRY  # "retried like webhooks": 3 tries, 1 s then 4 s between them
 POLL_S = (0.5, 5.0)  # looks at the event log without a wake-up, as the webhook thread does
-# A sink new to the event log starts with this run's events, the ones since the last
-# daemon_started, if that was this recent; otherwise (a URL added by SIGHUP hours later) with
-# the events after its start. Nobody wants last month's downloads announced.
-NEW_SINK_WINDOW_S = 600.0
 MAX_AGE_S = 24 * 3600.0  # older events are not announced, whatever a cursor says
 APP_ID = "civitai-daemon"
 
@@ -383,10 +379,17 @@ def cmd_notify_test(config_path, out, err) -> int:
     return 0 if sent == len(results) else 1
 
 
-def forget_sinks(store) -> None:
-    """No notify URLs in this run: nothing is owed, so a URL set later starts with its own run,
-    not with the history (as the supervisor marks events delivered when webhook_url is empty)."""
-    store.set_kv(SINKS_KEY, {})
+def prepare_sinks(store, urls) -> None:
+    """The supervisor's part, at its start (before daemon_started is stored) and when a SIGHUP
+    changes `notify` (before the webhook process is started again): each URL new to the event
+    log gets its place at the end of it, so it is sent what happens from now on and none of the
+    history; a URL no longer configured loses its place (added again later, it starts afresh).
+    A URL the webhook process finds without a place starts where the log ends at its own start."""
+    with store.transaction():
+        saved = store.get_kv(SINKS_KEY, {}) or {}
+        end = store.last_event_id()
+        ids = [sink_id(url) for url in urls]
+        store.set_kv(SINKS_KEY, {i: saved.get(i) or {"last_event_id": end} for i in ids})
 
 
 def _event_age_s(ev: dict, now: float) -> float:
@@ -435,13 +438,12 @@ class NotifySender:
         store = JobStore(self.db_path)
         self._store = store
         saved = store.get_kv(SINKS_KEY, {}) or {}
-        # Only the URLs configured now keep a place; one removed and added again starts afresh.
         self._state = {s.id: dict(saved.get(s.id) or {}) for s in self.sinks}
         for sink in self.sinks:
             state = self._state[sink.id]
             state.update(scheme=sink.scheme, index=sink.index)
             if "last_event_id" not in state:
-                state["last_event_id"] = self._first_cursor(store)
+                state["last_event_id"] = store.last_event_id()
         self._save()
         if self.sinks:
             log.info("notifications to %s for %s", ", ".join(s.name for s in self.sinks),
@@ -452,12 +454,6 @@ class NotifySender:
             self._wakes.append(wake)
             self._threads.append(thread)
             thread.start()
-
-    def _first_cursor(self, store) -> int:
-        started = [e for e in store.recent_events(limit=5000) if e["event"] == "daemon_started"]
-        if started and _event_age_s(started[-1], self.clock()) <= NEW_SINK_WINDOW_S:
-            return int(started[-1]["id"]) - 1
-        return store.last_event_id()
 
     def notify(self) -> None:
         for wake in self._wakes:
@@ -579,6 +575,10 @@ class NotifySender:
             self._save()
 
     def _save(self) -> None:
-        # Under the lock: two threads' writes of the whole map must not land out of order.
-        with self._state_lock:
-            self._store.set_kv(SINKS_KEY, {k: dict(v) for k, v in self._state.items()})
+        """Our sinks' places into kv, leaving the others' (prepare_sinks owns which URLs have one;
+        a process stopping after a reload may write after it). Under the lock: two threads'
+        writes must not land out of order."""
+        with self._state_lock, self._store.transaction():
+            saved = self._store.get_kv(SINKS_KEY, {}) or {}
+            saved.update({k: dict(v) for k, v in self._state.items()})
+            self._store.set_kv(SINKS_KEY, saved)

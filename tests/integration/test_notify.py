@@ -152,17 +152,21 @@ def test_only_the_named_events_of_this_run_are_sent(receivers, tmp_path):
     (tmp_path / "data").mkdir()
     store = JobStore(tmp_path / "data" / "daemon.db")
     store.add_event("download_completed", completed(1))  # an earlier run's: never announced
+    urls = [json_url(receiver)]
+    notify.prepare_sinks(store, urls)  # the supervisor, at its start
     store.add_event("daemon_started", {"version": "x"})
     store.add_event("download_queued", {"job_id": 2, "model_id": 72})  # not in notify_events
     store.add_event("download_completed", completed(2))
     store.add_event("download_failed", {"job_id": 3, "error": "boom", "model_id": 73})
-    sender, _ = make_sender(tmp_path, [json_url(receiver)],
-                            notify_events=["download_completed", "download_queued_typo"])
+    sender, _ = make_sender(tmp_path, urls, notify_events=["download_completed", "download_queued_typo"])
     sender.start()
     try:
         sender.notify()
         wait_until(lambda: sink_state(store)[0]["last_event_id"] == 5, 10, message="the log read to its end")
         assert [m["title"] for m in messages(receiver)] == ["Downloaded Model 2 v1"]
+        # A URL taken out of the config loses its place; put back later, it starts afresh.
+        notify.prepare_sinks(store, [])
+        assert store.get_kv(notify.SINKS_KEY) == {}
     finally:
         sender.stop()
         store.close()
@@ -306,3 +310,26 @@ def test_a_dead_notify_url_costs_the_daemon_nothing_and_no_secret_reaches_a_log(
     assert f"notify[0] json://: gave up on event {done['id']} (download_completed) after 3 tries" in logs
     assert token not in logs and api_key not in logs
     assert sorted(hook.delivered_ids()) == hook.delivered_ids()
+
+
+def test_notify_set_by_sighup_starts_announcing_without_the_runs_history(fake_civitai, daemon_factory, receivers):
+    """Needs the supervisor to start (or restart) the webhook process when notify changes."""
+    receiver = receivers()
+    zxq_model(fake_civitai)
+    daemon = daemon_factory(base_config(fake_civitai), [{"modelId": 77, "modelVersionId": 770, "model_type": "lora"}])
+    daemon.start()
+    first = daemon.wait_event("download_completed")
+    config = json.loads(daemon.config_path.read_text())
+    config["notify"] = [json_url(receiver)]
+    daemon.config_path.write_text(json.dumps(config))
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "webhooks" in daemon.children(), 20, message="the webhook process")
+    fake_civitai.add_model(78, name="Second", type="LORA", versions=[
+        dict(id=780, name="v1", published_at="2024-05-01T00:00:00.000Z",
+             files=[dict(id=7800, name="second.safetensors", size_bytes=MiB, primary=True)])])
+    assert daemon.api("POST", "/api/jobs", json={"version_id": 780}).status_code == 201
+    second = daemon.wait_event("download_completed", lambda e: e["id"] > first["id"])
+    wait_until(lambda: messages(receiver), 20, message="the second download's notification")
+    titles = [m["title"] for m in messages(receiver)]
+    assert titles == [("Downloaded Second v1" if second.get("model_name") else "Downloaded model 78 version 780")]
+    assert daemon.stop() == 0
