@@ -17,6 +17,7 @@ import time  # noqa: E402
 
 EX_CONFIG = 78
 CERT_CHECK_S = 60.0  # how often the certificate's files are looked at for a renewal
+EXPIRY_CHECK_S = 86400.0  # how often its end date is looked at
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,8 +106,12 @@ def watch_certificate(cfg, ssl_context, every_s: float = CERT_CHECK_S) -> None:
 
     def watch():
         seen = stamp()
+        next_expiry_check = time.monotonic() + EXPIRY_CHECK_S
         while True:
             gevent.sleep(every_s)
+            if time.monotonic() >= next_expiry_check:  # a daemon runs for months: say it in time
+                next_expiry_check = time.monotonic() + EXPIRY_CHECK_S
+                report_expiry()
             now = stamp()
             if now == seen:
                 continue
@@ -116,7 +121,7 @@ def watch_certificate(cfg, ssl_context, every_s: float = CERT_CHECK_S) -> None:
                 key = cfg.tls_key_path if cfg.tls_key else cfg.tls_cert_path
                 ssl_context.load_cert_chain(str(cfg.tls_cert_path), str(key))
             except (ConfigError, OSError, ValueError) as exc:
-                log.warning("the changed certificate is not taken (the one loaded at start stays): %s", exc)
+                log.warning("the changed certificate is not taken (the one in use stays): %s", exc)
                 continue
             log.info("certificate %s reloaded", cfg.tls_cert_path)
             report_expiry()
