@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ipc.logsetup import redact
@@ -419,7 +420,7 @@ class NotifySender:
         self._stop = threading.Event()
         self._state_lock = threading.Lock()
         self._state: dict = {}
-        self._store = None
+        self._store: Any = None  # a JobStore from start() on
 
     def load(self) -> list[Sink]:
         """Build the sinks (imports Apprise: call it in the main thread). Returns them."""
@@ -548,7 +549,7 @@ class NotifySender:
                 candidates = (self._store.find_active(model_id=ev["model_id"]),
                               self._store.latest_finished(model_id=ev["model_id"]))
                 job = next((j for j in candidates if j and j.get("model_name")), None)
-                same_version = bool(job) and job.get("version_id") == ev.get("version_id")
+                same_version = job is not None and job.get("version_id") == ev.get("version_id")
             else:
                 return ev
         except Exception:

@@ -133,10 +133,18 @@ def health_connection(cfg: Config, timeout_s: float = 1.0) -> http.client.HTTPCo
     return http.client.HTTPConnection(local_host(cfg), cfg.active_port, timeout=timeout_s)
 
 
+def _decode_cert(path: Path) -> dict:
+    """A PEM certificate's fields as getpeercert() gives them, by the ssl module's own decoder
+    (private, but there since Python 2.7; the `cryptography` package is not a dependency)."""
+    import _ssl
+
+    return _ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]
+
+
 def cert_names(path: Path) -> list[str]:
     """The DNS names and addresses a certificate is for (subjectAltName), [] if unknown."""
     try:
-        decoded = ssl._ssl._test_decode_cert(str(path))  # the stdlib's own PEM decoder
+        decoded = _decode_cert(path)
     except Exception:
         return []
     return [value for kind, value in decoded.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
@@ -164,7 +172,7 @@ def expiry_problem(cfg: Config, now: float | None = None, soon_s: float = 14 * 8
     import time
 
     try:
-        decoded = ssl._ssl._test_decode_cert(str(cfg.tls_cert_path))
+        decoded = _decode_cert(cfg.tls_cert_path)
         not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
     except Exception:
         return None

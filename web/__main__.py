@@ -89,8 +89,8 @@ def watch_certificate(cfg, ssl_context, every_s: float = CERT_CHECK_S) -> None:
     log = logging.getLogger("web.tls")
     files = [cfg.tls_cert_path] + ([cfg.tls_key_path] if cfg.tls_key else [])
 
-    def stamp():
-        out = []
+    def stamp() -> list:
+        out: list = []
         for path in files:
             try:
                 st = path.stat()
