@@ -978,6 +978,8 @@ def parse_args(argv):
     add.add_argument("--config", dest="sub_config", default=None)
     status = sub.add_parser("status", help="what the running daemon is doing: children, jobs, speed, updater")
     status.add_argument("--config", dest="sub_config", default=None)
+    notify_test = sub.add_parser("notify-test", help="send a test notification to every URL of 'notify'")
+    notify_test.add_argument("--config", dest="sub_config", default=None)
     args = parser.parse_args(argv)
     if getattr(args, "sub_config", None):
         args.config = args.sub_config
@@ -1102,6 +1104,10 @@ def main(argv=None) -> int:
         return cmd_token(args.config, args.days)
     if args.command in ("add", "status"):
         return cmd_client(args)
+    if args.command == "notify-test":  # Apprise right here: no daemon needed
+        from ipc import notify
+
+        return notify.cmd_notify_test(args.config, sys.stdout, sys.stderr)
     return cmd_run(args.config)
 
 

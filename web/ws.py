@@ -1,15 +1,19 @@
-"""The HTTP server and the WebSocket handshake: the only module that imports geventwebsocket.
+"""The HTTP(S) server and the WebSocket handshake: the only module that imports geventwebsocket.
 
 gevent-websocket upgrades a connection before the application runs, so the token and Host are
 checked here, in the handshake: a refused client gets a 401/403 answer and never a WebSocket.
 A request the server itself refuses (headers too large, not HTTP) gets a JSON error here too.
+With tls_cert/tls_key every connection is TLS (1.2 at least, ipc/tlsconf.py); one that begins
+in plain HTTP is sent to its https:// address instead of failing a handshake in silence.
 """
 from __future__ import annotations
 
 import http.client
 import json
 import logging
+import re
 import socket
+import ssl
 import struct
 import time
 
@@ -28,16 +32,56 @@ SUBPROTOCOL = "bearer"
 # close: closing with unread data sends a TCP reset, which can destroy the answer on its way.
 LINGER_S = 2.0
 LINGER_MAX_BYTES = 4 * 1024 * 1024
+# A TLS client says its hello at once; one that does not within this long is dropped (the
+# request-reading part of pywsgi has no timeout of its own to fall back on).
+HANDSHAKE_TIMEOUT_S = 10.0
+TLS_HANDSHAKE_RECORD = 0x16  # the first byte of every TLS ClientHello
+PLAIN_HEAD_MAX_BYTES = 8192
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
+_TLS_PROBLEMS = (
+    ("CERTIFICATE_UNKNOWN", "the client does not trust our certificate (install it, or its CA, on the client)"),
+    ("UNKNOWN_CA", "the client does not trust our certificate's issuer"),
+    ("BAD_CERTIFICATE", "the client refused our certificate"),
+    ("UNSUPPORTED_PROTOCOL", "the client offers only TLS older than 1.2"),
+    ("VERSION_TOO_LOW", "the client offers only TLS older than 1.2"),
+    ("NO_SHARED_CIPHER", "no cipher in common with the client"),
+    ("WRONG_VERSION_NUMBER", "not a TLS client"),
+)
 
 log = logging.getLogger("web.server")
 
 
-def refusal_bytes(status: int, message: str) -> bytes:
+def send_then_drain(sock, data: bytes) -> bool:
+    """Send a whole answer, then read (within bounds) what the client still sends before the
+    caller closes; whether the answer went out."""
+    try:
+        sock.sendall(data)
+    except OSError:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        drained = 0
+        while drained < LINGER_MAX_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:  # socket.timeout is one: the client kept sending, or went away
+        pass
+    return True
+
+
+def refusal_bytes(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A whole HTTP answer with a JSON error, for the moments before any route runs."""
     body = json.dumps({"error": message}).encode("utf-8")
     head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\nCache-Control: no-store\r\n"
-            "Connection: close\r\n\r\n")
+            + "".join(f"{name}: {value}\r\n" for name, value in headers) + "Connection: close\r\n\r\n")
     return head.encode("latin-1") + body
 
 
@@ -122,23 +166,8 @@ class DaemonHandler(WebSocketHandler):
     def _refuse(self, status: int, message: str) -> tuple[str, bytes]:
         """Answer now, then read what is left of the request before handle() closes."""
         data = refusal_bytes(status, message)
-        try:
-            self.socket.sendall(data)
+        if send_then_drain(self.socket, data):
             self.response_length = len(data)
-            self.socket.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + LINGER_S
-            drained = 0
-            while drained < LINGER_MAX_BYTES:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.socket.settimeout(left)
-                chunk = self.socket.recv(65536)
-                if not chunk:
-                    break
-                drained += len(chunk)
-        except OSError:  # socket.timeout is one: the client kept sending, or went away
-            pass
         self.close_connection = True
         return str(status), b""
 
@@ -188,7 +217,69 @@ class _Application:
         return SUBPROTOCOL if path == "/ws" else None
 
 
+def plain_http_answer(head: bytes) -> tuple[int, bytes]:
+    """The answer to a plain HTTP request on the HTTPS port: a GET or HEAD is sent to the same
+    path over https://, anything else is told where to go."""
+    line, _, rest = head.partition(b"\r\n")
+    parts = line.decode("latin-1").split(" ")
+    host = next((h.split(b":", 1)[1].strip().decode("latin-1") for h in rest.split(b"\r\n")
+                 if h.lower().startswith(b"host:")), "")
+    path = parts[1] if len(parts) == 3 and parts[1].startswith("/") and len(parts[1]) <= 2048 else "/"
+    if not _HOST_RE.match(host):
+        return 400, refusal_bytes(400, "this server speaks HTTPS only: use https://")
+    target = f"https://{host}{path}"
+    if parts[0] in ("GET", "HEAD"):
+        return 301, refusal_bytes(301, f"this server speaks HTTPS only: use {target}", (("Location", target),))
+    return 400, refusal_bytes(400, f"this server speaks HTTPS only: use {target}")
+
+
+def tls_problem(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no TLS handshake within {HANDSHAKE_TIMEOUT_S:.0f} s"
+    text = f"{getattr(exc, 'reason', '') or ''} {exc}"
+    return next((says for kind, says in _TLS_PROBLEMS if kind in text), type(exc).__name__ + ": " + str(exc)[:200])
+
+
+def _read_head(sock) -> bytes:
+    head = b""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+    while b"\r\n\r\n" not in head and len(head) < PLAIN_HEAD_MAX_BYTES:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(PLAIN_HEAD_MAX_BYTES - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
 class DaemonServer(WSGIServer):
+    def wrap_socket_and_handle(self, client_socket, address):
+        """gevent's TLS path, with the handshake bounded in time, plain HTTP answered, and a
+        failed handshake one log line instead of a traceback on stderr."""
+        peer = address[0] if address else "?"
+        try:
+            client_socket.settimeout(HANDSHAKE_TIMEOUT_S)
+            first = client_socket.recv(1, socket.MSG_PEEK)
+            if first and first[0] != TLS_HANDSHAKE_RECORD:
+                status, answer = plain_http_answer(_read_head(client_socket))
+                log.info("a plain HTTP request from %s on the HTTPS port: answered %d", peer, status)
+                send_then_drain(client_socket, answer)
+                client_socket.close()
+                return None
+            if not first:
+                client_socket.close()
+                return None
+            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS handshake with %s failed: %s", peer, tls_problem(exc))
+            client_socket.close()
+            return None
+        try:
+            ssl_socket.settimeout(None)  # as a plain connection has it: pywsgi keeps its own pace
+            return self.handle(ssl_socket, address)
+        finally:
+            ssl_socket.close()
+
     def handle(self, sock, address):
         # Nagle's algorithm holds back the body (pywsgi sends it after the headers, in a second
         # write) until the client ACKs the headers, and a client delays that ACK: ~40 ms for every
@@ -200,16 +291,19 @@ class DaemonServer(WSGIServer):
         super().handle(sock, address)
 
 
-def make_server(cfg, app, listener=None) -> WSGIServer:
-    """The gevent server for `app` on cfg.bind:cfg.active_port (or an open `listener` socket)."""
+def make_server(cfg, app, listener=None, ssl_context: ssl.SSLContext | None = None) -> WSGIServer:
+    """The gevent server for `app` on cfg.bind:cfg.active_port (or an open `listener` socket),
+    over TLS with `ssl_context` (ipc/tlsconf.server_context)."""
     access_log = logging.getLogger("web.access")
     error_log = logging.getLogger("web.error")
+    tls = {"ssl_context": ssl_context} if ssl_context is not None else {}
     server = DaemonServer(
         listener or (cfg.bind, cfg.active_port),
         _Application(app),
         handler_class=DaemonHandler,
         log=access_log,
         error_log=error_log,
+        **tls,
     )
     server.ws_authorize = app.config.get(WS_AUTHORIZE_KEY)
     return server

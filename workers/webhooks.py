@@ -1,9 +1,12 @@
-"""The webhook delivery process: `python -m workers.webhooks --config PATH`.
+"""The webhook and notification process: `python -m workers.webhooks --config PATH`.
 
 A fresh interpreter started by the supervisor, not a thread inside it: an HTTP client (TLS,
 DNS, SQLite) running in the supervisor's threads could hold a C-level lock at the moment a
 worker is forked, and the worker would inherit it locked. Here a slow or dead receiver costs
-only this process. It owns the delivery marks of the event log; the supervisor owns the events.
+only this process. It owns the delivery marks of the event log (the `delivered` column for the
+webhook, kv `notify.sinks` for each notify URL: ipc/notify.py); the supervisor owns the events.
+It runs when webhook_url or notify is set; webhooks and each notify URL have threads of their
+own, so one that fails or hangs holds up none of the others.
 
 Its stdin is the supervisor's line to it, both ends of which are here (the supervisor's is
 EventAnnouncer): the supervisor writes one byte (WAKE_BYTE; any byte counts, none carries data)
@@ -28,6 +31,7 @@ import selectors
 import signal
 import sys
 import threading
+import time
 
 READY_LINE = "@ready"  # tells the supervisor (reading our stderr) that we booted
 WAKE_BYTE = b"\n"  # "\n": run by hand in a terminal, Enter asks for a look
@@ -36,6 +40,7 @@ WAKE_BYTE = b"\n"  # "\n": run by hand in a terminal, Enter asks for a look
 def main(argv=None) -> int:
     from ipc.config import EX_CONFIG, ConfigError, load_config
     from ipc.logsetup import setup_relayed_logging
+    from ipc.notify import NotifySender, log_secrets
     from ipc.webhooks import POLL_S, WebhookSender
 
     parser = argparse.ArgumentParser(prog="python -m workers.webhooks")
@@ -50,18 +55,34 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
-    setup_relayed_logging((cfg.webhook_secret, cfg.civitai_api_key, cfg.jwt_secret))
+    poll_s = (args.poll_min_s, args.poll_max_s)
+    notifier = NotifySender(cfg, cfg.db_path, poll_s=poll_s)
+    # Apprise is loaded first (here, in the main thread): the token parts of each notify URL
+    # are only known once Apprise has parsed it, and the log filter must have them all.
+    sinks = notifier.load()
+    setup_relayed_logging(log_secrets(cfg, sinks))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
 
-    sender = WebhookSender(cfg, cfg.db_path, poll_s=(args.poll_min_s, args.poll_max_s))
+    sender = WebhookSender(cfg, cfg.db_path, poll_s=poll_s)
     sender.start()
+    notifier.start()
+
+    def wake():
+        sender.notify()
+        notifier.notify()
+
     print(READY_LINE, file=sys.stderr, flush=True)
     stdin_fd = _stdin_fd()
     if os.name == "nt":
-        wait_threaded(stdin_fd, sender.notify)
+        wait_threaded(stdin_fd, wake)
     else:
-        wait_in_main_thread(stdin_fd, sender.notify)
-    sender.stop(timeout_s=2.0)  # what is queued (daemon_stopping too) goes out first
+        wait_in_main_thread(stdin_fd, wake)
+    # What is queued (daemon_stopping too) goes out first, webhooks and notifications side by
+    # side, each within the same 2 s.
+    deadline = time.monotonic() + 2.0
+    notifier.begin_stop()
+    sender.stop(timeout_s=2.0)
+    notifier.stop(timeout_s=max(0.3, deadline - time.monotonic()))
     return 0
 
 
