@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import http.client
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -27,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import launch  # noqa: F401  (first: outside uv's environment, one line saying what to run)
-from ipc import VERSION, sdnotify
+from ipc import VERSION, notify, sdnotify, tlsconf
 from ipc.children import RELEASE_GRACE_S, ChildPool, Exit, Fatal, ForkedChild, FreshChild
 from ipc.config import EX_CONFIG, Config, ConfigError, config_changes, ensure_jwt_secret, load_config
 from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
@@ -127,7 +126,7 @@ class Supervisor:
         self.pool.add(ForkedChild("updater", ChildKind.UPDATER, updater_main, args_for, self.ctx, log_handler_for,
                                   self.supervisor_fds, on_change=self.on_child_change))
         self.pool.add(self._fresh_child("web", ChildKind.WEB))
-        if self.cfg.webhook_url:
+        if self.cfg.webhook_url or self.cfg.notify:
             self.pool.add(self._fresh_child("webhooks", ChildKind.WEBHOOKS))
 
     def _fresh_child(self, name: str, kind: ChildKind) -> FreshChild:
@@ -295,6 +294,7 @@ class Supervisor:
         if not self.cfg.webhook_url:
             # Nothing is owed without a receiver: a webhook_url set later must not get the history.
             self.store.mark_all_delivered()
+        notify.prepare_sinks(self.store, self.cfg.notify)  # each notify URL: this run's events, no history
         self.control = ControlServer(self.control_token, self.handle_control).start()
         try:
             with self.txn():
@@ -529,12 +529,11 @@ class Supervisor:
             return
         self._web_probe_running = True
         self._next_web_probe = self.clock() + WEB_PROBE_S
-        host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "::", "localhost") else self.cfg.bind
 
         def probe():
             try:
-                # http.client, not urllib: an http_proxy in the environment must not see this.
-                conn = http.client.HTTPConnection(host.strip("[]"), self.cfg.active_port, timeout=1)
+                # HTTPS trusting our own certificate when tls_cert is set; never through a proxy.
+                conn = tlsconf.health_connection(self.cfg, timeout_s=1)
                 try:
                     conn.request("GET", "/health")
                     ok = conn.getresponse().status == 200
@@ -564,8 +563,7 @@ class Supervisor:
         from ipc.tokens import mint_token
 
         token = mint_token(ensure_jwt_secret(self.cfg), days=30)
-        host = "127.0.0.1" if self.cfg.bind in ("0.0.0.0", "::") else self.cfg.bind
-        url = f"http://{host}:{self.cfg.active_port}/gui"
+        url = tlsconf.gui_url(self.cfg)
         log.info("GUI at %s", url)
         # The token rides in the fragment: browsers never send it to a server. Printed, not
         # logged: the log file must hold no secret.
@@ -931,6 +929,11 @@ class Supervisor:
         if not live:
             log.info("config.json reloaded: nothing to change live")
             return
+        if "notify" in live:
+            try:  # a URL added now is sent what happens from now on (ipc/notify.py)
+                notify.prepare_sinks(self.store, new.notify)
+            except StoreUnavailable as exc:
+                log.warning("notify: the new URLs start when the webhook process does (%s)", exc)
         old, self.cfg = self.cfg, new
         self.ledger.max_attempts = new.max_attempts
         self.keeper.mode = new.manifest_mode
@@ -940,9 +943,10 @@ class Supervisor:
         web_keys = {"allowed_hosts", "civitai_api_key", "jwt_secret", "layout", "folders"}
         for child in self.pool:
             if (child.kind == ChildKind.WEB and web_keys & set(live)) or (
-                    child.kind == ChildKind.WEBHOOKS and {"webhook_url", "webhook_secret"} & set(live)):
+                    child.kind == ChildKind.WEBHOOKS
+                    and {"webhook_url", "webhook_secret", "notify", "notify_events"} & set(live)):
                 child.terminate(KillReason.RELOAD, self.clock())  # restarted at once with the new config
-        if new.webhook_url and self.pool.get("webhooks") is None:
+        if (new.webhook_url or new.notify) and self.pool.get("webhooks") is None:
             self.pool.add(self._fresh_child("webhooks", ChildKind.WEBHOOKS)).spawn(self.clock())
         log.info("config.json reloaded: %s changed", ", ".join(live))
         if {"max_speed", "speed_schedule"} & set(live):
@@ -1105,8 +1109,6 @@ def main(argv=None) -> int:
     if args.command in ("add", "status"):
         return cmd_client(args)
     if args.command == "notify-test":  # Apprise right here: no daemon needed
-        from ipc import notify
-
         return notify.cmd_notify_test(args.config, sys.stdout, sys.stderr)
     return cmd_run(args.config)
 

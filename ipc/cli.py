@@ -32,7 +32,10 @@ class DaemonAPI:
         self.last_status = 0
         if cfg.tls_cert:
             # Our own certificate is the trust anchor; its name is the LAN name, not 127.0.0.1.
-            self.session.mount("https://", _PinnedCertAdapter(str(cfg.tls_cert_path)))
+            # requests hands `verify` to every connection pool (certifi's CAs when it is True), so
+            # the pin must be there as well as in the adapter.
+            self.session.verify = str(cfg.tls_cert_path)
+            self.session.mount("https://", _PinnedCertAdapter(cfg))
 
     def _token(self) -> str:
         from ipc.tokens import mint_token
@@ -63,15 +66,17 @@ class DaemonAPI:
         return body
 
 
-def _PinnedCertAdapter(cert_path: str):
-    """An HTTPS adapter that trusts exactly the daemon's certificate, whatever name it carries."""
+def _PinnedCertAdapter(cfg: Config):
+    """An HTTPS adapter that trusts exactly the daemon's certificate (and the chain in its file),
+    whatever name it carries."""
     from requests.adapters import HTTPAdapter
+
+    from ipc.tlsconf import client_context
 
     class Adapter(HTTPAdapter):
         def init_poolmanager(self, *args, **kwargs):
+            kwargs["ssl_context"] = client_context(cfg)
             kwargs["assert_hostname"] = False
-            kwargs["ca_certs"] = cert_path
-            kwargs["cert_reqs"] = "CERT_REQUIRED"
             return super().init_poolmanager(*args, **kwargs)
 
     return Adapter()

@@ -373,7 +373,12 @@ def load_config(path: str | os.PathLike, environ: dict | None = None) -> tuple[C
             "use a longer one or leave it empty to have one generated in data/jwt_secret"
         )
     values["civitai_api_key"] = values.get("civitai_api_key", "").strip()
-    return Config(config_path=path, **values), warnings
+    cfg = Config(config_path=path, **values)
+    if cfg.tls_cert or cfg.tls_key:
+        from ipc.tlsconf import check_config
+
+        check_config(cfg)  # an unreadable or mismatched pair: exit 78 before any child starts
+    return cfg, warnings
 
 
 def _similar(a: str, b: str) -> bool:
