@@ -142,6 +142,12 @@ def alternate_filename(filename: str, version_id: int | None, file_id: int | Non
     return safe_filename(f"{stem}{suffix}{ext}")
 
 
+# The files other tools read beside a model file (SPEC §10): never model files themselves.
+SIDECAR_INFO_SUFFIX = ".civitai.info"
+SIDECAR_PREVIEW_INFIX = ".preview."
+SIDECAR_PREVIEW_EXTS = ("png", "jpeg", "jpg", "webp", "gif")
+
+
 def part_filename(filename: str) -> str:
     return f".{filename}.part"
 

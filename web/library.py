@@ -14,10 +14,10 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from ipc.naming import check_folder, component_problem
+from ipc.naming import SIDECAR_INFO_SUFFIX, SIDECAR_PREVIEW_EXTS, check_folder, component_problem
 
-INFO_SUFFIX = ".civitai.info"
-PREVIEW_EXTS = ("png", "jpeg", "jpg", "webp", "gif")
+INFO_SUFFIX = SIDECAR_INFO_SUFFIX
+PREVIEW_EXTS = SIDECAR_PREVIEW_EXTS
 MAX_INFO_BYTES = 8 * 1024 * 1024
 JOB_WINDOW = 10_000  # newest jobs looked at to find each entry's own
 STATES = ("present", "downloading", "queued", "paused", "failed", "missing", "update_available")

@@ -32,14 +32,15 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from ipc.files import atomic_write
+from ipc.naming import SIDECAR_INFO_SUFFIX, SIDECAR_PREVIEW_EXTS, SIDECAR_PREVIEW_INFIX
 from workers.civitai import USER_AGENT, parse_retry_after, redact_url
 
 log = logging.getLogger(__name__)
 
-INFO_SUFFIX = ".civitai.info"
-PREVIEW_INFIX = ".preview."
+INFO_SUFFIX = SIDECAR_INFO_SUFFIX
+PREVIEW_INFIX = SIDECAR_PREVIEW_INFIX
 # Every name a preview of ours may have, and the ones the readers look for (a user's own may be any).
-PREVIEW_EXTS = ("png", "jpeg", "jpg", "webp", "gif")
+PREVIEW_EXTS = SIDECAR_PREVIEW_EXTS
 MARK_KEY = "civitai_daemon"
 MAX_PREVIEW_BYTES = 20 * 1024 * 1024
 SFW_MAX_LEVEL = 2  # Civitai's nsfwLevel flags: 1 PG, 2 PG-13, 4 R, 8 X, 16 XXX, 32 blocked
