@@ -880,6 +880,10 @@ def parse_args(argv):
     add.add_argument("--folder", default=None, help="the folder under download_dir (default: the layout's)")
     add.add_argument("--priority", type=int, default=None, help="1 is the most urgent (default 10)")
     add.add_argument("--config", dest="sub_config", default=None)
+    imp = sub.add_parser("import", help="adopt the model files already under download_dir (or FOLDER inside it)")
+    imp.add_argument("folder", nargs="?", default=None, help="a folder inside download_dir (default: all of it)")
+    imp.add_argument("--dry-run", action="store_true", help="show what would be added; change nothing")
+    imp.add_argument("--config", dest="sub_config", default=None)
     status = sub.add_parser("status", help="what the running daemon is doing: children, jobs, speed, updater")
     status.add_argument("--config", dest="sub_config", default=None)
     args = parser.parse_args(argv)
@@ -1006,6 +1010,10 @@ def main(argv=None) -> int:
         return cmd_token(args.config, args.days)
     if args.command in ("add", "status"):
         return cmd_client(args)
+    if args.command == "import":
+        from ipc.cli import cmd_import
+        from workers.library import import_here
+        return cmd_import(args.config, args.folder, args.dry_run, run_here=import_here)
     return cmd_run(args.config)
 
 
