@@ -540,10 +540,21 @@ def _write_entries(manifest, outcome: ScanOutcome, scan: dict) -> None:
 
 def scan_child(send: Callable[[dict], None], cfg, request: dict, should_stop: Callable[[], bool]) -> None:
     """One scan inside a child of the daemon, which never opens SQLite: what it needs comes in
-    `request` as data, what it learns goes out through `send` as messages (see docs/DESIGN.md,
-    "Library scan"). request: {"folder": rel or None (checked by the supervisor with
-    ipc.library.scan_folder), "dry_run", "entries": the manifest entries in force, "files":
-    store.all_files(), "answers": ipc.library.load_answers(store)}."""
+    `request` as data, what it learns goes out through `send` as messages, in this order:
+
+    - {"type": "library_progress", "scan": {…}} at most 4 a second (the shape of new_scan);
+    - {"type": "library_hashes", "files": [[rel, sha256, size, mtime_ns]]} after each file hashed:
+      the supervisor records each with store.record_file (a kill loses no hash);
+    - {"type": "library_answers", "answers": {SHA-256: {"t", "v"}}} after each by-hash request:
+      the supervisor keeps them with ipc.library.save_answers;
+    - {"type": "library_done", "scan": {…}, "entries": [new entries], "found": [[rel, sha256]]}
+      last: unless dry_run, the supervisor adds the entries (an "add" operation each; or plans
+      again with plan_import(found, load_answers(store), keeper.entries) if the manifest
+      changed meanwhile).
+
+    request: {"folder": rel or None (checked by the supervisor with ipc.library.scan_folder),
+    "dry_run", "entries": the manifest entries in force, "files": store.all_files(), "answers":
+    ipc.library.load_answers(store)}."""
     from ipc.throttle import Throttle
     from workers.civitai import CivitaiClient
 

@@ -581,3 +581,38 @@ def test_the_summary_names_every_unknown_differing_and_skipped_file():
         "unknown on Civitai (1), left as they are:", "  Lora/a.safetensors",
         "different from the file their manifest entry names (1), left as they are:", "  Lora/b.safetensors",
         "skipped (1):", "  Lora/link.safetensors: a symlink: the import follows no link", "took 2.5 s"]
+
+
+def test_in_a_child_the_scan_is_messages_and_never_touches_the_database(fake, tmp_path):
+    from ipc.library import load_answers as load
+    from workers.library import scan_child
+
+    cfg, _ = make_library(fake, tmp_path)
+    sent = []
+    request = {"folder": "models", "dry_run": False, "entries": json.loads(cfg.manifest_path.read_text()),
+               "files": {}, "answers": {}}
+    scan_child(lambda msg: sent.append(json.loads(json.dumps(msg))), cfg, request, lambda: False)
+    assert not cfg.db_path.exists()
+    kinds = [m["type"] for m in sent]
+    assert kinds[0] == "library_progress" and kinds[-1] == "library_done"
+    assert kinds.count("library_hashes") == 5 and kinds.count("library_answers") == 1
+    assert kinds.index("library_answers") > max(i for i, k in enumerate(kinds) if k == "library_hashes")
+    done = sent[-1]
+    assert done["scan"]["state"] == "done" and sorted(e["fileId"] for e in done["entries"]) == [101, 102, 201]
+    assert len(done["found"]) == 5
+    # What the supervisor does with the messages gives the next scan all it needs: nothing to read or ask.
+    store = JobStore(tmp_path / "daemon.db")
+    for msg in sent:
+        if msg["type"] == "library_hashes":
+            for path, digest, size, mtime_ns in msg["files"]:
+                store.record_file(path, digest, size, mtime_ns)
+        elif msg["type"] == "library_answers":
+            save_answers(store, msg["answers"])
+    fake.clear_requests()
+    sent.clear()
+    again = {**request, "files": store.all_files(), "answers": load(store),
+             "entries": request["entries"] + done["entries"]}
+    store.close()
+    scan_child(sent.append, cfg, again, lambda: False)
+    assert fake.requests == [] and [m["type"] for m in sent].count("library_hashes") == 0
+    assert sent[-1]["scan"]["bytes_total"] == 0 and sent[-1]["entries"] == []
