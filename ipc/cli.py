@@ -311,7 +311,14 @@ def cmd_import(config_path: str, folder: str | None, dry_run: bool, *, run_here,
             scan = run_here(cfg, folder, dry_run, progress=progress.update, cwd=cwd)
         else:
             rel = scan_folder(cfg.download_path, folder, cwd)
-            scan = _scan_through_daemon(DaemonAPI(cfg), rel, dry_run, progress)
+            api = DaemonAPI(cfg)
+            try:
+                scan = _scan_through_daemon(api, rel, dry_run, progress)
+            except CliError as exc:
+                if api.last_status:
+                    raise
+                raise CliError(f"{exc}; yet {cfg.data_dir / 'daemon.pid'} is held by pid {holder} (a daemon that "
+                               f"is starting or stopping, or another import): try again when it is done") from None
     except LibraryError as exc:
         progress.finish()
         print(f"civitai-daemon: {exc}", file=err)

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from ipc.library import (
     scan_folder,
 )
 from ipc.manifest import ManifestError, validate_entry
-from ipc.naming import FolderError, check_folder, safe_filename
+from ipc.naming import FolderError, check_folder, fold_case, safe_filename
 from workers.civitai import BY_HASH_MAX, CivitaiError, file_sha256
 
 log = logging.getLogger("library")
@@ -226,8 +227,18 @@ class Plan:
     needs_lookup: list[str] = field(default_factory=list)  # hashes the plan could use an answer for
 
 
+# Windows and macOS take "Lora/X.safetensors" and "lora/x.safetensors" for one file: so does the plan there.
+CASE_INSENSITIVE_FS = os.name == "nt" or sys.platform == "darwin"
+
+
+def _place(folder, name) -> tuple:
+    if CASE_INSENSITIVE_FS:
+        return (fold_case(str(folder)), fold_case(str(name)))
+    return (folder, name)
+
+
 def _listed_at(entries: list[dict]) -> dict[tuple, dict]:
-    return {(e.get("model_type"), e["filename"]): e for e in entries if e.get("filename")}
+    return {_place(e.get("model_type"), e["filename"]): e for e in entries if e.get("filename")}
 
 
 def plan_import(found: list[tuple[str, str]], answers: dict[str, dict], entries: list[dict]) -> Plan:
@@ -243,7 +254,7 @@ def plan_import(found: list[tuple[str, str]], answers: dict[str, dict], entries:
                    if e.get("fileId") is None}
     for rel, sha in found:
         folder, _, name = rel.rpartition("/")
-        entry = at.get((folder, name))
+        entry = at.get(_place(folder, name))
         if entry is not None:
             want = str(entry.get("sha256") or "").lower()
             if want and want != sha.lower():
@@ -276,7 +287,7 @@ def plan_import(found: list[tuple[str, str]], answers: dict[str, dict], entries:
             continue
         plan.entries.append(new)
         file_ids.add(new["fileId"])
-        at[(folder, name)] = new
+        at[_place(folder, name)] = new
     return plan
 
 

@@ -281,3 +281,15 @@ def test_a_daemon_started_after_an_import_downloads_nothing_and_keeps_the_files_
                          message="the entry replaced by the new version")
     assert entries[0]["model_type"] == "models/Stable-diffusion" and len(entries) == 1
     assert daemon.stop() == 0
+
+
+def test_an_import_while_another_holds_the_data_folder_says_who(fake_civitai, tmp_path):
+    root = setup_folder(tmp_path, fake_civitai, active_port=free_port())
+    write(root / "Lora/a.safetensors", b"a")
+    lock = PidLock(tmp_path / "data" / "daemon.pid")
+    assert lock.acquire() is None
+    try:
+        out = run_import(tmp_path)
+    finally:
+        lock.release()
+    assert out.returncode == 1 and f"is held by pid {os.getpid()}" in out.stderr, out.stderr

@@ -616,3 +616,16 @@ def test_in_a_child_the_scan_is_messages_and_never_touches_the_database(fake, tm
     scan_child(sent.append, cfg, again, lambda: False)
     assert fake.requests == [] and [m["type"] for m in sent].count("library_hashes") == 0
     assert sent[-1]["scan"]["bytes_total"] == 0 and sent[-1]["entries"] == []
+
+
+def test_on_a_case_insensitive_file_system_an_entry_spelled_otherwise_is_the_same_place(monkeypatch):
+    import workers.library as library
+
+    entries = [{"modelId": 1, "model_type": "Lora", "filename": "Style.safetensors", "sha256": A.upper()}]
+    found = [("lora/style.safetensors", A)]
+    answers = {A.upper(): answer(1, 10, 100)}
+    monkeypatch.setattr(library, "CASE_INSENSITIVE_FS", False)  # Linux: another folder, another file
+    assert len(plan_import(found, answers, entries).entries) == 1
+    monkeypatch.setattr(library, "CASE_INSENSITIVE_FS", True)  # Windows, macOS: the listed file
+    plan = plan_import(found, answers, entries)
+    assert plan.entries == [] and plan.already_listed == 1
