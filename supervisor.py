@@ -980,6 +980,10 @@ def parse_args(argv):
     add.add_argument("--folder", default=None, help="the folder under download_dir (default: the layout's)")
     add.add_argument("--priority", type=int, default=None, help="1 is the most urgent (default 10)")
     add.add_argument("--config", dest="sub_config", default=None)
+    imp = sub.add_parser("import", help="adopt the model files already under download_dir (or FOLDER inside it)")
+    imp.add_argument("folder", nargs="?", default=None, help="a folder inside download_dir (default: all of it)")
+    imp.add_argument("--dry-run", action="store_true", help="show what would be added; change nothing")
+    imp.add_argument("--config", dest="sub_config", default=None)
     status = sub.add_parser("status", help="what the running daemon is doing: children, jobs, speed, updater")
     status.add_argument("--config", dest="sub_config", default=None)
     notify_test = sub.add_parser("notify-test", help="send a test notification to every URL of 'notify'")
@@ -1110,6 +1114,11 @@ def main(argv=None) -> int:
         return cmd_client(args)
     if args.command == "notify-test":  # Apprise right here: no daemon needed
         return notify.cmd_notify_test(args.config, sys.stdout, sys.stderr)
+    if args.command == "import":
+        from ipc.cli import cmd_import
+        from workers.library import import_here
+
+        return cmd_import(args.config, args.folder, args.dry_run, run_here=import_here)
     return cmd_run(args.config)
 
 

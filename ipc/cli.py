@@ -183,3 +183,176 @@ def cmd_add(cfg: Config, ref: str, folder: str | None, priority: int | None, out
     job = api.call("POST", "/api/jobs", json=body)["job"]
     print(("queued " if api.last_status == 201 else "already queued: ") + job_line(job), file=out)
     return 0
+
+
+# --- `supervisor.py import [FOLDER] [--dry-run]` ------------------------------------------------
+
+EX_CONFIG = 78
+SCAN_POLL_S = 0.25
+PLAIN_LINE_EVERY_S = 5.0  # not a terminal (a log, a pipe): one progress line this often
+
+
+def _gb(n) -> str:
+    return f"{(n or 0) / 1e9:.2f} GB"
+
+
+class ScanProgress:
+    """The progress of a scan on stderr: one line redrawn with \\r on a terminal, a line every
+    few seconds otherwise. Speed and time left come from the bytes hashed over the last seconds."""
+
+    def __init__(self, stream=None, clock=time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.clock = clock
+        self.samples: list[tuple[float, int]] = []
+        self.last_plain = clock()  # a scan shorter than PLAIN_LINE_EVERY_S prints only its summary
+        self.width = 0
+
+    def line(self, scan: dict) -> str:
+        now = self.clock()
+        done, total = int(scan.get("bytes_done") or 0), int(scan.get("bytes_total") or 0)
+        self.samples.append((now, done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > 5:
+            self.samples.pop(0)
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        rate = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        files = f"{scan.get('files_done', 0)}/{scan.get('files_total', 0)} files"
+        if scan.get("files_total") and scan.get("files_done") == scan.get("files_total") and total == done:
+            return f"{files} hashed · asking Civitai which files these are…"
+        text = f"hashing {files} · {_gb(done)} of {_gb(total)}"
+        if rate > 0:
+            text += f" · {rate / 1e9:.2f} GB/s · {fmt_duration((total - done) / rate)} left"
+        return text
+
+    def update(self, scan: dict) -> None:
+        text = self.line(scan)
+        if self.tty:
+            pad = max(0, self.width - len(text))
+            self.width = len(text)
+            self.stream.write("\r" + text + " " * pad)
+            self.stream.flush()
+        elif self.clock() - self.last_plain >= PLAIN_LINE_EVERY_S:
+            self.last_plain = self.clock()
+            print(text, file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def scan_summary(scan: dict, where: str) -> str:
+    """What an import did, for a person: matched and added, already listed, each unknown and
+    differing file, what was skipped."""
+    dry = bool(scan.get("dry_run"))
+    added = scan.get("added", 0)
+    lines = [f"{where}: {scan.get('files_total', 0)} model file(s); {scan.get('matched', 0)} known on Civitai; "
+             f"{added} {'would be added' if dry else 'added'} to manifest.json; "
+             f"{scan.get('already_listed', 0)} already listed"]
+    unknown, differs, skipped = scan.get("unknown") or [], scan.get("differs") or [], scan.get("skipped") or []
+    if unknown:
+        lines.append(f"unknown on Civitai ({len(unknown)}), left as they are:")
+        lines += [f"  {p}" for p in unknown]
+    if differs:
+        lines.append(f"different from the file their manifest entry names ({len(differs)}), left as they are:")
+        lines += [f"  {p}" for p in differs]
+    if skipped:
+        lines.append(f"skipped ({len(skipped)}):")
+        lines += [f"  {p}: {why}" for p, why in skipped]
+    if dry:
+        lines.append("dry run: manifest.json was not changed")
+    lines.append(f"took {float(scan.get('seconds') or 0):.1f} s")
+    return "\n".join(lines)
+
+
+def _scan_through_daemon(api: DaemonAPI, folder: str | None, dry_run: bool, progress: ScanProgress,
+                         sleep=time.sleep) -> dict:
+    """POST /api/library/scan, then GET it every SCAN_POLL_S until it is done or failed. A scan
+    already running (409) is followed instead."""
+    try:
+        api.call("POST", "/api/library/scan", json={"folder": folder, "dry_run": dry_run})
+    except CliError:
+        if api.last_status != 409:
+            raise
+        print("a scan is already running in the daemon; showing it", file=progress.stream)
+    while True:
+        scan = api.call("GET", "/api/library/scan").get("scan") or {}
+        if scan.get("state") in ("done", "failed"):
+            return scan
+        progress.update(scan)
+        sleep(SCAN_POLL_S)
+
+
+def cmd_import(config_path: str, folder: str | None, dry_run: bool, *, run_here, out=sys.stdout,
+               err=sys.stderr, cwd=None) -> int:
+    """With no daemon running (data/daemon.pid not locked), the import runs in this process
+    (`run_here`, workers.library.import_here) holding that lock, so no daemon starts meanwhile;
+    with one, through its API (the supervisor stays the only writer of manifest.json)."""
+    from pathlib import Path
+
+    from ipc.config import ConfigError, load_config
+    from ipc.files import PidLock
+    from ipc.library import LibraryError, scan_folder
+    from ipc.manifest import ManifestError
+    from ipc.store import StoreOpenError, StoreUnavailable
+
+    try:
+        cfg, warnings = load_config(config_path)
+    except ConfigError as exc:
+        print(exc, file=err)
+        return EX_CONFIG
+    for warning in warnings:
+        print(f"warning: {warning}", file=err)
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    progress = ScanProgress(err)
+    lock = PidLock(cfg.data_dir / "daemon.pid")
+    try:
+        holder = lock.acquire()
+    except OSError as exc:
+        print(f"civitai-daemon: cannot use the data folder {cfg.data_dir}: {exc.strerror or exc}", file=err)
+        return 1
+    try:
+        if holder is None:
+            scan = run_here(cfg, folder, dry_run, progress=progress.update, cwd=cwd)
+        else:
+            rel = scan_folder(cfg.download_path, folder, cwd)
+            api = DaemonAPI(cfg)
+            try:
+                scan = _scan_through_daemon(api, rel, dry_run, progress)
+            except CliError as exc:
+                if api.last_status:
+                    raise
+                raise CliError(f"{exc}; yet {cfg.data_dir / 'daemon.pid'} is held by pid {holder} (a daemon that "
+                               f"is starting or stopping, or another import): try again when it is done") from None
+    except LibraryError as exc:
+        progress.finish()
+        print(f"civitai-daemon: {exc}", file=err)
+        return 1
+    except ManifestError as exc:
+        progress.finish()
+        print(f"civitai-daemon: {exc}; manifest.json is never overwritten while it is broken: fix it (see "
+              f"`supervisor.py check`), then run the import again; nothing was imported", file=err)
+        return EX_CONFIG
+    except (StoreOpenError, StoreUnavailable) as exc:
+        progress.finish()
+        print(f"civitai-daemon: {exc}", file=err)
+        return 1
+    except CliError as exc:
+        progress.finish()
+        print(f"civitai-daemon: {exc}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        progress.finish()
+        where = ("the scan goes on in the daemon" if holder is not None
+                 else "the hashes so far are kept: the next import goes on from there")
+        print(f"civitai-daemon: interrupted; {where}", file=err)
+        return 130
+    finally:
+        lock.release()
+    progress.finish()
+    where = str(cfg.download_path / scan["folder"]) if scan.get("folder") else str(cfg.download_path)
+    if scan.get("state") != "done":
+        print(f"civitai-daemon: the import of {where} failed: {scan.get('error') or 'unknown error'}", file=err)
+        return 1
+    print(scan_summary(scan, where), file=out)
+    return 0

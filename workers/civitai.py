@@ -10,7 +10,7 @@ import re
 import select
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
@@ -33,6 +33,7 @@ CONNECT_TIMEOUT_S = 10.0
 ERROR_BODY_LIMIT = 64 * 1024
 FILL_WINDOW_S = 0.05  # Download.readinto() returns what arrived within this time
 IDS_PER_REQUEST = 100  # GET /models accepts limit <= 100
+BY_HASH_MAX = 100  # POST /model-versions/by-hash takes at most this many SHA-256 values
 TEXT_FILE_SUFFIXES = (".json", ".yaml", ".yml", ".txt", ".md")
 # Civitai's daily download quota answers 429 "We've noticed an unusual amount of downloading
 # from your account. Contact support@civitai.com or come back later." (civitai-api.md §3.2).
@@ -274,6 +275,16 @@ class Resolved:
     url: str  # the API download URL (no key in it)
     early_access_ends_at: float | None = None  # unix time, while the version is in early access
     scan: str | None = None  # Civitai's pickle scan of the file: Pending until it is scanned and hashed
+    api_type: str | None = None  # Civitai's model type ("Checkpoint", "LORA", …), as it spells it
+    file_type: str | None = None  # the file's type within its version ("Model", "VAE", "Pruned Model", …)
+    model_name: str | None = None
+    version_name: str | None = None
+    base_model: str | None = None
+    # As Civitai returned them, for sidecars: the version (GET /model-versions/{id}, or the item of
+    # /models/{id}'s modelVersions when the job named only the model), and the model (/models/{id}
+    # when it was fetched, else the version's own `model` object: name, type, nsfw, poi).
+    version_json: dict | None = field(default=None, compare=False, repr=False)
+    model_json: dict | None = field(default=None, compare=False, repr=False)
 
 
 class Download:
@@ -811,6 +822,58 @@ class CivitaiClient:
                             reason="bad_body", retryable=True)
 
 
+    # -- identifying files on disk ------------------------------------------------------------
+
+    def versions_by_hash(self, sha256s: list[str]) -> list[dict]:
+        """`POST /model-versions/by-hash`: the version objects (as /model-versions/{id} shows
+        them) whose files have these SHA-256 values. At most BY_HASH_MAX hashes go in one
+        request, each request waits its turn; unmatched hashes are simply absent. Raises
+        CivitaiError (5xx and connection errors are retried quickly first)."""
+        wanted = list(dict.fromkeys(str(h).strip().upper() for h in sha256s))
+        bad = next((h for h in wanted if not re.fullmatch(r"[0-9A-F]{64}", h)), None)
+        if bad is not None:
+            raise ValueError(f"not a SHA-256 value: {bad[:80]!r}")
+        url = f"{self.api_url}/model-versions/by-hash"
+        found: list[dict] = []
+        for offset in range(0, len(wanted), BY_HASH_MAX):
+            chunk = wanted[offset: offset + BY_HASH_MAX]
+            found.extend(self._post_json_list(url, chunk, subject=f"the lookup of {len(chunk)} file hash(es)"))
+        return found
+
+    def _post_json_list(self, url: str, payload: list, *, subject: str) -> list[dict]:
+        for attempt in range(API_GET_TRIES):
+            self._wait_turn()
+            try:
+                try:
+                    resp = self.session.post(url, json=payload, allow_redirects=False,
+                                             headers={"Accept": "application/json", **self._auth_headers(url)},
+                                             timeout=(min(CONNECT_TIMEOUT_S, self.timeout_s), self.timeout_s))
+                except requests.RequestException as exc:
+                    raise self._connection_error(exc, url, subject) from None
+                if resp.is_redirect:  # a POST is not followed: the key and the body stay with the API
+                    resp.close()
+                    raise CivitaiError(f"Civitai redirected {subject} elsewhere ({resp.status_code}); it will be "
+                                       "retried", reason="http_error", retryable=True, status=resp.status_code)
+                if resp.status_code != 200:
+                    raise self._status_error(resp, subject)
+                try:
+                    data = json.loads(resp.content.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    data = None
+                if not isinstance(data, list):
+                    raise CivitaiError(f"Civitai answered {subject} with something that is not a list of versions "
+                                       "(maybe maintenance or a Cloudflare check); it will be retried",
+                                       reason="bad_body", retryable=True, status=resp.status_code)
+                return [v for v in data if isinstance(v, dict)]
+            except CivitaiError as exc:
+                quick = exc.reason in ("server_error", "connection", "bad_body") and exc.retryable
+                if not quick or attempt + 1 >= API_GET_TRIES:
+                    raise
+                delay = API_BACKOFF_S[min(attempt, len(API_BACKOFF_S) - 1)] * (0.5 + random.random())
+                log.info("%s; trying again in %.1f s", exc, delay)
+                self._sleep(delay)
+        raise AssertionError("unreachable")
+
 def _read_body(resp: requests.Response, limit: int = ERROR_BODY_LIMIT) -> bytes:
     try:
         if resp.raw is not None and not resp._content_consumed:  # streamed: read a bounded amount
@@ -866,9 +929,38 @@ def _meta(f: dict) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def pick_file(version: dict, file_id=None, like: dict | None = None) -> dict:
-    """The file to fetch: by id; else the one with the same format and precision (and size)
-    as `like`; else the primary; else the first of type Model; else the first."""
+def _lower(value) -> str | None:
+    return str(value).strip().lower() if value not in (None, "") else None
+
+
+def describe_file(f: dict) -> str:
+    """A file as a user picks it: type, format, precision and name ("VAE SafeTensor fp16 (x.safetensors)")."""
+    meta = _meta(f)
+    words = [str(w) for w in (f.get("type"), meta.get("format"), meta.get("fp")) if w not in (None, "")]
+    return f"{' '.join(words) or 'a file'} ({f.get('name') or f.get('id')})"
+
+
+def _server_score(f: dict) -> int:
+    """Civitai's own preference among files (getPrimaryFile in src/server/utils/model-helpers.ts)."""
+    meta = _meta(f)
+    return ((1000 if f.get("type") in ("Model", "Pruned Model") else 0) + (100 if meta.get("format") == "SafeTensor"
+            else 0) + (10 if meta.get("size") == "pruned" else 0) + (1 if meta.get("fp") == "fp16" else 0))
+
+
+def _best(files: list[dict]) -> dict:
+    """The primary among `files` if it is one of them, else the one Civitai would prefer."""
+    for f in files:
+        if f.get("primary") is True:
+            return f
+    return max(files, key=_server_score)  # max() keeps the first of equals: Civitai's order
+
+
+def pick_file(version: dict, file_id=None, like: dict | None = None, *, file_type=None, format=None,  # noqa: A002
+              fp=None) -> dict:
+    """The file to fetch: by id; else the one the selectors name (file_type, format, fp, without
+    case; refused, naming what the version offers, when none matches); else the one of the same
+    type, format and precision (and size) as `like`; else the primary; else the first of type
+    Model; else the first."""
     files = [f for f in (version.get("files") or []) if isinstance(f, dict)]
     vid = version.get("id", "?")
     if file_id is not None:
@@ -879,14 +971,33 @@ def pick_file(version: dict, file_id=None, like: dict | None = None) -> dict:
                            reason="no_file")
     if not files:
         raise CivitaiError(f"model version {vid} has no downloadable file on Civitai", reason="no_file")
-    want = _meta(like) if like else {}
-    if want.get("format") is not None or want.get("fp") is not None:
+    wanted = {"type": _lower(file_type), "format": _lower(format), "fp": _lower(fp)}
+    if any(wanted.values()):
+        def fits(f: dict) -> bool:
+            have = {"type": _lower(f.get("type")), "format": _lower(_meta(f).get("format")),
+                    "fp": _lower(_meta(f).get("fp"))}
+            return all(v is None or have[k] == v for k, v in wanted.items())
+
+        matching = [f for f in files if fits(f)]
+        if matching:
+            return _best(matching)
+        asked = ", ".join(f"{k} {v!r}" for k, v in (("file_type", file_type), ("format", format), ("fp", fp))
+                          if _lower(v))
+        raise CivitaiError(f"model version {vid} has no file with {asked}; it offers: "
+                           f"{'; '.join(describe_file(f) for f in files)}: change the selectors in the manifest "
+                           f"entry (or name its fileId)", reason="no_file")
+    if like:
+        want = _meta(like)
         same_type = [f for f in files if f.get("type") == like.get("type")]
-        for keys in (("format", "fp", "size"), ("format", "fp")):
-            for candidates in (same_type, files):
-                for f in candidates:
-                    if all(_meta(f).get(k) == want.get(k) for k in keys):
-                        return f
+        if want.get("format") is not None or want.get("fp") is not None:
+            for keys in (("format", "fp", "size"), ("format", "fp")):
+                for candidates in (same_type, files):
+                    for f in candidates:
+                        if all(_meta(f).get(k) == want.get(k) for k in keys):
+                            return f
+        primary = next((f for f in files if f.get("primary") is True), None)
+        if same_type and (primary is None or primary.get("type") != like.get("type")):
+            return _best(same_type)  # a checkpoint's VAE follows the new VAE, not the new checkpoint
     for f in files:
         if f.get("primary") is True:
             return f
@@ -955,9 +1066,15 @@ def _early_access_ends(version: dict) -> float | None:
     return None
 
 
-def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=None, attempt: int = 1) -> Resolved:
+def _text(value) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=None, attempt: int = 1,
+            file_type=None, format=None, fp=None) -> Resolved:  # noqa: A002
     """What to download for a job: the given version (or the model's newest published one)
-    and its file (given, else primary). `attempt` (1, 2, …) spaces out transient answers."""
+    and its file (given; else the one the selectors file_type/format/fp name; else primary).
+    `attempt` (1, 2, …) spaces out transient answers."""
     if version_id is not None:
         subject = f"model version {int(version_id)}"
         version = _get_metadata(client, lambda: client.get_version(int(version_id)), subject, attempt)
@@ -965,20 +1082,20 @@ def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=No
         if model_id is not None and isinstance(api_model_id, int) and api_model_id != int(model_id):
             raise CivitaiError(f"model version {version_id} belongs to model {api_model_id} on Civitai, "
                                f"not to model {model_id}: fix the ids", reason="not_found")
-        model_type = model_type_from_api((version.get("model") or {}).get("type"))
+        model = version.get("model") if isinstance(version.get("model"), dict) else {}
         model_id = api_model_id if isinstance(api_model_id, int) else model_id
     elif model_id is not None:
         model = _get_metadata(client, lambda: client.get_model(int(model_id)), f"model {int(model_id)}", attempt)
         version = newest_published_version(model)
-        model_type = model_type_from_api(model.get("type"))
     else:
         raise ValueError("resolve() needs model_id or version_id")
+    api_type = _text(model.get("type"))
     usage = version.get("usageControl")
     if isinstance(usage, str) and usage and usage != "Download":
         raise CivitaiError(f"the creator of model version {version.get('id', version_id)} has disabled downloads "
                            f"on Civitai (usageControl: {_short(usage, 40)}); only its creator can change that",
                            reason="downloads_disabled")
-    f = pick_file(version, file_id)
+    f = pick_file(version, file_id, file_type=file_type, format=format, fp=fp)
     size_kb = f.get("sizeKB")
     size_bytes = int(round(float(size_kb) * 1024)) if isinstance(size_kb, (int, float)) and size_kb > 0 else None
     vid = int(version["id"])
@@ -988,7 +1105,7 @@ def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=No
         model_id=int(model_id) if model_id is not None else None,
         version_id=vid,
         file_id=fid,
-        model_type=model_type,
+        model_type=model_type_from_api(api_type),
         filename=safe_filename(f.get("name"), fallback=f"model_{vid}_{fid}.bin"),
         sha256=file_sha256(f),
         size_bytes=size_bytes,
@@ -1000,4 +1117,11 @@ def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=No
         url=client.download_url(vid, fid),
         early_access_ends_at=_early_access_ends(version),
         scan=f.get("pickleScanResult") if isinstance(f.get("pickleScanResult"), str) else None,
+        api_type=api_type,
+        file_type=_text(f.get("type")),
+        model_name=_text(model.get("name")),
+        version_name=_text(version.get("name")),
+        base_model=_text(version.get("baseModel")),
+        version_json=version,
+        model_json=model or None,
     )

@@ -16,11 +16,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ipc.files import OutsideError, make_folder_inside
-from ipc.naming import FolderError, alternate_filename, check_folder, part_filename, safe_filename
+from ipc.layouts import folder_for
+from ipc.naming import FolderError, alternate_filename, check_folder, fold_case, part_filename, safe_filename
 from ipc.throttle import file_lock
 from workers.civitai import (
     TEXT_FILE_SUFFIXES,
@@ -64,6 +65,11 @@ class JobContext:
     locks_dir: Path  # data/locks (for ipc.throttle.file_lock around the final check+rename)
     allow_unsafe: bool
     read_timeout_s: float = 10  # no bytes for this long: the attempt fails as stalled
+    layout: str = "plain"  # the folder of a job that names none: ipc.layouts.folder_for
+    folders: dict = field(default_factory=dict)  # config `folders`: Civitai type -> folder
+    # Called once the file is at its final path and verified (downloaded or already there), e.g.
+    # to write sidecars; whatever it raises is logged and never fails the job.
+    on_verified: Callable[[Resolved, Path], None] | None = None
 
 
 def run_job(job: dict, ctx: JobContext, report: Callable[[dict], None],
@@ -276,6 +282,20 @@ class PartWriter:
 _TICK = object()
 
 
+def _case_twin(folder: Path, name: str) -> str | None:
+    """Another entry of `folder` whose name differs from `name` only in case (or Unicode form):
+    the same file to a case-insensitive file system (Windows, macOS), a different one here."""
+    key = fold_case(name)
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name != name and fold_case(entry.name) == key:
+                    return entry.name
+    except OSError:
+        pass
+    return None
+
+
 class _Job:
     def __init__(self, job: dict, ctx: JobContext, report, should_stop):
         self.job = job
@@ -389,17 +409,22 @@ class _Job:
             self._check_model_type(job["model_type"])  # the user's to fix: before asking Civitai anything
         res: Resolved = self._interruptible(
             lambda: resolve(self.client, model_id=job.get("model_id"), version_id=job.get("version_id"),
-                            file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1)),
+                            file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1),
+                            file_type=job.get("file_type"), format=job.get("format"), fp=job.get("fp")),
             "resolve")
         self.subject = f"model version {res.version_id}"
-        model_type = self._check_model_type(job.get("model_type") or res.model_type)
+        # No folder named (GUI, API, `add`): the layout's folder for the file's type; a version's
+        # VAE file goes where VAEs go, not beside its checkpoint.
+        model_type = self._check_model_type(job.get("model_type") or folder_for(
+            res.api_type, self.ctx.layout, self.ctx.folders, res.file_type))
         wanted = safe_filename(job["filename"]) if job.get("filename") else res.filename
         sha = res.sha256 or _norm_sha(job.get("sha256"))
         self.rel_name = f"{model_type}/{wanted}"
         resolved = {"type": "resolved", "job_id": self.job_id, "model_id": res.model_id,
                     "version_id": res.version_id, "file_id": res.file_id, "model_type": model_type,
                     "filename": wanted, "sha256": sha, "bytes_total": res.size_bytes,
-                    "updatedAt": res.updated_at, "url": res.url}
+                    "updatedAt": res.updated_at, "url": res.url, "model_name": res.model_name,
+                    "version_name": res.version_name, "base_model": res.base_model}
         if res.unsafe and not self.ctx.allow_unsafe:
             self._report(resolved)
             raise CivitaiError(f"Civitai's scan flags the file of {self.subject} ({wanted}) as dangerous; it was not "
@@ -425,14 +450,28 @@ class _Job:
                 self._remove_stale_part(folder, name)
                 size = os.lstat(folder / name).st_size
                 log.info("%s is already there and verified; skipping the download", self.rel_name)
-                return self._done(model_type, name, sha, size, skipped=True)
-            return self._download(folder, model_type, name, candidates[candidates.index(name):], res, sha)
+                done = self._done(model_type, name, sha, size, skipped=True)
+            else:
+                done = self._download(folder, model_type, name, candidates[candidates.index(name):], res, sha)
         except BaseException:
             if self._fd >= 0 and os.fstat(self._fd).st_size == 0:
                 self._release_part(discard=True)  # nothing worth keeping for a later attempt
             raise
         finally:
             self._release_part()
+        self._verified(res, folder / done["filename"])
+        return done
+
+    def _verified(self, res: Resolved, path: Path) -> None:
+        """The file is in place and verified: tell ctx.on_verified (sidecars). Its failure is
+        logged and never fails a job whose file is already there."""
+        hook = self.ctx.on_verified
+        if hook is None:
+            return
+        try:
+            hook(res, path)
+        except Exception:  # noqa: BLE001 - a hook is an extra; the download itself succeeded
+            log.warning("after %s was verified, its follow-up work failed", self.rel_name, exc_info=True)
 
     def _done(self, model_type: str, name: str, sha: str, size: int, skipped: bool) -> dict:
         return {"type": "done", "job_id": self.job_id, "path": f"{model_type}/{name}", "filename": name,
@@ -462,6 +501,14 @@ class _Job:
         """The first candidate that already holds this file ("same"), or that is free and whose
         partial file this job could claim ("free"; self._fd is then the claimed partial file)."""
         for name in candidates:
+            twin = _case_twin(folder, name)
+            if twin is not None:
+                # Windows and macOS take `twin` for `name`: writing one would replace the other.
+                if self._target_state(folder / twin, sha, estimate) == "same":
+                    return twin, "same"
+                log.info("%s/%s is taken by a different file (%s, which differs only in case); it is never "
+                         "overwritten", self.model_type, name, twin)
+                continue
             state = self._target_state(folder / name, sha, estimate)
             if state == "same":
                 return name, state

@@ -109,6 +109,8 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         download_dir=cfg.download_path,
         locks_dir=cfg.locks_dir,
         allow_unsafe=cfg.allow_unsafe,
+        layout=cfg.layout,
+        folders=dict(cfg.folders),
     )
     channel.send({"type": "ready", "pid": os.getpid()})
     log.info("%s ready", name)

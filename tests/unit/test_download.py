@@ -118,7 +118,8 @@ def test_newest_version_by_date_downloaded_verified_and_renamed(fake, runner):
     assert resolved == {"type": "resolved", "job_id": 1, "model_id": 1, "version_id": 13, "file_id": 131,
                         "model_type": "checkpoint", "filename": "newest.safetensors", "sha256": sha(fake, 131),
                         "bytes_total": 2 * MiB + 9, "updatedAt": "2025-05-01T00:00:00.000Z",
-                        "url": f"{fake.origin}/api/download/models/13?fileId=131"}
+                        "url": f"{fake.origin}/api/download/models/13?fileId=131", "model_name": "Model",
+                        "version_name": "v13", "base_model": "SDXL 1.0"}
     types = runner.types()
     assert types[0] == "resolved" and types[-1] == "verifying" and "progress" in types
     progress = [m for m in runner.messages if m["type"] == "progress"]
