@@ -103,6 +103,10 @@ class Supervisor:
         self._next_watchdog = 0.0
         self._web_probe_running = False
         self._next_web_probe = 0.0
+        self.scan: dict | None = None  # the running or last library scan (GET /api/library/scan)
+        self._scan_request: dict | None = None  # what the library child gets once it is ready
+        self._scan_started = 0.0
+        self._scan_base: list | None = None  # the manifest's entries the scan planned against
         self.rate_limit = SharedRateLimit(cfg.locks_dir / "speed.rate")
         self.speed_override: int | None = self.store.get_kv("speed.override")
         self.speed_in_force: tuple[int, str] | None = None
@@ -516,6 +520,9 @@ class Supervisor:
                 for msg in ex.child.recv_all():  # what it said before it died comes first
                     self.on_message(ex.child, msg)
             ex.child.close()
+            if ex.child.kind == ChildKind.LIBRARY:
+                self.library_child_gone(ex)
+                continue
             if ex.job_id is not None:
                 self.apply("lost", ex)
             elif ex.child.kind == ChildKind.WORKER and not ex.planned and ex.reason not in ("cancel", "reload"):
@@ -583,6 +590,9 @@ class Supervisor:
         kind = msg.get("type")
         if kind == Msg.READY:
             child.mark_ready()
+            if child.kind == ChildKind.LIBRARY and self._scan_request is not None:
+                child.send({"type": "scan", "request": self._scan_request})
+                self._scan_request = None
             if child.kind == ChildKind.UPDATER:
                 self.updater_info["running"] = False  # a check cut short by its death is over
                 # The updater must not open SQLite itself (forked while our threads use it: a
@@ -596,6 +606,9 @@ class Supervisor:
             return
         if child.kind == ChildKind.UPDATER:
             self.on_updater_message(msg)
+            return
+        if child.kind == ChildKind.LIBRARY:
+            self.on_library_message(child, msg)
             return
         job_id = msg.get("job_id")
         if job_id is None or job_id != child.job_id:
@@ -694,6 +707,20 @@ class Supervisor:
         if kind == "update":
             self._apply_update(item[1])
             return
+        if kind == "library_hashes":
+            with self.txn():
+                for rel, sha, size, mtime_ns in item[1]:
+                    self.store.record_file(rel, sha, int(size), int(mtime_ns))
+            return
+        if kind == "library_answers":
+            from ipc.library import save_answers
+
+            with self.txn():
+                save_answers(self.store, item[1])
+            return
+        if kind == "library_done":
+            self._library_done(item[1])
+            return
         _, child_name, job_id, msg = item
         typ = msg["type"]
         with self.txn():
@@ -751,6 +778,82 @@ class Supervisor:
         if holder is not None:
             holder.send({"type": Msg.CANCEL, "job_id": job_id})
             holder.release_job_by = self.clock() + RELEASE_GRACE_S
+
+    # --- the library scan -----------------------------------------------------------------------
+
+    def start_library_scan(self, folder: str | None, dry_run: bool) -> dict:
+        """`import` through the daemon: a child hashes and identifies, the supervisor records what
+        it learns and adds the entries (it stays the only writer of manifest.json)."""
+        from ipc.library import load_answers, new_scan
+        from workers.library import library_main
+
+        self.scan = new_scan(folder, dry_run)
+        self._scan_started = self.clock()
+        self._scan_base = self.keeper.entries
+        self._scan_request = {"folder": folder, "dry_run": dry_run, "entries": self.keeper.entries,
+                              "files": self.store.all_files(), "answers": load_answers(self.store)}
+        old = self.pool.get("library")
+        if old is not None:
+            del self.pool.children["library"]
+        log_handler_for = (lambda child: child_log_handler(child.name)) if self.fork else (lambda child: self.log_queue)
+        child = self.pool.add(ForkedChild("library", ChildKind.LIBRARY, library_main,
+                                          lambda child: (str(self.cfg.config_path),), self.ctx, log_handler_for,
+                                          self.supervisor_fds, on_change=self.on_child_change, oneshot=True))
+        child.spawn(self.clock())
+        log.info("library scan of %s%s started", folder or "download_dir", " (dry run)" if dry_run else "")
+        self.emit_now("library_scan_started", folder=folder)
+        return self.scan
+
+    def on_library_message(self, child, msg: dict) -> None:
+        kind = msg.get("type")
+        if kind == "library_progress" and self.scan is not None:
+            self.scan.update(msg["scan"])
+            if self.control:  # a view: published, never stored (at most 4 a second)
+                s = self.scan
+                self.control.publish({"event": "library_scan_progress", "ts": utc_now_iso(),
+                                      "files_done": s["files_done"], "files_total": s["files_total"],
+                                      "bytes_done": s["bytes_done"], "bytes_total": s["bytes_total"]})
+        elif kind == "library_hashes":
+            self.apply("library_hashes", msg["files"])
+        elif kind == "library_answers":
+            self.apply("library_answers", msg["answers"])
+        elif kind == "library_done":
+            self.apply("library_done", msg)
+
+    def _library_done(self, msg: dict) -> None:
+        from ipc.library import load_answers
+        from workers.library import plan_import
+
+        scan = dict(msg["scan"])
+        entries = msg.get("entries") or []
+        with self.txn():
+            if scan["state"] == "done" and not scan.get("dry_run"):
+                if self.keeper.entries is not self._scan_base:
+                    # The manifest changed during the scan (a person's save, a download): plan again.
+                    plan = plan_import([tuple(p) for p in msg.get("found") or []], load_answers(self.store),
+                                       self.keeper.entries)
+                    entries = plan.entries
+                for entry in entries:
+                    self.keeper.apply({"op": "add", "entry": entry})
+                self.sync_manifest("import")
+            self.emit("library_scan_done", folder=scan.get("folder"), files=scan.get("files_total"),
+                      matched=scan.get("matched"), added=scan.get("added"), already_listed=scan.get("already_listed"),
+                      unknown=scan.get("unknown"), seconds=scan.get("seconds"), state=scan.get("state"),
+                      error=scan.get("error"))
+        self.scan = scan
+        log.log(logging.INFO if scan["state"] == "done" else logging.WARNING,
+                "library scan %s: %s file(s), %s matched, %s added, %s already listed, %s unknown%s",
+                scan["state"], scan.get("files_total"), scan.get("matched"), scan.get("added"),
+                scan.get("already_listed"), len(scan.get("unknown") or []),
+                f"; {scan['error']}" if scan.get("error") else "")
+
+    def library_child_gone(self, ex: Exit) -> None:
+        if self.scan is not None and self.scan.get("state") == "running" and not self.deferred:
+            self.scan.update(state="failed", error=f"the library scan stopped: its process ended "
+                                                   f"(exit code {ex.code}); run it again to finish it")
+            self.emit_now("library_scan_done", folder=self.scan.get("folder"), state="failed",
+                          error=self.scan["error"], files=self.scan.get("files_total"), matched=0, added=0,
+                          already_listed=0, unknown=[], seconds=round(self.clock() - self._scan_started, 1))
 
     # --- the updater ----------------------------------------------------------------------------
 

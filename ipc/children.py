@@ -75,6 +75,7 @@ class Child:
     acked_mono: float | None = None
     release_job_by: float | None = None  # a cancel or pause was sent: the job must let go by then
     last_death_job: int | None = None
+    oneshot: bool = False  # does one piece of work and exits: never restarted
     on_change: Callable[[Child, ChildState, ChildState, str], None] | None = None
 
     # --- state -----------------------------------------------------------------------------
@@ -415,8 +416,8 @@ class ChildPool:
             exits.append(Exit(child, code, reason, job_id, planned))
             child.change_state(ChildState.EXITED, f"exit code {code}")
             child.pid = None
-            if planned:
-                child.change_state(ChildState.STOPPED, "stopped")
+            if planned or child.oneshot:
+                child.change_state(ChildState.STOPPED, "stopped" if planned else f"done (exit code {code})")
                 continue
             child.restarts += 1
             if not child.ready and reason == KillReason.CRASH:

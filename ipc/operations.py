@@ -155,6 +155,25 @@ class ControlOps:
             sup.keeper.apply({"op": "remove_entry", "model_id": model_id, "file_id": file_id})
         return {"removed": removed}
 
+    # --- the library --------------------------------------------------------------------------
+
+    def op_library_scan(self, folder=None, dry_run=False) -> dict:
+        from ipc.library import LibraryError, scan_folder
+
+        sup = self.sup
+        if sup.scan is not None and sup.scan.get("state") == "running":
+            raise ControlError(409, "a library scan is running already; GET /api/library/scan follows it")
+        if sup.keeper.error is not None:
+            raise ControlError(409, f"manifest.json has an invalid edit; fix it first: {sup.keeper.error}")
+        try:
+            rel = scan_folder(sup.cfg.download_path, folder)
+        except LibraryError as exc:
+            raise ControlError(404 if "there is no folder" in str(exc) else 422, str(exc)) from None
+        return {"scan": sup.start_library_scan(rel, bool(dry_run))}
+
+    def op_library_scan_status(self) -> dict:
+        return {"scan": self.sup.scan}
+
     # --- the speed cap ---------------------------------------------------------------------------
 
     def op_speed(self) -> dict:

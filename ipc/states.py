@@ -72,6 +72,7 @@ class ChildKind(StrEnum):
     UPDATER = "updater"
     WEB = "web"
     WEBHOOKS = "webhooks"
+    LIBRARY = "library"  # one scan of the library, started on demand, never restarted
 
 
 class Reason(StrEnum):

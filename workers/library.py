@@ -509,13 +509,15 @@ def import_here(cfg, folder: str | None, dry_run: bool, *, progress: Callable[[d
                 for path, sha, size, mtime_ns in records:
                     store.record_file(path, sha, size, mtime_ns)
 
+        captured = CapturingLookup(client)
         outcome = run_scan(cfg.download_path, rel, entries=manifest.entries, known_files=store.all_files(),
-                           answers=load_answers(store), lookup=client.versions_by_hash, on_hashed=on_hashed,
+                           answers=load_answers(store), lookup=captured, on_hashed=on_hashed,
                            on_answers=lambda batch: save_answers(store, batch), on_progress=progress,
                            should_stop=should_stop, dry_run=dry_run, threads=threads)
         scan = outcome.scan
         if scan["state"] == "done" and not dry_run and outcome.entries:
             _write_entries(manifest, outcome, scan)
+            write_adopted_sidecars(cfg, client, outcome.entries, captured.versions, should_stop)
         return scan
     finally:
         store.close()
@@ -585,3 +587,110 @@ def scan_child(send: Callable[[dict], None], cfg, request: dict, should_stop: Ca
 
 __all__ = ["LibraryError", "LibraryFile", "Plan", "ScanOutcome", "answer_of", "answers_from", "cached_hash",
            "hash_file", "import_here", "plan_import", "run_scan", "scan_child", "walk_library"]
+
+
+# --- sidecars of adopted files, and the daemon's child ------------------------------------------------
+
+class CapturingLookup:
+    """The by-hash lookup, keeping the full version objects it saw (the sidecars want them)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.versions: dict[int, dict] = {}
+
+    def __call__(self, hashes: list[str]) -> list[dict]:
+        versions = self.client.versions_by_hash(hashes)
+        for version in versions:
+            if isinstance(version, dict) and isinstance(version.get("id"), int):
+                self.versions[version["id"]] = version
+        return versions
+
+
+def write_adopted_sidecars(cfg, client, entries: list[dict], versions: dict[int, dict],
+                           should_stop: Callable[[], bool] = lambda: False) -> int:
+    """`.civitai.info` and `.preview.<ext>` beside each adopted file (SPEC §10), from the version
+    objects this scan's lookup returned, else (an answer remembered from a dry run or an
+    interrupted scan) asked again, once per file that has no info file yet. Never raises;
+    returns how many files got them."""
+    if not cfg.sidecars:
+        return 0
+    from workers.sidecars import sidecar_state, write_sidecars_for
+
+    done = 0
+    for entry in entries:
+        if should_stop():
+            break
+        path = cfg.download_path / entry["model_type"] / entry["filename"]
+        version = versions.get(entry.get("modelVersionId"))
+        try:
+            if version is None:
+                if sidecar_state(path)["info"]:
+                    continue  # written before (an earlier scan, another tool)
+                version = client.get_version(entry["modelVersionId"])
+            model = version.get("model") if isinstance(version.get("model"), dict) else {}
+            write_sidecars_for(version, model, path, client=client, throttle=client.throttle,
+                               preview_nsfw=cfg.preview_nsfw, sidecars=cfg.sidecars)
+            done += 1
+        except Exception as exc:  # a sidecar is never a failure of the import
+            log.warning("sidecars of %s/%s: %s", entry["model_type"], entry["filename"], exc)
+    return done
+
+
+def library_main(name: str, conn, config_path: str, log_channel=None) -> None:
+    """The daemon's library child: one scan (the request comes over the pipe), then its
+    sidecars, then it exits. It never opens SQLite: it is forked, and the supervisor holds the
+    database (what it learns goes back as messages, see scan_child)."""
+    from ipc.config import load_config
+    from ipc.logsetup import setup_child_logging
+    from ipc.throttle import Throttle
+    from workers.civitai import CivitaiClient
+    from workers.worker import Channel, ignore_terminal_interrupt
+
+    ignore_terminal_interrupt()
+    cfg, _ = load_config(config_path)
+    setup_child_logging(log_channel, secrets=(cfg.civitai_api_key,))
+    channel = Channel(conn)
+    stop = threading.Event()
+    requests_in: list[dict] = []
+    got = threading.Event()
+
+    def read_channel():
+        while not stop.is_set():
+            try:
+                msg = channel.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg.get("type") if isinstance(msg, dict) else None
+            if kind == "scan":
+                requests_in.append(msg["request"])
+                got.set()
+            elif kind in ("stop", "cancel"):
+                break
+        stop.set()
+        got.set()
+
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: (stop.set(), got.set()))
+    threading.Thread(target=read_channel, name="channel-reader", daemon=True).start()
+    channel.send({"type": "ready", "pid": os.getpid()})
+    got.wait()
+    if stop.is_set() or not requests_in:
+        return
+    request = requests_in[0]
+    client = CivitaiClient(cfg.civitai_url, api_key=cfg.civitai_api_key,
+                           throttle=Throttle(cfg.locks_dir / "civitai.throttle", cfg.throttle))
+    lookup = CapturingLookup(client)
+    outcome = run_scan(
+        cfg.download_path, request.get("folder"), entries=request.get("entries") or [],
+        known_files=request.get("files") or {}, answers=request.get("answers") or {}, lookup=lookup,
+        on_hashed=lambda records: channel.send({"type": "library_hashes", "files": [list(r) for r in records]}),
+        on_answers=lambda batch: channel.send({"type": "library_answers", "answers": batch}),
+        on_progress=lambda scan: channel.send({"type": "library_progress", "scan": scan}),
+        should_stop=stop.is_set, dry_run=bool(request.get("dry_run")))
+    channel.send({"type": "library_done", "scan": outcome.scan, "entries": outcome.entries,
+                  "found": [list(pair) for pair in outcome.found]})
+    if outcome.scan["state"] == "done" and not request.get("dry_run"):
+        n = write_adopted_sidecars(cfg, client, outcome.entries, lookup.versions, stop.is_set)
+        if n:
+            log.info("library: sidecars written beside %d adopted file(s)", n)

@@ -95,6 +95,8 @@ def test_the_command_adopts_prints_a_summary_and_a_dry_run_changes_nothing(fake_
          "sha256": fake.file_sha256(101), "filename": "dream (my copy).safetensors",
          "updatedAt": fake.version_json(10)["updatedAt"]}]
     assert not fake.requests_to("api", path_re="/api/download/")
+    info = json.loads((root / "models/Stable-diffusion/dream (my copy).civitai.info").read_text())
+    assert info["id"] == 10 and info["model"]["name"] == "Dream"  # the sidecar other tools read
 
 
 @pytest.mark.parametrize("folder, words", [
@@ -126,7 +128,8 @@ def test_a_broken_manifest_stops_the_import_before_anything(fake_civitai, tmp_pa
 
 def test_kill_9_while_asking_civitai_then_a_rerun_finishes_without_hashing_again(fake_civitai, tmp_path):
     fake = fake_civitai
-    root = setup_folder(tmp_path, fake, throttle=1.5)  # room to stall the second request
+    # throttle: room to stall the second request; sidecars off: this is about hashes and answers
+    root = setup_folder(tmp_path, fake, throttle=1.5, sidecars=False)
     n = 130
     for i in range(n):
         fake.add_model(1000 + i, name=f"Lora {i}", type="LORA", versions=[dict(id=2000 + i, files=[
