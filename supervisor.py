@@ -1148,7 +1148,8 @@ def cmd_run(config_path: str) -> int:
         return 1
     if holder is not None:
         print(f"civitai-daemon: another daemon (pid {holder if holder > 0 else 'unknown'}) is already running on "
-              f"{cfg.data_dir}; stop it first, or give this one its own folder (--config elsewhere)", file=sys.stderr)
+              f"{cfg.data_dir} (or an import without a daemon); stop it first, or give this one its own folder "
+              "(--config elsewhere)", file=sys.stderr)
         return 1
     if sys.platform != "win32" and os.environ.get("CIVITAI_DAEMON_START_METHOD", "fork") == "fork":
         # multiprocessing-logging needs fork; the web process is a fresh interpreter anyway.
