@@ -85,7 +85,10 @@ def test_present_files_are_not_downloaded_again_after_restart(fake_civitai, daem
     assert daemon.stop() == 0
     served = fake_civitai.bytes_served(5000)
     daemon.start()
-    time.sleep(3)  # give a wrong re-download every chance to start
+    # The start's sync of the manifest is stored with daemon_started, in one transaction, before
+    # any worker starts: a wrong re-download would be a download_queued event after it.
+    started = [e for e in daemon.events() if e["event"] == "daemon_started"][-1]["id"]
+    assert not [e for e in daemon.events("download_queued") if e["id"] > started]
     assert fake_civitai.bytes_served(5000) == served
     assert len(daemon.events("download_completed")) == 1
     assert daemon.stop() == 0
