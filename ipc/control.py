@@ -21,6 +21,7 @@ ENV_ADDR = "CIVITAI_DAEMON_CONTROL_ADDR"
 ENV_TOKEN = "CIVITAI_DAEMON_CONTROL_TOKEN"
 MAX_LINE_BYTES = 4 * 1024 * 1024
 SUBSCRIBER_QUEUE = 10_000
+SUBSCRIBED = "_subscribed"  # the first item subscribe() yields: not an event, a confirmation
 
 
 class ControlError(Exception):
@@ -217,6 +218,7 @@ class ControlClient:
             reply = json.loads(first) if first else {}
             if not reply.get("ok"):
                 raise ControlError(int(reply.get("status", 503)), str(reply.get("error", "subscribe failed")))
+            yield {"event": SUBSCRIBED}  # the stream is open: the reader need not poll the store meanwhile
             for line in reader:
                 yield json.loads(line)
         finally:

@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable, Iterable
 
 import gevent
+import gevent.event
 import gevent.queue
 
+from ipc.control import SUBSCRIBED
 from ipc.store import public_job
 
 log = logging.getLogger("web.hub")
@@ -77,6 +79,8 @@ class Hub:
         self._flush_timer = None
         self._greenlets: list = []
         self._stopping = False
+        self._lost = gevent.event.Event()  # set while the supervisor's stream is away
+        self._lost.set()
         self.job_view: Callable[[dict], dict] = public_job  # the app sets its own (jobs with `preview`)
 
     # --- feeding events in --------------------------------------------------------------
@@ -254,6 +258,7 @@ class Hub:
 
     def stop(self) -> None:
         self._stopping = True
+        self._lost.set()
         for client in list(self.clients):
             client.close()
         for g in self._greenlets:
@@ -266,9 +271,12 @@ class Hub:
                 for event in self._subscribe():
                     if not self.connected:
                         self.connected = True
+                        self._lost.clear()
                         delay = RECONNECT_MIN_S
                         log.info("subscribed to supervisor events")
-                    self.publish(event)
+                        self.catch_up()  # what was stored before the stream opened
+                    if event.get("event") != SUBSCRIBED:
+                        self.publish(event)
                 log.info("supervisor event stream ended; reconnecting")
             except gevent.GreenletExit:
                 raise
@@ -276,6 +284,7 @@ class Hub:
                 if self.connected:
                     log.warning("supervisor event stream lost (%s); reconnecting", exc)
             self.connected = False
+            self._lost.set()
             gevent.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
@@ -283,6 +292,9 @@ class Hub:
         # ControlClient.subscribe() only yields once an event arrives, so "connected" means "has
         # delivered at least one event"; until then, and while it is away, read the store.
         while not self._stopping:
+            if self.connected:
+                self._lost.wait()  # an idle web process sleeps while the stream is open
+                continue
             gevent.sleep(CATCH_UP_POLL_S)
             if not self.connected:
                 try:
