@@ -50,7 +50,8 @@ log = logging.getLogger("supervisor")
 
 SHUTDOWN_BUDGET_S = 18.0  # under the 20 s the contract promises
 STORE_BUSY_TIMEOUT_S = 0.5  # the loop never waits longer than this on a locked database
-MANIFEST_POLL_S = 2.0  # how soon a person's save of manifest.json is noticed
+MANIFEST_POLL_S = 2.0  # how soon a person's save of manifest.json is noticed while work goes on
+MANIFEST_POLL_IDLE_S = 5.0  # ... and while nothing does: an idle daemon wakes rarely
 WEB_PROBE_S = 0.25
 PROGRESS_STORE_INTERVAL_S = 1.0
 PRUNE_EVERY_S = 86400.0
@@ -395,7 +396,8 @@ class Supervisor:
         if web is not None and web.state == ChildState.STARTING:
             due.append(self._next_web_probe)
         if any(isinstance(c, FreshChild) and c.live for c in self.pool):
-            due.append(now + 5.0)  # a fresh interpreter's end is seen by polling (and its stderr's EOF)
+            # A fresh interpreter's end wakes us through its stderr's EOF; this poll is the backstop.
+            due.append(now + 30.0)
         if not self.stopping and self.pool.idle_workers() and not self._store_problem:
             if self.ledger.has_ready():
                 due.append(now)
@@ -914,7 +916,8 @@ class Supervisor:
     def poll_manifest(self) -> None:
         if self.clock() < self._next_manifest_poll:
             return
-        self._next_manifest_poll = self.clock() + MANIFEST_POLL_S
+        busy = bool(self.ledger.active) or self.scan is not None and self.scan.get("state") == "running"
+        self._next_manifest_poll = self.clock() + (MANIFEST_POLL_S if busy else MANIFEST_POLL_IDLE_S)
         result = self.keeper.poll()
         if result == "invalid":
             log.error("manifest edit not taken: %s (the last good manifest stays in force)", self.keeper.error)
