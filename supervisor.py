@@ -734,9 +734,10 @@ class Supervisor:
                 outcome = self.note(self.ledger.on_done(job_id, msg, self._stat(msg["path"])))
                 if outcome.finished and outcome.job is not None:
                     self.keeper.apply({"op": "record", "job": dict(outcome.job)})
-                    log.info("job %s %s: %s (%s, sha256 %s…)", job_id,
+                    log.info("job %s %s: %s (%s, %s, sha256 %s…)", job_id,
                              "already present and verified" if msg.get("skipped") else "done",
-                             msg["path"], _size_text(int(msg.get("bytes") or 0)), str(msg["sha256"])[:12])
+                             _job_title(outcome.job), msg["path"], _size_text(int(msg.get("bytes") or 0)),
+                             str(msg["sha256"])[:12])
             else:
                 outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
             if typ in (Msg.DONE, Msg.ERROR):
@@ -1058,6 +1059,13 @@ class Supervisor:
         if {"max_speed", "speed_schedule"} & set(live):
             self.apply_speed()
         del old
+
+
+def _job_title(job: dict) -> str:
+    """A model as people know it: "Zxq Ink Style v2", else its ids."""
+    name = job.get("model_name") or f"model {job.get('model_id') or '?'}"
+    version = job.get("version_name") or (f"version {job['version_id']}" if job.get("version_id") else "")
+    return f"{name} {version}".strip()
 
 
 def _size_text(n: int) -> str:

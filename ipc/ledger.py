@@ -466,7 +466,7 @@ class JobLedger:
 
     def _fail(self, job: dict, error: str, reason: str) -> Outcome:
         self._set(job, state=JobState.FAILED, error=error, reason=reason, speed_bps=0, not_before=0)
-        log.error("job %s failed: %s", job["id"], error)
+        log.error("job %s (%s) failed: %s", job["id"], job.get("model_name") or f"model {job.get('model_id')}", error)
         return Outcome(job=job, finished=True, events=[("download_failed", {
             "job_id": job["id"], "error": error, "model_id": job["model_id"], "version_id": job["version_id"],
             "filename": job.get("filename"), "model_name": job.get("model_name"),
