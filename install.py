@@ -24,7 +24,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 SERVICE_NAME = "civitai-daemon"
 DESCRIPTION = "Civitai download daemon"
@@ -240,7 +239,7 @@ class Run:
         return f"[run] {where}{self.command_line()}" + ("" if self.check else "   # failure tolerated")
 
 
-Step = Union[MakeDir, WriteFile, RemoveFile, Run]
+Step = MakeDir | WriteFile | RemoveFile | Run
 # A step is a MakeDir, WriteFile, RemoveFile or Run. A runner takes (argv, cwd) and returns
 # (exit code, output); tests pass a fake one.
 Runner = Callable[[Sequence[str], str | None], tuple[int, str]]

@@ -145,9 +145,11 @@ class Daemon:
         env.pop("CIVITAI_JWT_SECRET", None)
         if self.env:
             env.update(self.env)
-        self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen(self.command(), cwd=str(REPO), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._stderr, stderr=self._stderr)
+        # The child keeps its own copy of the handle: ours is closed at once, so a restart does
+        # not leak one per start().
+        with open(self.stderr_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), cwd=str(REPO), env=env, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log)
         if wait_ready:
             self.wait_ready(timeout)
         return self
@@ -223,9 +225,6 @@ class Daemon:
         if self._store is not None:
             self._store.close()
             self._store = None
-        if getattr(self, "_stderr", None):
-            self._stderr.close()
-            self._stderr = None
 
     # --- state ---
     @property

@@ -9,7 +9,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -56,6 +56,7 @@ def _nested_deeper_than(value, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -380,7 +381,8 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     def add_job():
         body = read_json_object()
         refuse_unknown_fields(body, JOB_FIELDS)
-        args = {name: int_field(body, name) for name in ("model_id", "version_id", "file_id")}
+        args: dict[str, int | str | None] = {
+            name: int_field(body, name) for name in ("model_id", "version_id", "file_id")}
         priority = int_field(body, "priority", 1, MAX_PRIORITY)
         model_type = body.get("model_type")
         if model_type is not None:
@@ -504,7 +506,7 @@ def make_app(cfg, store, control, hub, clock: Callable[[], float] = time.time) -
     def start_scan():
         body = read_optional_json_object()
         refuse_unknown_fields(body, SCAN_FIELDS)
-        args = {}
+        args: dict[str, str | bool] = {}
         folder = body.get("folder")
         if folder is not None:
             if not isinstance(folder, str):

@@ -253,7 +253,8 @@ class Hub:
     # --- the supervisor subscription ----------------------------------------------------
 
     def start(self) -> None:
-        self._greenlets.append(gevent.spawn(self._subscription_loop))
+        if self._subscribe is not None:  # without one (tests), events come in only through publish()
+            self._greenlets.append(gevent.spawn(self._subscription_loop, self._subscribe))
         self._greenlets.append(gevent.spawn(self._catch_up_loop))
 
     def stop(self) -> None:
@@ -264,11 +265,11 @@ class Hub:
         for g in self._greenlets:
             g.kill(block=False)
 
-    def _subscription_loop(self) -> None:
+    def _subscription_loop(self, subscribe: Callable[[], Iterable[dict]]) -> None:
         delay = RECONNECT_MIN_S
         while not self._stopping:
             try:
-                for event in self._subscribe():
+                for event in subscribe():
                     if not self.connected:
                         self.connected = True
                         self._lost.clear()

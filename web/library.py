@@ -113,8 +113,12 @@ class InfoCache:
             return {}
         if not isinstance(doc, dict):
             return {}
-        model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
-        words = doc.get("trainedWords") if isinstance(doc.get("trainedWords"), list) else []
+        model = doc.get("model")
+        if not isinstance(model, dict):
+            model = {}
+        words = doc.get("trainedWords")
+        if not isinstance(words, list):
+            words = []
 
         def text(value):
             return value.strip() if isinstance(value, str) and value.strip() else None
@@ -127,9 +131,11 @@ class InfoCache:
         }
 
 
-def _job_index(jobs: Iterable[dict]) -> tuple[dict, dict, dict]:
+def _job_index(jobs: Iterable[dict]) -> tuple[dict[tuple, dict], dict[tuple, dict], dict[object, dict]]:
     """The newest job per file id, per (model, version), per model."""
-    by_file, by_version, by_model = {}, {}, {}
+    by_file: dict[tuple, dict] = {}
+    by_version: dict[tuple, dict] = {}
+    by_model: dict[object, dict] = {}
     for job in jobs:  # newest first
         if job.get("file_id") is not None:
             by_file.setdefault((job.get("model_id"), job["file_id"]), job)
@@ -150,7 +156,8 @@ def _entry_job(entry: dict, index) -> dict | None:
 
 
 def _state(job: dict | None, present: bool) -> str:
-    job_state = (job or {}).get("state")
+    job = job or {}
+    job_state = job.get("state")
     if job_state in ("downloading", "verifying"):
         return "downloading"
     if job_state == "paused":
@@ -201,15 +208,17 @@ def build_library(entries: list[dict], jobs: Iterable[dict], download_dir: Path,
         present = st is not None
         info = {}
         has_preview = False
-        if files and isinstance(filename, str):
+        if folder and files and isinstance(filename, str):
             stem = _stem(filename)
             info_st = files.get(stem + INFO_SUFFIX)
             if info_st is not None:
-                info = info_cache.get(_inside(base, folder) / (stem + INFO_SUFFIX), info_st)
+                where = _inside(base, folder)
+                if where is not None:  # None: a symlink swapped in since the listing
+                    info = info_cache.get(where / (stem + INFO_SUFFIX), info_st)
             has_preview = any(f"{stem}.preview.{ext}" in files for ext in PREVIEW_EXTS)
         if folder:
             entry_counts[folder] = entry_counts.get(folder, 0) + 1
-            if present:
+            if st is not None:
                 entry_bytes[folder] = entry_bytes.get(folder, 0) + st.st_size
         job = job or {}
         version_id = entry.get("modelVersionId") or job.get("version_id") or info.get("version_id")
@@ -223,7 +232,7 @@ def build_library(entries: list[dict], jobs: Iterable[dict], download_dir: Path,
             "version_name": job.get("version_name") or info.get("version_name"),
             "base_model": job.get("base_model") or info.get("base_model"),
             "type": info.get("type"),
-            "size": st.st_size if present else None,
+            "size": st.st_size if st is not None else None,
             "expected_size": job.get("bytes_total"),
             "trigger_words": info.get("trigger_words", []),
             "preview": has_preview, "info": bool(info),

@@ -108,7 +108,10 @@ def client_error(exc: BaseException) -> tuple[int, str]:
 
 
 class _WebSocket(WebSocket):
+    # No slots of its own, so that __class__ can be swapped on a live WebSocket (the layouts must
+    # match). geventwebsocket ships no types: mypy sees neither the base's slots nor their types.
     __slots__ = ()
+    closed: bool  # the base's slot
 
     def close(self, code=1000, message=b""):
         # gevent-websocket's own close() sends the text as the whole payload and drops the code;
@@ -122,10 +125,10 @@ class _WebSocket(WebSocket):
         except WebSocketError:
             pass  # the peer is gone; the socket is closed anyway
         finally:
-            self.closed = True
-            self.stream = None
-            self.raw_write = None
-            self.raw_read = None
+            self.closed = True  # type: ignore[misc]
+            self.stream = None  # type: ignore[misc]
+            self.raw_write = None  # type: ignore[misc]
+            self.raw_read = None  # type: ignore[misc]
 
 
 class DaemonHandler(WebSocketHandler):

@@ -67,7 +67,7 @@ class LibraryFile:
 def _link(entry: os.DirEntry) -> bool:
     if entry.is_symlink():
         return True
-    if os.name == "nt":  # a junction is no symlink to Python 3.11, and leads elsewhere all the same
+    if sys.platform == "win32":  # a junction is no symlink to Python 3.11, and leads elsewhere all the same
         try:
             attrs = entry.stat(follow_symlinks=False).st_file_attributes
         except OSError:
@@ -191,7 +191,9 @@ def hash_file(path: Path, buf: bytearray, counter: _Counter, stop: threading.Eve
 def answer_of(version: dict, f: dict) -> dict:
     """What is kept of a by-hash answer for one file: enough for its manifest entry and for
     saying what it is."""
-    model = version.get("model") if isinstance(version.get("model"), dict) else {}
+    model = version.get("model")
+    if not isinstance(model, dict):
+        model = {}
     return {"modelId": version.get("modelId"), "modelVersionId": version.get("id"), "fileId": f.get("id"),
             "updatedAt": version.get("updatedAt") or version.get("publishedAt"), "name": f.get("name"),
             "model_name": model.get("name"), "version_name": version.get("name"), "type": model.get("type"),
@@ -621,7 +623,8 @@ def write_adopted_sidecars(cfg, client, entries: list[dict], versions: dict[int,
         if should_stop():
             break
         path = cfg.download_path / entry["model_type"] / entry["filename"]
-        version = versions.get(entry.get("modelVersionId"))
+        version_id = entry.get("modelVersionId")
+        version = versions.get(version_id) if isinstance(version_id, int) else None
         try:
             if version is None:
                 if sidecar_state(path)["info"]:
@@ -671,7 +674,11 @@ def library_main(name: str, conn, config_path: str, log_channel=None) -> None:
 
     import signal
 
-    signal.signal(signal.SIGTERM, lambda signum, frame: (stop.set(), got.set()))
+    def on_sigterm(signum, frame):
+        stop.set()
+        got.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     threading.Thread(target=read_channel, name="channel-reader", daemon=True).start()
     channel.send({"type": "ready", "pid": os.getpid()})
     got.wait()

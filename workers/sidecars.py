@@ -442,5 +442,5 @@ def sidecar_state(final_path: Path, now: float | None = None) -> dict:
     previews = existing_previews(final_path)
     mark = our_mark(info)
     retry_at = mark.get("retry_at")
-    due = bool(retry_at) and (retry_at <= (time.time() if now is None else now))
+    due = bool(retry_at and retry_at <= (time.time() if now is None else now))
     return {"info": info is not None, "preview": previews[0].name if previews else None, "retry_due": due}

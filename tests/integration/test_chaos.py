@@ -272,7 +272,8 @@ class Chaos:
         try:
             code = daemon.proc.wait(30)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"SIGTERM: the daemon was still running after 30 s\n{daemon.stderr()[-3000:]}")
+            raise AssertionError(
+                f"SIGTERM: the daemon was still running after 30 s\n{daemon.stderr()[-3000:]}") from None
         took = time.monotonic() - started
         self.stop_times.append(took)
         left = []
@@ -444,7 +445,7 @@ def test_many_files_under_fire(fake_civitai, daemon_factory):
           f"{len(ranged)} ranged GETs (resumes); worst files: "
           + ", ".join(f"{r:.2f}x {rel} {f}" for r, rel, f in worst))
     print(f"status samples: {chaos.samples}; tracebacks: {len(blocks)}")
-    for r, rel, _ in worst[:3]:
+    for _, rel, _ in worst[:3]:
         p = next(p for p in plan if p["rel"] == rel)
         gets = [(round(q.time - fake.requests[0].time, 1), q.headers.get("Range"))
                 for q in fake.requests_to("cdn", rf"^/files/{p['file_id']}/", method="GET")]

@@ -273,7 +273,7 @@ def test_bad_config_exits_78_naming_the_key(tmp_path, daemon_factory):
     daemon = daemon_factory('{"workers": 2,\n "timeout": "soon"}')
     code, err = run_exit(daemon)
     assert code == 78
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "config.json" in lines[0] and "'timeout'" in lines[0] and "soon" in lines[0]
 
 

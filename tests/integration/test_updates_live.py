@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import time
 
 import pytest
 

@@ -46,10 +46,12 @@ def test_relayed_records_keep_their_level_name_and_traceback():
 
 @pytest.fixture
 def root_logger():
-    """setup_supervisor_logging rebuilds the root logger: give pytest's back afterwards."""
-    root = logging.getLogger()
-    saved, saved_level = list(root.handlers), root.level
+    """setup_supervisor_logging rebuilds the root logger and quiets urllib3: give pytest's
+    back afterwards (a later test may rely on urllib3's DEBUG records)."""
+    root, urllib3_log = logging.getLogger(), logging.getLogger("urllib3")
+    saved, saved_level, saved_urllib3_level = list(root.handlers), root.level, urllib3_log.level
     yield root
+    urllib3_log.setLevel(saved_urllib3_level)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()

@@ -2,7 +2,7 @@
 import pytest
 
 from ipc.states import IllegalTransition
-from ipc.store import JobStore
+from ipc.store import JobStore, StoreUnavailable
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_events_in_order_and_delivery_marks(store, tmp_path):
     assert reader.last_event_id() == ids[-1]
     store.mark_delivered(ids[0])
     assert [e["id"] for e in store.undelivered_events()] == ids[1:]
-    with pytest.raises(Exception):
+    with pytest.raises(StoreUnavailable, match="cannot be written"):
         reader.add_event("x", {})  # the web process cannot write
     reader.close()
 

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -414,7 +415,7 @@ def test_the_updater_never_opens_the_job_store(fake, spawn_updater):
     u.send({"type": "manifest", "entries": []})
     assert u.recv_until("check_started")["why"] == "start"
     assert not (u.folder / "data" / "daemon.db").exists()
-    assert "JobStore" not in open(updater_mod.__file__).read()
+    assert "JobStore" not in Path(updater_mod.__file__).read_text()
 
 
 def test_the_updater_checks_at_start_when_it_never_checked(fake, spawn_updater):
