@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from bottle import Bottle, HTTPResponse, JSONPlugin, redirect, request, response, static_file
 
@@ -19,6 +19,7 @@ from ipc import VERSION
 from ipc.config import jwt_secret
 from ipc.control import ControlError
 from ipc.layouts import CIVITAI_TYPES, folder_for
+from ipc.links import parse_model_url
 from ipc.naming import folder_problem
 from ipc.states import JobState
 from ipc.store import public_job
@@ -38,7 +39,6 @@ from web.openapi import (
 HEALTH_TIMEOUT_S = 3.0  # /health waits this long for the supervisor's word
 
 STATIC_DIR = Path(__file__).parent / "static"
-CIVITAI_HOSTS = ("civitai.com", "civitai.green")
 WS_AUTHORIZE_KEY = "civitai.ws_authorize"
 JOB_FIELDS = ("model_id", "version_id", "file_id", "url", "priority", "model_type")
 SCAN_FIELDS = ("folder", "dry_run")
@@ -174,60 +174,6 @@ class IdRangePlugin:
             return callback(*args, **kwargs)
 
         return in_range
-
-
-def parse_model_url(url: str, extra_hosts: tuple[str, ...] = ()) -> dict:
-    """A civitai.com page or download URL as {"model_id"?, "version_id"?, "file_id"?}.
-
-    Raises ValueError with a message for the user."""
-    text = url.strip(" \t\r\n")
-    # urlsplit quietly drops tabs and newlines inside a URL; a URL that needs that is not one to trust.
-    if re.search(r"[\x00-\x20\x7f]", text):
-        raise ValueError("'url' must not contain spaces or control characters")
-    try:
-        parts = urlsplit(text)
-        host = (parts.hostname or "").lower()
-    except ValueError:
-        raise ValueError("'url' is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ValueError("'url' must be an http(s) URL of a civitai.com model page")
-    known = any(host == h or host.endswith("." + h) for h in CIVITAI_HOSTS) or host in extra_hosts
-    if not known:
-        raise ValueError(f"'url' must point to civitai.com, not {host}")
-    query = parse_qs(parts.query)
-
-    def checked(key, digits):
-        value = int(digits)
-        if not 1 <= value <= MAX_ID:
-            raise ValueError(f"the URL's {key} must be from 1 to {MAX_ID}, got {digits[:40]}")
-        return value
-
-    def qint(key):
-        values = query.get(key)
-        if not values:
-            return None
-        if not re.fullmatch(r"[0-9]{1,40}", values[0]):
-            raise ValueError(f"'{key}' in the URL must be a number")
-        return checked(key, values[0])
-
-    path = parts.path.rstrip("/")
-    patterns = (
-        (r"(?:/api/v1)?/models/([0-9]{1,40})(?:/[^/]*)?", "model_id"),
-        (r"(?:/api/v1)?/model-versions/([0-9]{1,40})", "version_id"),
-        (r"/api/download/models/([0-9]{1,40})", "version_id"),
-    )
-    for pattern, key in patterns:
-        match = re.fullmatch(pattern, path)
-        if match:
-            out = {key: checked(key, match.group(1))}
-            version_id = qint("modelVersionId")
-            if version_id is not None:
-                out["version_id"] = version_id
-            file_id = qint("fileId")
-            if file_id is not None:
-                out["file_id"] = file_id
-            return out
-    raise ValueError("'url' is not a Civitai model URL (expected https://civitai.com/models/<id>)")
 
 
 # --- the application ----------------------------------------------------------------------
