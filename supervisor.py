@@ -423,7 +423,7 @@ class Supervisor:
         for child in self.pool:
             if isinstance(child, ForkedChild) and child.conn is not None and child.conn in ready:
                 self.read_messages(child)
-        self.retry_deferred()
+        self._step(self.retry_deferred)
         try:
             self.reap()
         except Fatal:
@@ -433,18 +433,25 @@ class Supervisor:
             self.flush_batch()
         if not self.stopping:
             self.pool.restart_due()
-        events = self.pool.enforce(self.cfg.timeout, self.stop_deadline)
-        for name, fields in events:
+        for name, fields in self.pool.enforce(self.cfg.timeout, self.stop_deadline):
             self.emit_now(name, **fields)
         self.probe_web()
         if not self.stopping:
-            self.dispatch()
-            self.poll_manifest()
-            self.prune_store()
-        self.flush_manifest()
+            self._step(self.dispatch)
+            self._step(self.poll_manifest)
+            self._step(self.prune_store)
+        self._step(self.flush_manifest)
         if self.clock() >= self._next_speed_check:
-            self.apply_speed()
+            self._step(self.apply_speed)
         self.heartbeat()
+
+    def _step(self, step) -> None:
+        """One of the loop's steps: a database that refuses it (locked, disk full) is trouble
+        to report and retry, never the end of the loop."""
+        try:
+            step()
+        except StoreUnavailable as exc:
+            self._store_trouble(str(exc))
 
     # --- the speed cap ----------------------------------------------------------------------
 
@@ -942,6 +949,10 @@ class Supervisor:
                 self.keeper.flush()
             except OSError as exc:
                 log.warning("manifest.json could not be written (%s); trying again", exc)
+            except StoreUnavailable as exc:
+                # The file is written; only forgetting the pending changes must wait (applying
+                # them again after a crash is harmless: each is idempotent).
+                self._store_trouble(str(exc))
         if self.keeper.entries is not self._sent_entries:
             updater = self.pool.get("updater")
             if updater is not None and updater.ready and updater.send({"type": Msg.MANIFEST,

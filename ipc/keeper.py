@@ -118,8 +118,8 @@ class ManifestKeeper:
         self._next_write = now + self.write_interval_s
         if not self.manifest.save(self.entries):
             return False
-        self.store.clear_manifest_ops(self._pending[-1][0])
-        self._pending = []
+        last, self._pending = self._pending[-1][0], []
+        self.store.clear_manifest_ops(last)  # may raise StoreUnavailable: the rows stay, harmless
         return True
 
     def poll(self) -> str | None:

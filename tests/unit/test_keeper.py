@@ -224,3 +224,25 @@ def test_sync_skips_a_verified_file_and_queues_a_changed_one(env, tmp_path):
     assert keeper.sync(ledger, "start")[1] == 0
     f.write_bytes(b"yy")
     assert keeper.sync(ledger, "edit")[1] == 1
+
+
+def test_a_database_that_refuses_to_forget_written_changes_loses_nothing(env, monkeypatch):
+    from ipc.store import StoreUnavailable
+
+    path, store, clock, make = env
+    keeper = make()
+    with store.transaction():
+        keeper.apply({"op": "record", "job": job()})
+
+    def locked(up_to_id):
+        raise StoreUnavailable("daemon.db is locked by another program")
+
+    monkeypatch.setattr(store, "clear_manifest_ops", locked)
+    with pytest.raises(StoreUnavailable):
+        keeper.flush(force=True)
+    assert json.loads(path.read_text())[0]["fileId"] == 500, "the file was written"
+    assert not keeper.dirty, "and is not written again every second"
+    monkeypatch.undo()
+    again = make()  # a restart: the rows left behind are applied again, harmlessly
+    assert again.entries == keeper.entries and again.flush(force=True)
+    assert store.manifest_ops() == []
