@@ -100,3 +100,36 @@ def test_each_file_lands_where_its_program_reads_it_and_follows_its_own_successo
         (folders["vae"], 11, "VAE")
     assert (root / folders["checkpoint"] / "dream.safetensors").exists()  # old files stay
     assert daemon.stop() == 0
+
+
+def test_in_append_mode_each_file_of_a_model_gets_its_successor_beside_it(fake_civitai, daemon_factory, tmp_path):
+    fake = fake_civitai
+    fake.add_model(1, name="Dream", type="Checkpoint", versions=[dict(id=10, name="v1", published_at=OLD, files=[
+        dict(id=101, name="dream.safetensors", primary=True, size_bytes=96 * KiB),
+        dict(id=102, name="dream.vae.safetensors", type="VAE", fp=None, size=None, size_bytes=24 * KiB)])])
+    root = tmp_path / "ComfyUI" / "models"
+    manifest = [{"modelId": 1, "model_type": "checkpoints", "mine": 1},
+                {"modelId": 1, "model_type": "vae", "file_type": "VAE", "mine": 2}]
+    daemon = daemon_factory(base_config(fake, download_dir=str(root), layout="comfyui", manifest_mode="append"),
+                            manifest)
+    daemon.start()
+    wait_until(lambda: len(daemon.events("download_completed")) == 2, 30, message="both files")
+    wait_until(lambda: all(e.get("fileId") for e in daemon.read_manifest()), 20, message="both recorded")
+    fake.add_version(1, dict(id=11, name="v2", published_at=NEW, files=[
+        dict(id=111, name="dream-v2.safetensors", primary=True, size_bytes=100 * KiB),
+        dict(id=112, name="dream-v2.vae.safetensors", type="VAE", fp=None, size=None, size_bytes=28 * KiB)]))
+    check_now(daemon)
+    wait_until(lambda: len(daemon.events("download_completed")) == 4, 30, message="both successors")
+
+    def appended(m):
+        return len(m) == 4 and {e.get("fileId") for e in m} == {101, 102, 111, 112} and all(e.get("sha256") for e in m)
+
+    entries = wait_until(lambda: (lambda m: m if appended(m) else None)(daemon.read_manifest()), 20,
+                         message=f"a successor beside each entry (manifest now {daemon.read_manifest()})")
+    by_file = {e["fileId"]: e for e in entries}
+    assert [e["fileId"] for e in entries[:2]] == [101, 102], "the old entries stay as they were"
+    assert (by_file[111]["model_type"], by_file[111]["mine"]) == ("checkpoints", 1)
+    assert (by_file[112]["model_type"], by_file[112]["mine"], by_file[112]["file_type"]) == ("vae", 2, "VAE")
+    for folder, fid in (("checkpoints", 101), ("vae", 102), ("checkpoints", 111), ("vae", 112)):
+        assert sha256_file(root / folder / fake.file_name(fid)) == fake.file_sha256(fid).lower()
+    assert daemon.stop() == 0
