@@ -463,6 +463,7 @@ class FakeCivitai:
         # is paced to this rate, as many CDNs pace each TCP connection.
         self.cdn_conn_bps: float | None = None
         self.cdn_validators = True  # False: a CDN that sends neither ETag nor Last-Modified
+        self.cdn_ignores_if_range = False  # True: a Range is honoured even when If-Range does not match
         # Civitai's rolling daily download count: after this many download links, the download
         # endpoint answers 429 with the quota message (None: no quota).
         self.download_quota: int | None = None
@@ -1296,7 +1297,7 @@ class FakeCivitai:
         if rng is not None and mode != "ignore_range":
             if_range = h.headers.get("If-Range")
             honour = True
-            if if_range is not None:
+            if if_range is not None and not self.cdn_ignores_if_range:
                 if_range = if_range.strip()
                 if if_range.startswith('"') or if_range.startswith("W/"):
                     honour = if_range == etag  # strong comparison

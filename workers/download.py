@@ -754,6 +754,15 @@ class _Job:
                     restarts += 1
                     part = self._restart()
                     continue
+                if start > 0 and self._other_version(dl, part):
+                    if restarts >= MAX_RESTARTS:
+                        raise CivitaiError(f"the file host keeps sending parts of another version of {self.subject}; "
+                                           f"it will be retried", reason="bad_body", retryable=True, status=206)
+                    log.info("%s: the file host sent a part of another version of the file; starting from zero",
+                             self.rel_name)
+                    restarts += 1
+                    part = self._restart()
+                    continue
                 if dl.status == 200 and start > 0:
                     log.info("%s: the file host sent the whole file again (file changed or no resume support); "
                              "starting from zero", self.rel_name)
@@ -765,7 +774,8 @@ class _Job:
                                        f"lists about {fmt_bytes(res.size_bytes)}; it will be retried",
                                        reason="size_mismatch", retryable=True)
                 end = file_end(res.size_bytes, total)
-                if probe and self._ranges_possible(dl, part, start, end):
+                why = self._one_connection_why(dl, part, start, end) if probe else "one connection"
+                if why is None:
                     try:
                         digest = self._fetch_ranges(dl, side, part, res, sha, end, name)
                     except segments.OneConnection as solo:
@@ -783,10 +793,8 @@ class _Job:
                         self._cut = (end, total)
                     return end, total, digest
                 if upto is not None and dl.status == 206 and (dl.content_length or 0) < (end or 0) - start:
-                    # Only the first piece was asked for, but this host is for one connection
-                    # (no validator, say): ask again for all of it.
-                    log.info("%s: the file host serves parts but gives no ETag or Last-Modified to resume "
-                             "them safely; one connection", self.rel_name)
+                    # Only the first piece was asked for: ask again for all of it, over one connection.
+                    log.info("%s: one connection (%s)", self.rel_name, why)
                     one_only = True
                     continue
                 if part.written_past(start):
@@ -857,20 +865,34 @@ class _Job:
             return None
         return segments.first_piece_end([[part.prefix, res.size_bytes]], self.ctx.connections)
 
-    def _ranges_possible(self, dl: Download, part: _PartState, start: int, end: int | None) -> bool:
-        """Several connections: a 206 with a validator and the exact length, from a file host
-        (not Civitai itself: every request there is spaced by the throttle), and enough to fetch
-        (or a partial file with holes). The validator must be the one the partial file was
-        written with (a host ignoring If-Range could otherwise mix two versions)."""
-        if dl.status != 206 or dl.total_size is None or end is None or end > dl.total_size or dl.from_api:
-            return False
+    @staticmethod
+    def _one_connection_why(dl: Download, part: _PartState, start: int, end: int | None) -> str | None:
+        """Why this answer does not allow several connections, or None when it does: a 206 with
+        the exact length and a validator (ETag or Last-Modified, for If-Range on every range),
+        from a file host (not Civitai itself: every request there is spaced by the throttle), and
+        enough to fetch (or a partial file with holes)."""
+        if dl.status != 206 or dl.total_size is None or end is None or end > dl.total_size:
+            return "it does not serve parts of the file with their length"
+        if dl.from_api:
+            return "Civitai serves the file itself"
         if not (dl.etag or dl.last_modified):
+            return "it gives no ETag or Last-Modified to ask for the parts of the very same file"
+        if part.missing is not None and part.size != end:
+            return "the file's length changed"
+        if not part.written_past(start) and end - start < segments.SPLIT_MIN_BYTES:
+            return "the rest is small"
+        return None
+
+    @staticmethod
+    def _other_version(dl: Download, part: _PartState) -> bool:
+        """A 206 whose validator is not the one the partial file was written with: the host
+        ignored If-Range, and its bytes would mix two versions of the file."""
+        if dl.status != 206 or not part.validator:
             return False
-        if part.missing is not None and (part.size != end or (part.etag and dl.etag and part.etag != dl.etag)
-                                         or (not part.etag and part.last_modified
-                                             and dl.last_modified != part.last_modified)):
-            return False
-        return part.written_past(start) or end - start >= segments.SPLIT_MIN_BYTES
+        if part.etag and dl.etag:
+            return dl.etag != part.etag
+        return bool(not part.etag and part.last_modified and dl.last_modified
+                    and dl.last_modified != part.last_modified)
 
     def _fetch_ranges(self, dl: Download, side: Path, part: _PartState, res: Resolved, sha, end: int,
                       name: str) -> str:

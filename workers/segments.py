@@ -2,16 +2,24 @@
 one is slow, each written at its offset in the partial file, the SHA-256 over the bytes that are in
 order while the rest still arrive, and the ranges' progress for the partial file's sidecar.
 
-How the hash keeps up: pieces are handed out from the lowest missing offset on, large at first
-(PIECE_MAX) and smaller towards the end (down to PIECE_MIN), so the connections always work near
-each other and the bytes in order (the contiguous prefix) grow all through the download. A hasher
-thread reads that prefix back from the partial file as it grows (with O_DIRECT when the writes are
-direct: nothing goes through the page cache, the kernel reads straight into an aligned buffer)
-and hashes it; when the last byte is written only the last few pieces are left to hash.
+How the hash keeps up with ranges that arrive out of order: pieces are handed out from the lowest
+missing offset on, so the connections always work side by side near the front, and the first
+ones are staggered (1, 2, ... N shares of a piece) so that they end one after the other: the
+bytes in order (the contiguous prefix) then grow all through the download, not a wave at a time.
+Pieces shrink towards the end (PIECE_MIN), so the last ones end together. A hasher reads the
+prefix back from the partial file as it grows (O_DIRECT, like the writes: no page cache, the
+kernel reads straight into an aligned buffer) in one thread and hashes it in another; when the
+last byte is written only the last few pieces are left to hash. Where the machine, not the line,
+is the limit, the connections wait for the hasher past BACKLOG_MAX instead of leaving all the
+hashing for the end; and a first connection that alone brings FAST_ONE_BPS goes on alone,
+hashed from memory as one connection always was (OneConnection).
 
 Work stealing: a connection with nothing left to take splits the piece that will take longest to
-finish (its remaining time at its own speed) and takes the second half; one that has sent nothing
-for a while is taken over whole and its connection dropped.
+finish (its remaining time at its own speed) and takes the second half; a piece whose connection
+has sent nothing for stall_s is taken over whole and that connection dropped.
+
+The sidecar records what is missing ([start, end) ranges, the exact bytes written at the last
+checkpoint), besides the validator it was written with: a resume fetches the holes only.
 """
 from __future__ import annotations
 
@@ -367,9 +375,11 @@ class PrefixHasher:
     thread reads the next chunk while another hashes the last (both let go of the GIL), so the
     hash runs at the speed of the slower of the two, not of their sum."""
 
-    def __init__(self, plan: Plan, path, hasher, start: int, direct: bool, quit_flag: threading.Event):
+    def __init__(self, plan: Plan, path, hasher, start: int, direct: bool, quit_flag: threading.Event,
+                 fd: int = -1):
         self.plan = plan
         self.path = path
+        self.shared_fd = fd  # Windows: the claimed descriptor (its lock keeps other handles out)
         self.hasher = hasher
         self.done = start  # hashed up to here
         self.direct = direct and start % ALIGN == 0
@@ -400,12 +410,19 @@ class PrefixHasher:
                 buf.close()
 
     def _open(self) -> int:
+        if os.name == "nt" and self.shared_fd >= 0:  # pragma: no cover - Windows
+            self.direct = False
+            return self.shared_fd
         if self.direct:
             try:
                 return os.open(self.path, os.O_RDONLY | os.O_DIRECT | O_NOFOLLOW)
             except (OSError, AttributeError):
                 self.direct = False
         return os.open(self.path, os.O_RDONLY | O_BINARY | O_NOFOLLOW)
+
+    def _close(self, fd: int) -> None:
+        if fd >= 0 and fd != self.shared_fd:
+            os.close(fd)
 
     def _read(self) -> None:
         fd = -1
@@ -434,7 +451,7 @@ class PrefixHasher:
                     self._free.put(i)
                     if exc.errno != errno.EINVAL or not self.direct:
                         raise
-                    os.close(fd)
+                    self._close(fd)
                     fd, self.direct = -1, False
                     fd = self._open()
                     continue
@@ -449,8 +466,7 @@ class PrefixHasher:
                 self.on_end()
         finally:
             self._full.put(None)
-            if fd >= 0:
-                os.close(fd)
+            self._close(fd)
 
     def _hash(self) -> None:
         while True:
@@ -610,7 +626,7 @@ class RangedDownload:
         self.width = effective_width(sum(b - a for a, b in missing), width)
         self.plan = Plan(size, missing, self.width, self.stall_s)
         self.writer = RangeWriter(path, fd, direct)
-        self.hasher = PrefixHasher(self.plan, path, hasher, hashed_upto, self.writer.direct, self.quit)
+        self.hasher = PrefixHasher(self.plan, path, hasher, hashed_upto, self.writer.direct, self.quit, fd)
         self.hasher.on_end = self.wake.set
         self.link = SourceLink("", lambda: client.fresh_link(version_id, file_id), max_renewals)
         self.conns: list[_Conn] = []

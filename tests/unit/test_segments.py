@@ -179,6 +179,29 @@ def test_a_fault_on_one_range_is_handled_by_that_range(fake, tmp_path, mode, par
     assert (runner.folder() / "model.safetensors").stat().st_size == SIZE
 
 
+FIRST_RANGE_FAULTS = [
+    ("reset", dict(after_bytes=MiB)),
+    ("short", dict(after_bytes=MiB + 77)),
+    ("stall", dict(after_bytes=256 << 10)),
+    ("endless", dict()),
+    ("overlong", dict(extra_bytes=2 * MiB)),
+    ("drip", dict(bps=300_000, after_bytes=MiB)),
+]
+
+
+@pytest.mark.parametrize("mode,params", FIRST_RANGE_FAULTS, ids=[m for m, _ in FIRST_RANGE_FAULTS])
+def test_a_fault_on_the_first_range_is_handled_by_that_range(fake, tmp_path, mode, params):
+    """The first range is the answer that showed the host serves ranges; it is a range like the others."""
+    big_model(fake)
+    runner = Runner(fake, tmp_path, connections=4, read_timeout_s=3)
+    fake.set_fault(111, mode, times=1, **params)  # the first request to the CDN
+    done, biggest = run_watched(runner, 40, model_id=1)
+    assert not isinstance(done, CivitaiError), done
+    assert done["sha256"] == sha(fake, 111)
+    assert cdn_requests(fake)[0].sent > 0 and fake.faults_left(111) == 0
+    assert biggest <= SIZE
+
+
 def test_a_slow_range_is_split_and_the_rest_shared(fake, tmp_path):
     big_model(fake)
     runner = Runner(fake, tmp_path, connections=4)
@@ -336,6 +359,24 @@ def test_resume_rehashes_the_prefix_and_fetches_the_holes(fake, runner):
     assert covered(spans + present_spans([[8 * MiB, 12 * MiB], [20 * MiB, 30 * MiB], [36 * MiB, SIZE]], SIZE),
                    SIZE)
     assert fake.bytes_served(111) < sum(b - a for a, b in holes) + 3 * ALIGN + 4 * MiB
+
+
+@pytest.mark.parametrize("ranged", [False, True])
+def test_a_host_ignoring_if_range_never_mixes_two_versions(fake, runner, ranged):
+    fake.cdn_ignores_if_range = True  # a 206 even though the file changed since the part was written
+    big_model(fake)
+    runner.folder().mkdir(parents=True)
+    (runner.folder() / PART).write_bytes(os.urandom(12 * MiB))  # bytes of an older version
+    meta = {"version_id": 11, "file_id": 111, "sha256": sha(fake, 111), "etag": '"older"', "total": SIZE}
+    if ranged:
+        meta.update(size=SIZE, missing=[[12 * MiB, SIZE]])
+    (runner.folder() / (PART + ".json")).write_text(json.dumps(meta))
+    done = runner.run(model_id=1)
+    assert done["sha256"] == sha(fake, 111)  # from zero, in one attempt
+    cdn = cdn_requests(fake)
+    assert cdn[0].headers.get("If-Range") == '"older"'
+    starts = [int(r.headers["Range"][6:].split("-")[0]) if r.headers.get("Range") else 0 for r in cdn]
+    assert starts[0] > 0 and 0 in starts[1:]  # asked to resume, then from zero
 
 
 def test_a_record_that_does_not_fit_discards_the_part(fake, runner):
