@@ -462,6 +462,7 @@ class FakeCivitai:
         # A CDN that caps each connection (bytes/s, None: no cap): every file body the CDN sends
         # is paced to this rate, as many CDNs pace each TCP connection.
         self.cdn_conn_bps: float | None = None
+        self.cdn_conn_burst = 0  # bytes of each answer sent at full speed before the cap applies
         self.cdn_validators = True  # False: a CDN that sends neither ETag nor Last-Modified
         self.cdn_ignores_if_range = False  # True: a Range is honoured even when If-Range does not match
         # Civitai's rolling daily download count: after this many download links, the download
@@ -1422,6 +1423,7 @@ class FakeCivitai:
         drip_after = int(p.get("after_bytes", 0) or 0) if mode == "drip" else 0
         if bps is None and self.cdn_conn_bps:
             bps = float(self.cdn_conn_bps)  # the per-connection cap (a drip fault sets its own rate)
+            drip_after = int(self.cdn_conn_burst)  # like nginx's limit_rate_after
         write = h.wfile.write
         fid = f.id
         sent = 0

@@ -328,6 +328,14 @@ class PartWriter:
 _TICK = object()
 
 
+class _SlowAlone(Exception):
+    """A connection going on alone (it was fast at first) has slowed down for good."""
+
+    def __init__(self, done: int):
+        super().__init__(done)
+        self.done = done
+
+
 def _read_size(limit: SharedRateLimit) -> int:
     """One read: a whole buffer, or an eighth of a second of the speed cap when there is one,
     so a low cap holds the connection back in small steps the host does not time out on."""
@@ -717,6 +725,7 @@ class _Job:
         (length, the host's total or None, SHA-256 of the file)."""
         restarts = 0
         one_only = self.ctx.connections <= 1
+        alone_ok = True  # a first connection fast enough may go on alone (segments.FAST_ONE_BPS)
         while True:
             start = part.prefix
             probe = not one_only and self._ranges_worth_asking(part, res)
@@ -777,9 +786,16 @@ class _Job:
                 why = self._one_connection_why(dl, part, start, end) if probe else "one connection"
                 if why is None:
                     try:
-                        digest = self._fetch_ranges(dl, side, part, res, sha, end, name)
+                        digest = self._fetch_ranges(dl, side, part, res, sha, end, name, probe=alone_ok)
                     except segments.OneConnection as solo:
-                        return self._go_on_alone(solo, dl, side, part, res, sha, end, name)
+                        try:
+                            return self._go_on_alone(solo, dl, side, part, res, sha, end, name)
+                        except _SlowAlone as slow:
+                            log.info("%s: one connection slowed down after %s; going on over several",
+                                     self.rel_name, fmt_bytes(slow.done))
+                            part = self._open_part(side, res, sha)  # what is there, hashed again
+                            alone_ok = False
+                            continue
                     except segments.RestartWhole as exc:
                         if restarts >= MAX_RESTARTS:
                             raise CivitaiError(f"the file host of {self.subject} keeps changing its answers ({exc}); "
@@ -805,7 +821,7 @@ class _Job:
                 return self._stream_one(dl, side, part, res, sha, start, end, total, name)
 
     def _stream_one(self, dl: Download, side: Path, part: _PartState, res: Resolved, sha, start: int,
-                    end: int | None, total: int | None, name: str):
+                    end: int | None, total: int | None, name: str, slow_below: float | None = None):
         """One connection's answer from `start` on into the file, hashed as it comes in."""
         if end is not None:
             dl.limit_body(end - start)
@@ -814,7 +830,7 @@ class _Job:
                                    "etag": dl.etag, "last_modified": dl.last_modified, "total": total})
         os.lseek(self._fd, start, os.SEEK_SET)
         have = self._stream(dl, self._fd, part.hasher, start, end, sniff=(start == 0),
-                            json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES))
+                            json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES), slow_below=slow_below)
         if dl.overran:
             self._cut = (end, total)
             log.info("%s: the file host sent more than the file's %s (%s); the rest was dropped",
@@ -848,7 +864,10 @@ class _Job:
                     raise CivitaiError(f"the file host stopped serving parts of {self.subject} in the middle of "
                                        f"the download; the next attempt resumes", reason="bad_body", retryable=True,
                                        status=dl.status)
-                return self._stream_one(dl, side, part, res, sha, at, end, first.total_size, name)
+                # A host may let the first megabytes through fast and cap each connection after
+                # them: then the rest goes over several connections after all.
+                return self._stream_one(dl, side, part, res, sha, at, end, first.total_size, name,
+                                        slow_below=segments.FAST_ONE_BPS / 2)
         finally:
             session.close()
 
@@ -895,7 +914,7 @@ class _Job:
                     and dl.last_modified != part.last_modified)
 
     def _fetch_ranges(self, dl: Download, side: Path, part: _PartState, res: Resolved, sha, end: int,
-                      name: str) -> str:
+                      name: str, probe: bool = True) -> str:
         start = part.prefix
         missing = part.missing if part.missing is not None else [[start, end]]
         todo = sum(b - a for a, b in missing)
@@ -922,7 +941,7 @@ class _Job:
             file_id=res.file_id, path=self.part_path, fd=self._fd, size=end, host_total=dl.total_size,
             etag=dl.etag, last_modified=dl.last_modified, missing=missing, hasher=part.hasher,
             hashed_upto=start, width=self.ctx.connections, read_timeout_s=self.ctx.read_timeout_s,
-            rate_limit=self.rate_limit, direct=USE_DIRECT_IO, max_renewals=CDN_RERESOLVES)
+            rate_limit=self.rate_limit, direct=USE_DIRECT_IO, max_renewals=CDN_RERESOLVES, probe=probe)
         log.info("%s: %s over %d connections", self.rel_name, fmt_bytes(todo), ranged.width)
         return ranged.run(dl)
 
@@ -938,8 +957,10 @@ class _Job:
                                f"only {fmt_bytes(free)} is free in {self.ctx.download_dir}", reason="disk")
 
     def _stream(self, dl: Download, fd: int, hasher, offset: int, total: int | None, *, sniff: bool,
-                json_ok: bool) -> int:
+                json_ok: bool, slow_below: float | None = None) -> int:
         """Copy the body into the file at `offset`, hashing as it goes. Returns the new length.
+        With `slow_below` (bytes/s), raises _SlowAlone when the rate falls under it for a while
+        with much still to come (the bytes received are kept in the file; the hash is not).
 
         A reader thread fills a small ring of reused buffers with readinto(), a hasher thread
         hashes them (hashlib releases the GIL), and this thread writes them, reports progress and
@@ -998,7 +1019,7 @@ class _Job:
         done = offset
         finished = False
         samples: deque = deque([(time.monotonic(), done)])
-        last_write = next_check = next_cap = time.monotonic()
+        last_write = next_check = next_cap = started = time.monotonic()
         next_report = next_check + PROGRESS_INTERVAL_S
         try:
             while True:
@@ -1039,6 +1060,10 @@ class _Job:
                 if now >= next_report:
                     next_report = now + PROGRESS_INTERVAL_S
                     self._progress(samples, now, done, total)
+                    if (slow_below is not None and now - started >= SPEED_WINDOW_S and total is not None
+                            and total - done >= segments.SPLIT_MIN_BYTES
+                            and (done - samples[0][1]) / max(now - samples[0][0], 1e-3) < slow_below):
+                        raise _SlowAlone(done)
             error = shared["error"]
             if error is not None:
                 raise self._read_error(error, done, total, dl)

@@ -605,7 +605,7 @@ class RangedDownload:
                  version_id: int, file_id: int, path, fd: int, size: int, host_total: int,
                  etag: str | None, last_modified: str | None, missing: list[list[int]], hasher,
                  hashed_upto: int, width: int, read_timeout_s: float, rate_limit, direct: bool,
-                 max_renewals: int):
+                 max_renewals: int, probe: bool = True):
         self.client = client
         self.host = host
         self.subject = subject
@@ -620,6 +620,7 @@ class RangedDownload:
         # attempt fails as stalled only when no connection has had a byte for read_timeout_s.
         self.stall_s = max(1.0, min(5.0, read_timeout_s / 2))
         self.rate_limit = rate_limit
+        self.may_probe = probe  # False: several connections at once, whatever the first one brings
         self.quit = threading.Event()
         self.wake = threading.Event()
         missing = merge(missing)
@@ -659,7 +660,8 @@ class RangedDownload:
         self.hasher.start()
         self._start(conn0, (piece0, first))
         # A partial file with bytes past its first hole is fetched in ranges whatever the speed.
-        probing = self.width > 1 and self.plan.unassigned == [[piece0.end, self.size]] and piece0.end < self.size
+        probing = (self.may_probe and self.width > 1 and piece0.end < self.size
+                   and self.plan.unassigned == [[piece0.end, self.size]])
         if not probing:
             self.decided.set()
             self._start_others(now)

@@ -111,6 +111,23 @@ def test_one_fast_connection_goes_on_alone(fake, runner):
     assert spans == [(0, first_piece_end([[0, SIZE]], 4)), (spans[0][1], SIZE)], spans
 
 
+def test_a_connection_fast_at_first_then_capped_hands_over_to_several(fake, runner):
+    """A host that lets the first megabytes of each answer through at full speed and caps the
+    connection after them: the first piece looks like a fast line, the rest is not."""
+    size = 72 * MiB
+    fake.cdn_conn_bps, fake.cdn_conn_burst = 6 * MiB, 10 * MiB
+    big_model(fake, size=size)
+    done = runner.run(model_id=1)
+    assert done["sha256"] == sha(fake, 111)
+    spans = [(a, b or size) for a, b in ranges_of(cdn_requests(fake))]
+    first = first_piece_end([[0, size]], 4)
+    assert spans[0] == (0, first) and spans[1] == (first, size)  # alone, from the end of the first piece
+    later = spans[2:]
+    assert len(later) >= 4 and all(b < size or a > first for a, b in later)  # then bounded pieces
+    resumed_at = min(a for a, _ in later)
+    assert first + 10 * MiB <= resumed_at  # what the lone connection brought was kept
+
+
 def test_a_small_file_takes_one_connection(fake, runner):
     add_model(fake, size_bytes=segments.SPLIT_MIN_BYTES - MiB)
     runner.run(model_id=1)
