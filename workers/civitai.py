@@ -847,6 +847,10 @@ class CivitaiClient:
                 return url  # Civitai serves the bytes itself
             error = self._status_error(resp, subject)
             resp.close()
+            if error.status == 404:  # as in _open_once: the file was listed moments ago
+                error = CivitaiError(f"the file of {subject} was not found on Civitai's download endpoint "
+                                     f"(404: deleted just now, or a passing storage failure)",
+                                     reason="not_found", retryable=True, status=404)
             raise error
         raise CivitaiError(f"the download of {subject} was redirected too many times; it will be retried",
                            reason="http_error", retryable=True)
