@@ -649,7 +649,9 @@ class RangedDownload:
         now = time.monotonic()
         conn0 = _Conn(0, now)
         upto = None if first.content_length is None else first.start + first.content_length
-        if upto is not None and upto < self.size:
+        if upto is not None and upto >= self.size:
+            upto = None  # an open answer (no size known beforehand): the first piece is the plan's
+        elif upto is not None:
             upto = align_down(upto)  # a host that sends less than asked: the next piece starts aligned
         piece0, _ = self.plan.next_piece(conn0, now, upto=upto)
         if piece0 is None or piece0.start != first.start:

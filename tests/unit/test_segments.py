@@ -128,6 +128,16 @@ def test_a_connection_fast_at_first_then_capped_hands_over_to_several(fake, runn
     assert first + 10 * MiB <= resumed_at  # what the lone connection brought was kept
 
 
+def test_without_a_size_from_civitai_the_first_answer_gives_it(fake, runner):
+    big_model(fake)
+    fake.set_file_meta(111, size_kb_override=0)  # sizeKB 0: no size from Civitai, the first request is open
+    done = runner.run(model_id=1)
+    assert (done["sha256"], done["bytes"]) == (sha(fake, 111), SIZE)
+    spans = ranges_of(cdn_requests(fake))
+    assert spans[0] == (0, None) and len(spans) >= 4  # then pieces, as with a known size
+    assert fake.bytes_served(111) < SIZE + 8 * MiB
+
+
 def test_a_small_file_takes_one_connection(fake, runner):
     add_model(fake, size_bytes=segments.SPLIT_MIN_BYTES - MiB)
     runner.run(model_id=1)
@@ -156,6 +166,25 @@ def test_a_host_that_ignores_ranges_gets_one_connection(fake, runner):
     assert runner.run(model_id=1)["sha256"] == sha(fake, 111)
     assert len(cdn_requests(fake)) == 1
     assert fake.bytes_served(111) == SIZE
+
+
+class CountingThrottle:
+    """The client's throttle, counting its turns (API calls and download starts)."""
+
+    def __init__(self):
+        self.turns = 0
+
+    def wait(self) -> float:
+        self.turns += 1
+        return 0.0
+
+
+def test_only_the_download_start_takes_a_throttle_turn_not_each_range(fake, runner):
+    big_model(fake)
+    throttle = runner.ctx.client.throttle = CountingThrottle()
+    runner.run(model_id=1)
+    assert len(cdn_requests(fake)) >= 4
+    assert throttle.turns == 2  # the model's metadata, the download start
 
 
 # -- every fault of the fake, on one range among several ----------------------------------------------
@@ -283,8 +312,10 @@ def test_an_expired_link_is_resolved_again_once_for_all_ranges(fake, runner):
             fake.expire_cdn_urls()  # every link handed out so far: all ranges see 403 on their next request
 
     runner.on_message = expire
+    throttle = runner.ctx.client.throttle = CountingThrottle()
     assert runner.run(model_id=1)["sha256"] == sha(fake, 111)
     assert len(fake.requests_to("api", path_re="/api/download/")) == 2
+    assert throttle.turns == 3  # the new link is one more download start, spaced like the first
     sigs = [parse_qs(r.query)["sig"][0] for r in cdn_requests(fake)]
     assert len(set(sigs)) == 2
     refused = [s for s, r in zip(sigs, cdn_requests(fake)) if s == sigs[0] and r.sent == 0]
