@@ -21,7 +21,9 @@ archived, not available for download"}``, 429 with the daily quota's message (``
 The CDN answers like S3 / Cloudflare R2 (XML ``<Error><Code>AccessDenied</Code>...``). Faults
 (``set_fault``, ``set_api_fault``, ``metadata_fault``) play what goes wrong: stalls, drips, resets,
 bodies without end or longer than their length, wrong bytes, expired links, login pages,
-transient metadata answers (404, a Cloudflare page, 5xx).
+transient metadata answers (404, a Cloudflare page, 5xx); ``only_from`` aims one at a single range
+of a download over several connections. ``cdn_conn_bps`` paces every CDN body like a CDN that
+caps each connection; ``cdn_validators = False`` drops ETag and Last-Modified.
 
 Sockets use TCP_NODELAY and an answer's headers go with a small body in one write: http.server's
 two writes meet delayed ACKs on a kept-alive connection (44 ms a metadata GET, now under 1 ms).
@@ -147,6 +149,7 @@ class RecordedRequest:
     headers: CIHeaders
     time: float  # time.time() when the request line was parsed
     body: bytes = b""  # of a POST
+    sent: int = 0  # file bytes sent in answer to it (CDN bodies)
 
     @property
     def url_path(self) -> str:
@@ -456,6 +459,12 @@ class FakeCivitai:
         self.cdn_url_ttl_s: float = 3600
         self.enforce_early_access = True  # versions with a future early_access_ends_at answer 403
         self.cdn_expired_status = 403  # what the CDN answers to an expired signature (S3/R2: 403)
+        # A CDN that caps each connection (bytes/s, None: no cap): every file body the CDN sends
+        # is paced to this rate, as many CDNs pace each TCP connection.
+        self.cdn_conn_bps: float | None = None
+        self.cdn_conn_burst = 0  # bytes of each answer sent at full speed before the cap applies
+        self.cdn_validators = True  # False: a CDN that sends neither ETag nor Last-Modified
+        self.cdn_ignores_if_range = False  # True: a Range is honoured even when If-Range does not match
         # Civitai's rolling daily download count: after this many download links, the download
         # endpoint answers 429 with the quota message (None: no quota).
         self.download_quota: int | None = None
@@ -473,6 +482,7 @@ class FakeCivitai:
         self._api_faults: list[_ApiFault] = []
         self._sigs: dict[str, tuple[int, float]] = {}
         self._served: dict[int, int] = {}
+        self._current = threading.local()
 
         self._api = _Server((host, 0), _Handler, self, "api")
         self._cdn = _Server((cdn_host, 0), _Handler, self, "cdn")
@@ -811,6 +821,8 @@ class FakeCivitai:
         file, with a Content-Length of the file's range ("file": the body is longer than it
         claims) or of the whole body ("body": the host claims more than the file).
         after_bytes defaults to half of the response body.
+        Any fault with ``only_from=N`` plays only on a CDN request whose Range starts at byte N or
+        later (one range among several connections' ranges).
         """
         if mode not in FILE_FAULT_MODES:
             raise ValueError(f"unknown fault mode {mode!r}")
@@ -850,11 +862,14 @@ class FakeCivitai:
             self._api_faults.append(_ApiFault(re.compile(pattern), status, body, headers, times,
                                               delay_s))
 
-    def _take_fault(self, file_id: int, where: str) -> _Fault | None:
+    def _take_fault(self, file_id: int, where: str, range_start: int | None = None) -> _Fault | None:
         with self._lock:
             lst = self._faults.get(file_id) or []
             for i, flt in enumerate(lst):
                 if flt.where != where:
+                    continue
+                only_from = flt.params.get("only_from")
+                if only_from is not None and (range_start or 0) < int(only_from):
                     continue
                 if flt.times is not None:
                     flt.times -= 1
@@ -875,6 +890,11 @@ class FakeCivitai:
         return None
 
     # ----------------------------------------------------------------- inspection
+
+    def faults_left(self, file_id: int) -> int:
+        """How many faults of a file are still waiting to be played (times=None counts once)."""
+        with self._lock:
+            return len(self._faults.get(file_id) or [])
 
     def bytes_served(self, file_id: int) -> int:
         with self._lock:
@@ -900,6 +920,7 @@ class FakeCivitai:
                               getattr(h, "request_body", b""))
         with self._lock:
             self.requests.append(rec)
+        self._current.rec = rec  # one handler thread per connection: the bytes it sends are this request's
         if kind == "api":
             self._handle_api(h, parts)
         else:
@@ -1249,7 +1270,8 @@ class FakeCivitai:
 
         flt = None
         if h.command == "GET" and hop is None:
-            flt = self._take_fault(fid, "cdn")
+            rng = re.match(r"\s*bytes=(\d+)-", h.headers.get("Range") or "")
+            flt = self._take_fault(fid, "cdn", int(rng.group(1)) if rng else 0)
         if flt is not None:
             if flt.mode == "expire_cdn":
                 code = int(flt.params.get("code", self.cdn_expired_status))
@@ -1278,7 +1300,7 @@ class FakeCivitai:
         if rng is not None and mode != "ignore_range":
             if_range = h.headers.get("If-Range")
             honour = True
-            if if_range is not None:
+            if if_range is not None and not self.cdn_ignores_if_range:
                 if_range = if_range.strip()
                 if if_range.startswith('"') or if_range.startswith("W/"):
                     honour = if_range == etag  # strong comparison
@@ -1311,8 +1333,9 @@ class FakeCivitai:
         else:
             h.send_header("Content-Length", str(end - start))
         h.send_header("Accept-Ranges", "bytes")
-        h.send_header("ETag", etag)
-        h.send_header("Last-Modified", lastmod)
+        if self.cdn_validators:
+            h.send_header("ETag", etag)
+            h.send_header("Last-Modified", lastmod)
         h.send_header("Content-Disposition", cd)
         h.send_header("Cache-Control", "private, max-age=0")
         if partial:
@@ -1322,7 +1345,7 @@ class FakeCivitai:
         if mode in ("endless", "overlong"):
             h.end_headers_with()
             return self._stream_past_end(h, f, start, end, mode, p, extra)
-        if flt is None and end - start <= SMALL_BODY:
+        if flt is None and end - start <= SMALL_BODY and not self.cdn_conn_bps:
             body = b"".join(bytes(c) for _, c in f.chunks(start, end))
             h.end_headers_with(body)
             self._count(f.id, len(body))
@@ -1378,6 +1401,9 @@ class FakeCivitai:
     def _count(self, fid: int, n: int) -> None:
         with self._lock:
             self._served[fid] = self._served.get(fid, 0) + n
+            rec = getattr(self._current, "rec", None)
+            if rec is not None:
+                rec.sent += n
 
     def _stream(self, h: _Handler, f: _File, start: int, end: int, flt: _Fault | None) -> None:
         mode = flt.mode if flt else None
@@ -1397,6 +1423,9 @@ class FakeCivitai:
                 flips = [start + total // 2]
         bps = float(p["bps"]) if mode == "drip" else None
         drip_after = int(p.get("after_bytes", 0) or 0) if mode == "drip" else 0
+        if bps is None and self.cdn_conn_bps:
+            bps = float(self.cdn_conn_bps)  # the per-connection cap (a drip fault sets its own rate)
+            drip_after = int(self.cdn_conn_burst)  # like nginx's limit_rate_after
         write = h.wfile.write
         fid = f.id
         sent = 0

@@ -296,6 +296,7 @@ class Download:
         self.status = resp.status_code
         self.headers = resp.headers
         self.url = redact_url(url)  # where the bytes come from, fit for a log
+        self._source_url = url  # the signed link itself, for more ranges of it: never to be logged
         self.api_url = api_url
         self.from_api = from_api
         self.etag = resp.headers.get("ETag")
@@ -427,6 +428,33 @@ class Download:
         except Exception:  # noqa: BLE001 - best effort, for an error message only
             return b""
 
+    @property
+    def source_url(self) -> str:
+        """The URL the bytes came from, query and signature included (redirects followed): what
+        further ranges of the same file are asked of. A secret of sorts: never log it."""
+        return self._source_url
+
+    def release(self) -> None:
+        """Done with this answer: hand its connection back for the next request when the body
+        was read to its end and nothing more is waiting on the socket (a host that sent more
+        than its length, or an answer read only in part, would poison the next one), else close
+        it. Reading past urllib3 (readinto1 on the socket's reader) leaves its bookkeeping
+        behind, so the body's end is told to http.client before the connection goes back."""
+        fp = getattr(self._raw, "_fp", None)
+        clean = (self._buffered is not None and self._remaining == 0 and self._failure is None
+                 and not self._aborted and isinstance(fp, http.client.HTTPResponse) and not fp.will_close
+                 and not self._readable(0))
+        if clean:
+            try:
+                fp.length = 0
+                fp.read(1)  # http.client sees the body's end and lets go of the socket's reader
+                if fp.isclosed():
+                    self._raw.release_conn()
+                    return
+            except Exception:  # noqa: BLE001 - then the connection is simply closed
+                pass
+        self.close()
+
     def abort(self) -> None:
         """Unblock a readinto() running in another thread (cancel, stall). Safe to call twice."""
         self._aborted = True
@@ -465,7 +493,10 @@ def _int_or_none(value) -> int | None:
     return number if number >= 0 else None
 
 
-class _CdnRefused(Exception):
+class CdnRefused(Exception):
+    """The file host refused a signed link (400, 401, 403, 404, 410): expired, most likely;
+    Civitai hands out a fresh one."""
+
     def __init__(self, status: int, host: str):
         super().__init__(status)
         self.status = status
@@ -712,27 +743,31 @@ class CivitaiClient:
         return url if file_id is None else f"{url}?fileId={int(file_id)}"
 
     def open_download(self, version_id: int, file_id: int | None, start: int = 0, etag: str | None = None,
-                      *, read_timeout_s: float | None = None, filename: str | None = None) -> Download:
+                      *, read_timeout_s: float | None = None, filename: str | None = None,
+                      probe: bool = False, end: int | None = None) -> Download:
         """Ask Civitai for the file and open the signed link it redirects to.
 
         Returns a Download with status 200 (whole file), 206 (from `start`) or 416 (the Range
         was past the end). `etag` goes in If-Range so a changed file comes back whole (200).
         `filename` (the expected name) only relaxes the JSON-body check for JSON files.
+        `probe`: ask for a Range even from byte 0, so the answer says whether the host serves
+        ranges (206 with Content-Range) and the file's exact length; `end`: only up to there
+        (exclusive), the first piece of a download over several connections.
         """
         subject = f"model version {int(version_id)}"
         api_url = self.download_url(version_id, file_id)
         headers = {"Accept": "*/*", "Accept-Encoding": "identity"}
-        if start > 0:
-            headers["Range"] = f"bytes={int(start)}-"
+        if start > 0 or probe or end is not None:
+            headers["Range"] = f"bytes={int(start)}-" + (f"{int(end) - 1}" if end is not None else "")
             if etag:
                 headers["If-Range"] = etag
         read_timeout = self.timeout_s if read_timeout_s is None else float(read_timeout_s)
-        refused: _CdnRefused | None = None
+        refused: CdnRefused | None = None
         for _ in range(1 + CDN_RERESOLVES):
             self._wait_turn()
             try:
                 resp, url = self._open_once(api_url, subject, headers, read_timeout)
-            except _CdnRefused as exc:
+            except CdnRefused as exc:
                 refused = exc
                 log.info("%s refused the download link for %s (%s); asking Civitai for a new one",
                          exc.host, subject, exc.status)
@@ -776,7 +811,7 @@ class CivitaiClient:
                 return resp, url
             if not on_api and resp.status_code in (400, 401, 403, 404, 410):
                 resp.close()
-                raise _CdnRefused(resp.status_code, urlsplit(url).hostname or "?")
+                raise CdnRefused(resp.status_code, urlsplit(url).hostname or "?")
             error = self._status_error(resp, subject)
             resp.close()
             if error.status == 404:
@@ -787,6 +822,90 @@ class CivitaiClient:
                                      reason="not_found", retryable=True, status=404)
             raise error
         raise CivitaiError(f"the download of {subject} was redirected too many times; it will be retried",
+                           reason="http_error", retryable=True)
+
+    def cdn_session(self) -> requests.Session:
+        """A session of its own for one connection to the file host: no key, no cookies."""
+        session = requests.Session()
+        session.headers["User-Agent"] = USER_AGENT
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        return session
+
+    def fresh_link(self, version_id: int, file_id: int | None) -> str:
+        """A new signed link to the file (the old one expired): Civitai's download endpoint's
+        redirect, not followed to the file host. One download start, spaced by the throttle."""
+        subject = f"model version {int(version_id)}"
+        url = self.download_url(version_id, file_id)
+        self._wait_turn()
+        for _ in range(MAX_REDIRECTS + 1):
+            hdrs = {"Accept": "*/*", "Accept-Encoding": "identity", "Content-Type": "application/json",
+                    **self._auth_headers(url)}
+            try:
+                resp = self.session.get(url, headers=hdrs, stream=True, allow_redirects=False,
+                                        timeout=(min(CONNECT_TIMEOUT_S, self.timeout_s), self.timeout_s))
+            except requests.RequestException as exc:
+                raise self._connection_error(exc, url, subject) from None
+            if resp.is_redirect:
+                nxt = urljoin(url, resp.headers.get("Location", ""))
+                resp.close()
+                if not self._is_api(nxt):
+                    return nxt
+                self._refuse_site_redirect(nxt, subject)
+                url = nxt
+                continue
+            if resp.status_code in (200, 206):
+                resp.close()
+                return url  # Civitai serves the bytes itself
+            error = self._status_error(resp, subject)
+            resp.close()
+            if error.status == 404:  # as in _open_once: the file was listed moments ago
+                error = CivitaiError(f"the file of {subject} was not found on Civitai's download endpoint "
+                                     f"(404: deleted just now, or a passing storage failure)",
+                                     reason="not_found", retryable=True, status=404)
+            raise error
+        raise CivitaiError(f"the download of {subject} was redirected too many times; it will be retried",
+                           reason="http_error", retryable=True)
+
+    def open_range(self, session: requests.Session, url: str, start: int, end: int, validator: str | None,
+                   *, read_timeout_s: float, subject: str, filename: str | None = None) -> Download:
+        """Open bytes [start, end) of a signed file-host link (`Range` with `If-Range`), following
+        the host's own redirects. Raises CdnRefused when the host refuses the link (expired),
+        CivitaiError for anything else; the caller judges the Download's status (206 expected;
+        200: the host ignored the Range or the file changed)."""
+        headers = {"Accept": "*/*", "Accept-Encoding": "identity", "Range": f"bytes={int(start)}-{int(end) - 1}"}
+        if validator:
+            headers["If-Range"] = validator
+        for _ in range(MAX_REDIRECTS + 1):
+            if self._is_api(url):
+                # Only links away from Civitai are fetched this way: the key never rides along.
+                raise CivitaiError(f"the file host sent the download of {subject} back to Civitai; it will be "
+                                   f"retried", reason="http_error", retryable=True)
+            try:
+                resp = session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                   timeout=(min(CONNECT_TIMEOUT_S, self.timeout_s), read_timeout_s))
+            except requests.RequestException as exc:
+                raise self._connection_error(exc, url, subject) from None
+            if resp.is_redirect:
+                nxt = urljoin(url, resp.headers.get("Location", ""))
+                resp.close()
+                if self._is_api(nxt):
+                    self._refuse_site_redirect(nxt, subject)
+                url = nxt
+                continue
+            if resp.status_code in (200, 206, 416):
+                download = Download(resp, url=url, api_url=url, from_api=False, requested_start=start)
+                if download.status in (200, 206):
+                    self._refuse_non_file(download, subject, filename)
+                return download
+            if resp.status_code in (400, 401, 403, 404, 410):
+                resp.close()
+                raise CdnRefused(resp.status_code, urlsplit(url).hostname or "?")
+            status, retry_after = resp.status_code, parse_retry_after(resp.headers.get("Retry-After"))
+            resp.close()
+            raise CivitaiError(f"the file host answered {_status_text(status)} for a part of {subject}; "
+                               f"it will be retried", reason="server_error" if status >= 500 else "http_error",
+                               retryable=True, status=status, retry_after_s=retry_after)
+        raise CivitaiError(f"the file host redirected a part of {subject} too many times; it will be retried",
                            reason="http_error", retryable=True)
 
     def _refuse_site_redirect(self, url: str, subject: str) -> None:

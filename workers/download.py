@@ -22,10 +22,14 @@ from pathlib import Path
 from ipc.files import OutsideError, make_folder_inside
 from ipc.layouts import folder_for
 from ipc.naming import FolderError, alternate_filename, check_folder, fold_case, part_filename, safe_filename
+from ipc.ratelimit import SharedRateLimit
 from ipc.throttle import file_lock
+from workers import segments
 from workers.civitai import (
+    CDN_RERESOLVES,
     TEXT_FILE_SUFFIXES,
     UNHASHED_RECHECK_S,
+    CdnRefused,
     CivitaiClient,
     CivitaiError,
     Download,
@@ -70,6 +74,54 @@ class JobContext:
     # Called once the file is at its final path and verified (downloaded or already there), e.g.
     # to write sidecars; whatever it raises is logged and never fails the job.
     on_verified: Callable[[Resolved, Path], None] | None = None
+    connections: int = 4  # config `connections`: at most this many for one file (workers/segments.py)
+    rate_limit: SharedRateLimit | None = None  # the shared speed cap; None: locks_dir/speed.rate
+
+
+@dataclass
+class _PartState:
+    """What the claimed partial file holds of the file: `prefix` bytes in order from the start,
+    hashed into `hasher`; with several connections also bytes past it (`missing`: the ranges
+    still to fetch, of a file of `size` bytes)."""
+
+    hasher: object
+    prefix: int = 0
+    validator: str | None = None  # If-Range: the ETag, else the Last-Modified it was written with
+    etag: str | None = None
+    last_modified: str | None = None
+    missing: list | None = None
+    size: int | None = None
+
+    def written_past(self, start: int) -> bool:
+        """Whether bytes past `start` are already in the file (several connections wrote it)."""
+        if self.missing is None or self.size is None or start >= self.size:
+            return False
+        still = sum(max(0, b - max(a, start)) for a, b in self.missing)
+        return still < self.size - start
+
+
+def _recorded_missing(meta: dict, end: int | None, have: int) -> list | None:
+    """The missing ranges a sidecar of several connections records, checked: the file's size as
+    now known, sorted ranges inside it, starts aligned down for direct writes, and nothing
+    counted as present past the partial file's length. None: not such a sidecar, or not one
+    to trust (the partial file is then resumed as a prefix)."""
+    size, missing = meta.get("size"), meta.get("missing")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or not isinstance(missing, list):
+        return None
+    if end is not None and size != end:
+        return None
+    ranges = []
+    for item in missing:
+        if (not isinstance(item, list) or len(item) != 2 or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                                   for x in item)):
+            return None
+        a, b = item
+        if not 0 <= a < b <= size:
+            return None
+        ranges.append([segments.align_down(a), b])
+    if have < size:
+        ranges.append([segments.align_down(have), size])
+    return segments.merge(ranges)
 
 
 def run_job(job: dict, ctx: JobContext, report: Callable[[dict], None],
@@ -294,6 +346,22 @@ def _case_twin(folder: Path, name: str) -> str | None:
     except OSError:
         pass
     return None
+class _SlowAlone(Exception):
+    """A connection going on alone (it was fast at first) has slowed down for good."""
+
+    def __init__(self, done: int):
+        super().__init__(done)
+        self.done = done
+
+
+def _read_size(limit: SharedRateLimit) -> int:
+    """One read: a whole buffer, or an eighth of a second of the speed cap when there is one,
+    so a low cap holds the connection back in small steps the host does not time out on."""
+    try:
+        rate = limit.rate()
+    except OSError:
+        return BUF_SIZE
+    return BUF_SIZE if rate <= 0 else max(16 << 10, min(BUF_SIZE, rate // 8))
 
 
 class _Job:
@@ -599,53 +667,71 @@ class _Job:
         except OSError as exc:
             raise self._disk_error(exc, "starting") from None
 
-    def _open_part(self, side: Path, res: Resolved, sha: str | None):
-        """Keep what the claimed partial file holds of this very file (re-hashed), drop the rest.
+    def _open_part(self, side: Path, res: Resolved, sha: str | None) -> _PartState:
+        """Keep what the claimed partial file holds of this very file, drop the rest; the bytes
+        in order from the start (the contiguous prefix) are hashed again here, before anything
+        is asked of the host, as a single connection's resume always did.
 
-        Returns (bytes already there, running sha256, If-Range validator)."""
+        One connection's partial file is a prefix (its length says how far it got); one written
+        by several connections has holes, and its sidecar lists the missing ranges."""
         fd = self._fd
-        meta = self._read_sidecar(side)
-        hasher = hashlib.sha256()
+        meta = self._read_sidecar(side) or {}
         have = os.fstat(fd).st_size
-        keep = (have > 0 and meta is not None and meta.get("version_id") == res.version_id
+        keep = (have > 0 and meta.get("version_id") == res.version_id
                 and meta.get("file_id") == res.file_id and meta.get("sha256") == sha)
+        state = _PartState(hashlib.sha256())
+        end = file_end(res.size_bytes, meta.get("total"))
+        missing = _recorded_missing(meta, end, have) if keep else None
+        if keep and missing is None and "missing" in meta:
+            # Written by several connections (its length says nothing), with a record that does
+            # not fit: nothing in it can be trusted.
+            log.info("discarding a partial file of %s whose record of missing ranges does not fit it", self.rel_name)
+            keep = False
         if keep:
-            end = file_end(res.size_bytes, meta.get("total"))
-            if end is not None and have > end:
-                # Left by a body that went on past the file (before the cap existed): the file,
-                # if it is there, is the first `end` bytes.
-                log.info("%s: the partial file has %s, more than the file's %s; cutting it back",
-                         self.rel_name, fmt_bytes(have), fmt_bytes(end))
-                have = end
-            if USE_DIRECT_IO and have != end:
-                have -= have % DIRECT_ALIGN  # direct writes continue from an aligned offset
-            log.info("resuming %s from %s", self.rel_name, fmt_bytes(have))
+            if missing is not None:
+                size = int(meta["size"])
+                if have > size:
+                    os.ftruncate(fd, size)
+                state.missing, state.size = missing, size
+                prefix = missing[0][0] if missing else size
+                log.info("resuming %s: %s of %s are there (%d ranges missing)", self.rel_name,
+                         fmt_bytes(size - sum(b - a for a, b in missing)), fmt_bytes(size), len(missing))
+            else:
+                if end is not None and have > end:
+                    # Left by a body that went on past the file (before the cap existed): the file,
+                    # if it is there, is the first `end` bytes.
+                    log.info("%s: the partial file has %s, more than the file's %s; cutting it back",
+                             self.rel_name, fmt_bytes(have), fmt_bytes(end))
+                    have = end
+                if USE_DIRECT_IO and have != end:
+                    have -= have % DIRECT_ALIGN  # direct writes continue from an aligned offset
+                log.info("resuming %s from %s", self.rel_name, fmt_bytes(have))
+                os.ftruncate(fd, have)
+                prefix = have
             os.lseek(fd, 0, os.SEEK_SET)
-            have = self._hash_fd(fd, hasher, have)
-            validator = meta.get("etag") or meta.get("last_modified")
+            state.prefix = self._hash_fd(fd, state.hasher, prefix)
+            state.etag, state.last_modified = meta.get("etag"), meta.get("last_modified")
+            state.validator = state.etag or state.last_modified
         else:
             if have:
                 log.info("discarding a partial file of %s that belongs to another file or version", self.rel_name)
-            have, validator = 0, None
-        os.ftruncate(fd, have)
-        os.lseek(fd, have, os.SEEK_SET)
-        return have, hasher, validator
+            os.ftruncate(fd, 0)
+        os.lseek(fd, state.prefix, os.SEEK_SET)
+        return state
 
-    @staticmethod
-    def _restart(fd: int):
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        return hashlib.sha256()
+    def _restart(self) -> _PartState:
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        return _PartState(hashlib.sha256())
 
     # -- download, verify, finalize ----------------------------------------------------------------
 
     def _download(self, folder: Path, model_type: str, name: str, names: list[str], res: Resolved,
                   sha: str | None) -> dict:
         side = folder / (part_filename(name) + ".json")
-        have, hasher, validator = self._open_part(side, res, sha)
-        have, total, hasher = self._fetch(self._fd, side, have, hasher, validator, res, sha, name)
+        part = self._open_part(side, res, sha)
+        have, total, digest = self._fetch(side, part, res, sha, name)
         self._report({"type": "verifying", "job_id": self.job_id})
-        digest = hasher.hexdigest()
         ends = [n for n in (total, res.size_bytes) if n is not None]
         if ends and have < min(ends) and digest != sha:
             raise CivitaiError(f"the file of {self.subject} ended after {fmt_bytes(have)} of "
@@ -678,18 +764,22 @@ class _Job:
         log.info("%s: %s verified (%s)", self.rel_name, fmt_bytes(have), digest[:12])
         return self._done(model_type, final, digest, have, skipped)
 
-    def _fetch(self, fd: int, side: Path, have: int, hasher, validator, res: Resolved, sha, name: str):
-        """Bring the partial file to its full length. Returns (length, total or None, hasher):
-        the hasher is a new one when the file restarted from zero."""
+    def _fetch(self, side: Path, part: _PartState, res: Resolved, sha, name: str):
+        """Bring the partial file to its full length, over several connections where the host
+        allows it (segments.SPLIT_MIN_BYTES, JobContext.connections), else over one. Returns
+        (length, the host's total or None, SHA-256 of the file)."""
         restarts = 0
-        sidecar_total = (self._read_sidecar(side) or {}).get("total") if have else None
+        one_only = self.ctx.connections <= 1
+        alone_ok = True  # a first connection fast enough may go on alone (segments.FAST_ONE_BPS)
         while True:
-            start = have
+            start = part.prefix
+            probe = not one_only and self._ranges_worth_asking(part, res)
+            upto = self._first_piece_end(part, res) if probe else None
             try:
                 dl: Download = self._interruptible(
-                    lambda start=start, validator=validator: self.client.open_download(
+                    lambda start=start, validator=part.validator, probe=probe, upto=upto: self.client.open_download(
                         res.version_id, res.file_id, start=start, etag=validator if start else None,
-                        read_timeout_s=self.ctx.read_timeout_s + 2, filename=name),
+                        read_timeout_s=self.ctx.read_timeout_s + 2, filename=name, probe=probe, end=upto),
                     "open")
             except CivitaiError as exc:
                 if (exc.reason == "early_access" and getattr(exc, "ends_at", None) is None
@@ -699,46 +789,206 @@ class _Job:
             with dl:
                 if dl.status == 416:
                     # Nothing past `start`: complete, if that is where the file ends (the hash decides).
-                    if start > 0 and (sidecar_total is None or start in (sidecar_total, dl.total_size,
-                                                                          res.size_bytes)):
+                    sidecar_total = part.size if part.size is not None else (
+                        (self._read_sidecar(side) or {}).get("total") if start else None)
+                    if start > 0 and not part.written_past(start) and (
+                            sidecar_total is None or start in (sidecar_total, dl.total_size, res.size_bytes)):
                         log.info("%s: the partial file is already complete; verifying it", self.rel_name)
-                        return have, start, hasher
+                        return start, start, part.hasher.hexdigest()
                     if restarts >= MAX_RESTARTS:
                         raise CivitaiError(f"the file host keeps refusing to resume {self.subject} (416); "
                                            f"it will be retried", reason="http_error", retryable=True, status=416)
                     restarts += 1
-                    hasher, have, validator = self._restart(fd), 0, None
+                    part = self._restart()
                     continue
                 if dl.status == 206 and dl.start != start:
                     if restarts >= MAX_RESTARTS:
                         raise CivitaiError(f"the file host sent the wrong part of {self.subject}; it will be retried",
                                            reason="bad_body", retryable=True, status=206)
                     restarts += 1
-                    hasher, have, validator = self._restart(fd), 0, None
+                    part = self._restart()
+                    continue
+                if start > 0 and self._other_version(dl, part):
+                    if restarts >= MAX_RESTARTS:
+                        raise CivitaiError(f"the file host keeps sending parts of another version of {self.subject}; "
+                                           f"it will be retried", reason="bad_body", retryable=True, status=206)
+                    log.info("%s: the file host sent a part of another version of the file; starting from zero",
+                             self.rel_name)
+                    restarts += 1
+                    part = self._restart()
                     continue
                 if dl.status == 200 and start > 0:
                     log.info("%s: the file host sent the whole file again (file changed or no resume support); "
                              "starting from zero", self.rel_name)
-                    hasher, have = self._restart(fd), 0
+                    part = self._restart()
+                    start = 0
                 total = dl.total_size
                 if not size_plausible(total, res.size_bytes):
                     raise CivitaiError(f"the file host is sending {fmt_bytes(total)} for {self.subject} but Civitai "
                                        f"lists about {fmt_bytes(res.size_bytes)}; it will be retried",
                                        reason="size_mismatch", retryable=True)
                 end = file_end(res.size_bytes, total)
-                if end is not None:
-                    dl.limit_body(end - have)
-                self._check_disk_space((end or 0) - have)
-                self._write_sidecar(side, {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha,
-                                           "etag": dl.etag, "last_modified": dl.last_modified, "total": total})
-                have = self._stream(dl, fd, hasher, have, end, sniff=(have == 0),
-                                    json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES))
-                if dl.overran:
-                    self._cut = (end, total)
-                    log.info("%s: the file host sent more than the file's %s (%s); the rest was dropped",
-                             self.rel_name, fmt_bytes(end),
-                             "it gave no length" if total is None else f"it declared {fmt_bytes(total)}")
-                return have, total, hasher
+                why = self._one_connection_why(dl, part, start, end) if probe else "one connection"
+                if why is None:
+                    try:
+                        digest = self._fetch_ranges(dl, side, part, res, sha, end, name, probe=alone_ok)
+                    except segments.OneConnection as solo:
+                        try:
+                            return self._go_on_alone(solo, dl, side, part, res, sha, end, name)
+                        except _SlowAlone as slow:
+                            log.info("%s: one connection slowed down after %s; going on over several",
+                                     self.rel_name, fmt_bytes(slow.done))
+                            part = self._open_part(side, res, sha)  # what is there, hashed again
+                            alone_ok = False
+                            continue
+                    except segments.RestartWhole as exc:
+                        if restarts >= MAX_RESTARTS:
+                            raise CivitaiError(f"the file host of {self.subject} keeps changing its answers ({exc}); "
+                                               f"it will be retried", reason="bad_body", retryable=True) from None
+                        log.info("%s: %s; starting from zero on one connection", self.rel_name, exc)
+                        restarts += 1
+                        part = self._restart()
+                        one_only = True
+                        continue
+                    if total is not None and total > end:
+                        self._cut = (end, total)
+                    return end, total, digest
+                if upto is not None and dl.status == 206 and (dl.content_length or 0) < (end or 0) - start:
+                    # Only the first piece was asked for: ask again for all of it, over one connection.
+                    log.info("%s: one connection (%s)", self.rel_name, why)
+                    one_only = True
+                    continue
+                if part.written_past(start):
+                    # One connection from here on: only the prefix counts, the bytes past it go.
+                    log.info("%s: going on over one connection from %s", self.rel_name, fmt_bytes(start))
+                    os.ftruncate(self._fd, start)
+                    part.missing = None
+                return self._stream_one(dl, side, part, res, sha, start, end, total, name)
+
+    def _stream_one(self, dl: Download, side: Path, part: _PartState, res: Resolved, sha, start: int,
+                    end: int | None, total: int | None, name: str, slow_below: float | None = None):
+        """One connection's answer from `start` on into the file, hashed as it comes in."""
+        if end is not None:
+            dl.limit_body(end - start)
+        self._check_disk_space((end or 0) - start)
+        self._write_sidecar(side, {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha,
+                                   "etag": dl.etag, "last_modified": dl.last_modified, "total": total})
+        os.lseek(self._fd, start, os.SEEK_SET)
+        have = self._stream(dl, self._fd, part.hasher, start, end, sniff=(start == 0),
+                            json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES), slow_below=slow_below)
+        if dl.overran:
+            self._cut = (end, total)
+            log.info("%s: the file host sent more than the file's %s (%s); the rest was dropped",
+                     self.rel_name, fmt_bytes(end),
+                     "it gave no length" if total is None else f"it declared {fmt_bytes(total)}")
+        return have, total, part.hasher.hexdigest()
+
+    def _go_on_alone(self, solo: segments.OneConnection, first: Download, side: Path, part: _PartState,
+                     res: Resolved, sha, end: int, name: str):
+        """The first piece showed one connection is as fast as the line: the rest over one
+        connection (an open Range to the end of the same signed link), hashed as it comes."""
+        at = solo.at
+        # The file loses the length the ranges gave it up front: a resume goes by its length again.
+        os.ftruncate(self._fd, at)
+        part.prefix, part.missing, part.size = at, None, None
+        session = self.client.cdn_session()
+        try:
+            try:
+                dl = self._interruptible(
+                    lambda: self.client.open_range(session, solo.url, at, end, first.etag or first.last_modified,
+                                                   read_timeout_s=self.ctx.read_timeout_s + 2,
+                                                   subject=self.subject, filename=name), "open")
+            except CdnRefused:
+                dl = self._interruptible(
+                    lambda: self.client.open_download(res.version_id, res.file_id, start=at,
+                                                      etag=first.etag or first.last_modified,
+                                                      read_timeout_s=self.ctx.read_timeout_s + 2, filename=name),
+                    "open")
+            with dl:
+                if dl.status != 206 or dl.start != at:
+                    raise CivitaiError(f"the file host stopped serving parts of {self.subject} in the middle of "
+                                       f"the download; the next attempt resumes", reason="bad_body", retryable=True,
+                                       status=dl.status)
+                # A host may let the first megabytes through fast and cap each connection after
+                # them: then the rest goes over several connections after all.
+                return self._stream_one(dl, side, part, res, sha, at, end, first.total_size, name,
+                                        slow_below=segments.FAST_ONE_BPS / 2)
+        finally:
+            session.close()
+
+    def _ranges_worth_asking(self, part: _PartState, res: Resolved) -> bool:
+        """Whether to ask for a Range from the first byte on, to learn if the host serves parts."""
+        if part.written_past(part.prefix):
+            return True
+        return res.size_bytes is None or res.size_bytes - part.prefix >= segments.SPLIT_MIN_BYTES
+
+    def _first_piece_end(self, part: _PartState, res: Resolved) -> int | None:
+        if part.missing is not None and part.missing:
+            return segments.first_piece_end(part.missing, self.ctx.connections)
+        if res.size_bytes is None or res.size_bytes <= part.prefix:
+            return None
+        return segments.first_piece_end([[part.prefix, res.size_bytes]], self.ctx.connections)
+
+    @staticmethod
+    def _one_connection_why(dl: Download, part: _PartState, start: int, end: int | None) -> str | None:
+        """Why this answer does not allow several connections, or None when it does: a 206 with
+        the exact length and a validator (ETag or Last-Modified, for If-Range on every range),
+        from a file host (not Civitai itself: every request there is spaced by the throttle), and
+        enough to fetch (or a partial file with holes)."""
+        if dl.status != 206 or dl.total_size is None or end is None or end > dl.total_size:
+            return "it does not serve parts of the file with their length"
+        if dl.from_api:
+            return "Civitai serves the file itself"
+        if not (dl.etag or dl.last_modified):
+            return "it gives no ETag or Last-Modified to ask for the parts of the very same file"
+        if part.missing is not None and part.size != end:
+            return "the file's length changed"
+        if not part.written_past(start) and end - start < segments.SPLIT_MIN_BYTES:
+            return "the rest is small"
+        return None
+
+    @staticmethod
+    def _other_version(dl: Download, part: _PartState) -> bool:
+        """A 206 whose validator is not the one the partial file was written with: the host
+        ignored If-Range, and its bytes would mix two versions of the file."""
+        if dl.status != 206 or not part.validator:
+            return False
+        if part.etag and dl.etag:
+            return dl.etag != part.etag
+        return bool(not part.etag and part.last_modified and dl.last_modified
+                    and dl.last_modified != part.last_modified)
+
+    def _fetch_ranges(self, dl: Download, side: Path, part: _PartState, res: Resolved, sha, end: int,
+                      name: str, probe: bool = True) -> str:
+        start = part.prefix
+        missing = part.missing if part.missing is not None else [[start, end]]
+        todo = sum(b - a for a, b in missing)
+        self._check_disk_space(todo)
+        meta = {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha, "etag": dl.etag,
+                "last_modified": dl.last_modified, "total": dl.total_size, "size": end}
+
+        def checkpoint(missing_now):
+            self._write_sidecar(side, {**meta, "missing": missing_now})
+
+        checkpoint(missing)  # before the file takes its full size: its length no longer says what is there
+        segments.preallocate(self._fd, end)
+        samples: deque = deque([(time.monotonic(), end - todo)])
+        host = segments.Host(
+            should_stop=self._should_stop,
+            progress=lambda done, total: self._progress(samples, time.monotonic(), done, total),
+            checkpoint=checkpoint,
+            cancelled=self._cancelled,
+            disk_error=lambda exc, what: self._disk_error(exc, what),
+            read_error=lambda exc, done, total, d: self._read_error(exc, done, total, d),
+        )
+        ranged = segments.RangedDownload(
+            client=self.client, host=host, subject=self.subject, filename=name, version_id=res.version_id,
+            file_id=res.file_id, path=self.part_path, fd=self._fd, size=end, host_total=dl.total_size,
+            etag=dl.etag, last_modified=dl.last_modified, missing=missing, hasher=part.hasher,
+            hashed_upto=start, width=self.ctx.connections, read_timeout_s=self.ctx.read_timeout_s,
+            rate_limit=self.rate_limit, direct=USE_DIRECT_IO, max_renewals=CDN_RERESOLVES, probe=probe)
+        log.info("%s: %s over %d connections", self.rel_name, fmt_bytes(todo), ranged.width)
+        return ranged.run(dl)
 
     def _check_disk_space(self, needed: int) -> None:
         if needed <= 0:
@@ -752,8 +1002,10 @@ class _Job:
                                f"only {fmt_bytes(free)} is free in {self.ctx.download_dir}", reason="disk")
 
     def _stream(self, dl: Download, fd: int, hasher, offset: int, total: int | None, *, sniff: bool,
-                json_ok: bool) -> int:
+                json_ok: bool, slow_below: float | None = None) -> int:
         """Copy the body into the file at `offset`, hashing as it goes. Returns the new length.
+        With `slow_below` (bytes/s), raises _SlowAlone when the rate falls under it for a while
+        with much still to come (the bytes received are kept in the file; the hash is not).
 
         A reader thread fills a small ring of reused buffers with readinto(), a hasher thread
         hashes them (hashlib releases the GIL), and this thread writes them, reports progress and
@@ -769,7 +1021,8 @@ class _Job:
         for i in range(N_BUFS):
             free_q.put(i)
         quit_flag = threading.Event()
-        shared = {"error": None, "last_read": time.monotonic()}
+        limit = self.rate_limit
+        shared = {"error": None, "last_read": time.monotonic(), "in_cap": False, "chunk": _read_size(limit)}
 
         def read_loop():
             try:
@@ -777,10 +1030,16 @@ class _Job:
                     i = free_q.get()
                     if i is None or quit_flag.is_set():
                         break
-                    n = dl.readinto(views[i])
+                    n = dl.readinto(views[i][: shared["chunk"]])
                     if not n:
                         break
                     shared["last_read"] = time.monotonic()
+                    shared["in_cap"] = True  # held back by the speed cap: no stall
+                    try:
+                        limit.consume(n, quit_flag.is_set)
+                    finally:
+                        shared["in_cap"] = False
+                        shared["last_read"] = time.monotonic()
                     hash_q.put((i, n))
             except BaseException as exc:  # noqa: BLE001 - handed to the writing thread
                 if not quit_flag.is_set():
@@ -805,7 +1064,7 @@ class _Job:
         done = offset
         finished = False
         samples: deque = deque([(time.monotonic(), done)])
-        last_write = next_check = time.monotonic()
+        last_write = next_check = next_cap = started = time.monotonic()
         next_report = next_check + PROGRESS_INTERVAL_S
         try:
             while True:
@@ -836,13 +1095,20 @@ class _Job:
                     if self._should_stop():
                         raise self._cancelled()
                     idle = now - max(last_write, shared["last_read"])
-                    if idle > self.ctx.read_timeout_s:
+                    if idle > self.ctx.read_timeout_s and not shared["in_cap"]:
                         raise CivitaiError(f"the download stalled: no data for {self.ctx.read_timeout_s:g} s "
                                            f"({fmt_bytes(done)} of {fmt_bytes(total)} saved; the next attempt "
                                            f"resumes)", reason="connection", retryable=True)
+                if now >= next_cap:
+                    next_cap = now + 1.0
+                    shared["chunk"] = _read_size(limit)
                 if now >= next_report:
                     next_report = now + PROGRESS_INTERVAL_S
                     self._progress(samples, now, done, total)
+                    if (slow_below is not None and now - started >= SPEED_WINDOW_S and total is not None
+                            and total - done >= segments.SPLIT_MIN_BYTES
+                            and (done - samples[0][1]) / max(now - samples[0][0], 1e-3) < slow_below):
+                        raise _SlowAlone(done)
             error = shared["error"]
             if error is not None:
                 raise self._read_error(error, done, total, dl)
@@ -867,6 +1133,13 @@ class _Job:
                             buf.close()
                         except BufferError:  # a slice still alive somewhere: the GC frees it
                             pass
+
+    @property
+    def rate_limit(self) -> SharedRateLimit:
+        """The speed cap every connection of every worker shares (the supervisor sets its rate)."""
+        if self.ctx.rate_limit is None:
+            self.ctx.rate_limit = SharedRateLimit(self.ctx.locks_dir / "speed.rate")
+        return self.ctx.rate_limit
 
     def _progress(self, samples: deque, now: float, done: int, total: int | None) -> None:
         samples.append((now, done))

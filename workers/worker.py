@@ -54,6 +54,7 @@ def ignore_terminal_interrupt() -> None:
 def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     from ipc.config import load_config
     from ipc.logsetup import setup_child_logging
+    from ipc.ratelimit import SharedRateLimit
     from ipc.throttle import Throttle
     from workers.civitai import CivitaiClient, CivitaiError
     from workers.download import JobContext, run_job
@@ -92,12 +93,12 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
             elif kind == "cancel":
                 if current["assigned"] == int(msg["job_id"]):  # a late cancel must not hit a later retry
                     cancelled.add(int(msg["job_id"]))
+            elif kind == "config":  # SIGHUP: the next job takes the new number of connections
+                ctx.connections = int(getattr(msg.get("config"), "connections", ctx.connections))
             elif kind == "stop":
                 stop.set()
                 jobs.put(None)
                 return
-
-    threading.Thread(target=read_channel, name="channel-reader", daemon=True).start()
 
     client = CivitaiClient(
         cfg.civitai_url,
@@ -111,7 +112,11 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         allow_unsafe=cfg.allow_unsafe,
         layout=cfg.layout,
         folders=dict(cfg.folders),
+        connections=cfg.connections,
+        # The cap every connection of every worker shares; the supervisor writes its rate.
+        rate_limit=SharedRateLimit(cfg.locks_dir / "speed.rate"),
     )
+    threading.Thread(target=read_channel, name="channel-reader", daemon=True).start()
     channel.send({"type": "ready", "pid": os.getpid()})
     log.info("%s ready", name)
     while not stop.is_set():
