@@ -96,6 +96,7 @@ class Supervisor:
         self._batch: list = []  # this tick's messages from the workers: stored in one transaction
         self._txn_depth = 0
         self._progress_stored: dict[int, float] = {}
+        self._progress_seen: dict[int, dict] = {}  # the last progress message of each running job
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
         self._sent_entries: list | None = None
@@ -631,7 +632,13 @@ class Supervisor:
         elif kind in (Msg.RESOLVED, Msg.VERIFYING, Msg.DONE, Msg.ERROR):
             self.apply(kind, child.name, job_id, msg)
 
+    def latest_bytes(self, job_id: int) -> int | None:
+        """The bytes a running job had at its last progress message (stored at most once a second)."""
+        msg = self._progress_seen.get(job_id)
+        return int(msg.get("bytes_done") or 0) if msg else None
+
     def on_progress(self, job_id: int, msg: dict) -> None:
+        self._progress_seen[job_id] = msg
         if self.control:
             self.control.publish({"event": "download_progress", "ts": utc_now_iso(), "job_id": job_id,
                                   "bytes_done": msg.get("bytes_done"), "bytes_total": msg.get("bytes_total"),
@@ -753,6 +760,7 @@ class Supervisor:
     def _job_let_go(self, child_name: str, job_id: int, outcome: Outcome) -> None:
         """A worker's last message about a job is stored: the worker is free for another."""
         self._progress_stored.pop(job_id, None)
+        self._progress_seen.pop(job_id, None)
         child = self.pool.get(child_name)
         if child is not None and child.job_id == job_id:
             child.job_id = None

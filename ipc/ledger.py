@@ -506,16 +506,17 @@ class JobLedger:
                   max_attempts=max(job["max_attempts"], self.max_attempts))
         return Outcome(job=job, events=[self.queued_event(job)])
 
-    def pause(self, job_id: int) -> Outcome:
+    def pause(self, job_id: int, bytes_done: int | None = None) -> Outcome:
         """Pause one job: queued ones at once; a running one stops (the caller tells its worker)
-        and keeps its partial file."""
+        and keeps its partial file (`bytes_done`: what it has, as last reported)."""
         job = self._require(job_id)
         if job["state"] == JobState.PAUSED:
             return Outcome(job=job)
         if job["state"] not in (JobState.QUEUED, *RUNNING_STATES):
             raise LedgerError(409, f"job {job_id} is {job['state']}; only queued or running jobs can be paused")
         attempts = job["attempts"] - 1 if job["state"] in RUNNING_STATES else job["attempts"]
-        self._set(job, state=JobState.PAUSED, speed_bps=0, attempts=max(0, attempts))
+        kept = {"bytes_done": int(bytes_done)} if bytes_done else {}
+        self._set(job, state=JobState.PAUSED, speed_bps=0, attempts=max(0, attempts), **kept)
         return Outcome(job=job, events=[("download_paused", {"job_id": job_id})])
 
     def resume(self, job_id: int) -> Outcome:

@@ -90,7 +90,7 @@ class ControlOps:
     def op_pause_job(self, job_id) -> dict:
         sup = self.sup
         with sup.txn():
-            outcome = sup.note(sup.ledger.pause(int(job_id)))
+            outcome = sup.note(sup.ledger.pause(int(job_id), bytes_done=sup.latest_bytes(int(job_id))))
         sup.tell_holder(outcome.job["id"], "pause")
         return {"job": public_job(outcome.job)}
 

@@ -15,7 +15,10 @@ import traceback
 log = logging.getLogger("worker")
 
 
-PARENT_CHECK_S = 5.0  # an idle worker wakes this often, only to see whether the supervisor is alive
+# An idle worker wakes this often, only to see whether the supervisor is alive. The supervisor's
+# death shows at once as EOF on the pipe (a forked worker closes every other end it inherited);
+# this is the backstop.
+PARENT_CHECK_S = 60.0
 
 
 class Channel:
@@ -28,11 +31,9 @@ class Channel:
         self._parent_check_s = parent_check_s
 
     def recv(self) -> dict:
-        """The next message; EOFError once the supervisor is gone: EOF on the pipe, or this
-        process was handed to another parent. A forked worker also holds a copy of the
-        supervisor's end of its own pipe, so a supervisor killed with -9 may never show as
-        EOF here: the parent is checked every PARENT_CHECK_S while nothing arrives (a message
-        wakes the poll at once, so this costs no latency)."""
+        """The next message; EOFError once the supervisor is gone: EOF on the pipe, or (the
+        backstop, every PARENT_CHECK_S while nothing arrives) this process was handed to another
+        parent. A message wakes the poll at once, so the check costs no latency."""
         while not self.conn.poll(None if os.name == "nt" else self._parent_check_s):
             if os.getppid() != self._parent_pid:
                 raise EOFError("the supervisor is gone")
@@ -93,8 +94,14 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
             elif kind == "cancel":
                 if current["assigned"] == int(msg["job_id"]):  # a late cancel must not hit a later retry
                     cancelled.add(int(msg["job_id"]))
-            elif kind == "config":  # SIGHUP: the next job takes the new number of connections
-                ctx.connections = int(getattr(msg.get("config"), "connections", ctx.connections))
+            elif kind == "config":  # SIGHUP: the next job takes the live keys
+                new = msg.get("config")
+                if new is not None:
+                    ctx.connections, ctx.layout, ctx.folders = new.connections, new.layout, dict(new.folders)
+                    ctx.allow_unsafe = new.allow_unsafe
+                    if client.throttle is not None:
+                        client.throttle.interval_s = float(new.throttle)
+                    settings["sidecars"], settings["preview_nsfw"] = new.sidecars, new.preview_nsfw
             elif kind == "stop":
                 stop.set()
                 jobs.put(None)
@@ -105,6 +112,23 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         api_key=cfg.civitai_api_key,
         throttle=Throttle(cfg.locks_dir / "civitai.throttle", cfg.throttle),
     )
+    settings = {"sidecars": cfg.sidecars, "preview_nsfw": cfg.preview_nsfw}
+    sidecar_work: queue.SimpleQueue = queue.SimpleQueue()
+
+    def write_sidecars_loop():
+        """Sidecars on a thread of their own, after the file is verified: a slow image host
+        never holds up the next job or counts against a download's timeout."""
+        from workers.sidecars import write_sidecars
+
+        while True:
+            res, path = sidecar_work.get()
+            try:
+                write_sidecars(res, path, client=client, throttle=client.throttle,
+                               preview_nsfw=settings["preview_nsfw"], sidecars=settings["sidecars"])
+            except Exception:
+                log.exception("sidecars of %s", path)
+
+    threading.Thread(target=write_sidecars_loop, name="sidecars", daemon=True).start()
     ctx = JobContext(
         client=client,
         download_dir=cfg.download_path,
@@ -115,6 +139,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         connections=cfg.connections,
         # The cap every connection of every worker shares; the supervisor writes its rate.
         rate_limit=SharedRateLimit(cfg.locks_dir / "speed.rate"),
+        on_verified=lambda res, path: sidecar_work.put((res, path)),
     )
     threading.Thread(target=read_channel, name="channel-reader", daemon=True).start()
     channel.send({"type": "ready", "pid": os.getpid()})

@@ -155,7 +155,9 @@ def test_gui_login_live_download_and_cancel(fake_civitai, daemon_factory, tmp_pa
                    and browser.find_element(By.CSS_SELECTOR, other_row).get_attribute("data-state") == "downloading",
                    20, message="the second row to download")
         screenshot(browser, "gui-downloading.png")
-        # Paused from its row: it stops and keeps its bytes; resumed, it goes on.
+        # Paused from its row once it has bytes: it stops and keeps them; resumed, it goes on.
+        wait_until(lambda: (daemon.api("GET", f"/api/jobs/{other['id']}").json()["job"]["bytes_done"] or 0) > 0, 20,
+                   message="the second download's first stored bytes")
         browser.find_element(By.CSS_SELECTOR, f'{other_row} button[data-action="pause"]').click()
         wait_until(lambda: daemon.job(other["id"])["state"] == "paused", 10, message="the job to be paused")
         wait_until(lambda: browser.find_element(By.CSS_SELECTOR, other_row).get_attribute("data-state") == "paused",
