@@ -50,9 +50,41 @@ def fsync_dir(folder: Path) -> None:
     OS.fsync_dir(folder)
 
 
+STALE_TEMP_S = 600.0  # a temp file of ours this old belongs to a writer that died (kill -9)
+
+
+def remove_stale_temps(path: Path, now: float | None = None) -> int:
+    """Remove `.<name>.<pid>.tmp` files beside `path` that a writer killed in the middle of an
+    atomic write left behind (they live for milliseconds otherwise). Returns how many."""
+    import time
+
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        candidates = [p for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp")]
+    except OSError:
+        return 0
+    for candidate in candidates:
+        middle = candidate.name[len(path.name) + 2:-4]
+        try:
+            if middle.isdigit() and now - os.lstat(candidate).st_mtime > STALE_TEMP_S:
+                os.unlink(candidate)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     """Temp file in the same folder, fsync, os.replace, fsync of the folder. The file keeps its
-    permissions (or gets `mode`)."""
+    permissions (or gets `mode`). A temp file a killed writer left behind is removed."""
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_BINARY, 0o600 if mode is None else mode)

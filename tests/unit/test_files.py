@@ -63,3 +63,16 @@ def test_atomic_write_keeps_the_mode_and_leaves_no_temp_file(tmp_path):
     atomic_write(target, b'[{"modelId": 1}]')
     assert target.read_bytes() == b'[{"modelId": 1}]' and (os.stat(target).st_mode & 0o777) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_a_temp_file_of_a_killed_writer_is_removed_at_the_next_write(tmp_path):
+    target = tmp_path / "m.civitai.info"
+    stale = tmp_path / ".m.civitai.info.4242.tmp"
+    fresh = tmp_path / ".m.civitai.info.4243.tmp"  # another writer, right now
+    other = tmp_path / ".notes.txt.4242.tmp"
+    for p in (stale, fresh, other):
+        p.write_text("half")
+    os.utime(stale, (1, 1))
+    os.utime(other, (1, 1))
+    atomic_write(target, b"{}")
+    assert not stale.exists() and fresh.exists() and other.exists() and target.read_bytes() == b"{}"
