@@ -500,7 +500,7 @@ class JobLedger:
             raise LedgerError(409, f"job {job_id} is {job['state']}; only failed or cancelled jobs can be retried")
         clash = self.find_active(job)
         if clash is not None:
-            raise LedgerError(409, f"job {clash['id']} is already {clash['state']} for the same file")
+            return Outcome(job=clash)  # the same file is on its way already: that job is the retry
         job = dict(job)
         self._set(job, state=JobState.QUEUED, attempts=0, error=None, reason=None, not_before=0, waiting_since=None,
                   max_attempts=max(job["max_attempts"], self.max_attempts))

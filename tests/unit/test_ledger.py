@@ -365,13 +365,12 @@ def test_a_running_job_stopped_by_pause_all_is_given_back(ledger, store):
     assert store.get_job(job["id"])["state"] == "queued" and store.get_job(job["id"])["attempts"] == 0
 
 
-def test_retry_refuses_when_the_same_file_is_active_again(ledger):
+def test_a_retry_while_the_same_file_is_active_again_is_that_job(ledger):
     job = ledger.queue({"model_id": 1, "version_id": 1, "file_id": 1}).job
     ledger.cancel(job["id"])
-    ledger.queue({"model_id": 1, "version_id": 1, "file_id": 1})
-    with pytest.raises(LedgerError) as err:
-        ledger.retry(job["id"])
-    assert err.value.status == 409
+    again = ledger.queue({"model_id": 1, "version_id": 1, "file_id": 1}).job
+    out = ledger.retry(job["id"])
+    assert out.job["id"] == again["id"] and out.events == [] and ledger.get(job["id"])["state"] == "cancelled"
 
 
 def test_queueing_thousands_is_one_lookup_each(ledger, store):
