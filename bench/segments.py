@@ -14,9 +14,10 @@ process measured from outside (wall time, CPU time and peak RSS via os.wait4):
             without --checksum=sha-256=...; curl -o FILE (one connection)
   uncapped  run_job with connections = 1 and 8, against the limit max(curl -o /dev/null,
             openssl dgst -sha256 of a page-cached copy) (with 8, the first connection alone is
-            fast enough that the download goes on over it: segments.FAST_ONE_BPS)
-  rss       run_job with 8 connections, uncapped, on a file a quarter of the size: the worker's
-            peak RSS must not grow with the file
+            fast enough that the download goes on over it: segments.FAST_ONE_BPS; "ranges
+            forced": 8 connections where one would do)
+  rss       run_job with 8 connections (forced), uncapped, on a file a quarter of the size: the
+            worker's peak RSS must not grow with the file
   cost      the shared speed cap's cost: 8 connections uncapped with no cap set, and with a cap
             far above the line (every chunk then takes the cap's file lock)
 
@@ -48,11 +49,14 @@ import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 import workers.download as download
+import workers.segments as segments
 from ipc.ratelimit import SharedRateLimit
 from workers.civitai import CivitaiClient
 from workers.download import JobContext, run_job
 api_url, work, connections, direct, rate = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", int(sys.argv[6])
 download.USE_DIRECT_IO = direct
+if len(sys.argv) > 7 and sys.argv[7] == "ranges":
+    segments.FAST_ONE_BPS = float("inf")  # several connections even where one would do
 limit = SharedRateLimit(work / "locks" / "speed.rate")
 limit.set_rate(rate)
 ctx = JobContext(client=CivitaiClient(api_url), download_dir=work / "models", locks_dir=work / "locks",
@@ -196,10 +200,11 @@ def main(argv=None) -> int:
         inner: dict[str, list[float]] = {}  # run_job's own time, without interpreter start and imports
         loads: dict[str, str] = {}
 
-        def ours(label: str, api: str, connections: int, expect: str, direct: bool = True, rate: int = 0) -> None:
+        def ours(label: str, api: str, connections: int, expect: str, direct: bool = True, rate: int = 0,
+                 ranges: bool = False) -> None:
             settle()
             r = run_child([sys.executable, "-c", CHILD_CODE, str(REPO), api, str(work), str(connections),
-                           "1" if direct else "0", str(rate)])
+                           "1" if direct else "0", str(rate), "ranges" if ranges else "auto"])
             done = json.loads(r["out"])
             assert done["sha256"] == expect and not done["skipped"], done
             (target / done["filename"]).unlink()
@@ -244,9 +249,10 @@ def main(argv=None) -> int:
                     ours(f"uncapped ours c={n}", apis["uncapped"], n, sha)
                     if args.buffered:
                         ours(f"uncapped ours c={n} buffered", apis["uncapped"], n, sha, direct=False)
+                ours("uncapped ours c=8, ranges forced", apis["uncapped"], 8, sha, ranges=True)
                 loads["uncapped"] = load_avg()
             if "rss" in parts:
-                ours("uncapped ours c=8, 1/4 size", apis["small"], 8, small_sha)
+                ours("uncapped ours c=8, ranges forced, 1/4 size", apis["small"], 8, small_sha, ranges=True)
             if "cost" in parts:
                 ours("cost: c=8, no cap", apis["uncapped"], 8, sha, rate=0)
                 ours("cost: c=8, cap 100 GB/s", apis["uncapped"], 8, sha, rate=100_000 * MB)
@@ -254,11 +260,11 @@ def main(argv=None) -> int:
 
         rows = {label: row(rs, size // 4 if "1/4" in label else size) for label, rs in results.items()}
         print(f"\n{args.size_mib} MiB, median of {args.runs} runs, capped server {args.cap_mbps:g} MB/s a connection")
-        print(f"{'case':36} {'seconds':>8} {'MB/s':>8} {'CPU s/GB':>9} {'peak RSS MiB':>13} {'run_job s':>10}  runs")
+        print(f"{'case':44} {'seconds':>8} {'MB/s':>8} {'CPU s/GB':>9} {'peak RSS MiB':>13} {'run_job s':>10}  runs")
         for label, r in rows.items():
             runs = " ".join(f"{x:.2f}" for x in r["runs"])
             own = f"{statistics.median(inner[label]):10.2f}" if label in inner else " " * 10
-            print(f"{label:36} {r['s']:8.2f} {r['mbps']:8.1f} {r['cpu_per_gb']:9.2f} {r['rss']:13.1f} {own}  {runs}")
+            print(f"{label:44} {r['s']:8.2f} {r['mbps']:8.1f} {r['cpu_per_gb']:9.2f} {r['rss']:13.1f} {own}  {runs}")
         print("(seconds: the child process from outside, interpreter start included; run_job s: its own timing)")
         print()
 
@@ -291,11 +297,13 @@ def main(argv=None) -> int:
                           f"{statistics.median(inner[label]) / limit:.3f}"
                           + ("   (target <= 1.2)" if label == "uncapped ours c=1" else ""))
             ratio("uncapped ours c=8", "uncapped ours c=1", "<= 1.05")
+            ratio("uncapped ours c=8, ranges forced", "uncapped ours c=1", "")
             ratio("uncapped ours c=8 buffered", "uncapped ours c=8", "")
             print(f"load average after the uncapped runs: {loads.get('uncapped')}")
-        if "rss" in parts and "uncapped ours c=8" in rows:
-            print(f"peak RSS c=8: {rows['uncapped ours c=8, 1/4 size']['rss']:.1f} MiB at {args.size_mib // 4} MiB, "
-                  f"{rows['uncapped ours c=8']['rss']:.1f} MiB at {args.size_mib} MiB   (target <= 60, flat)")
+        if "rss" in parts and "uncapped ours c=8, ranges forced" in rows:
+            print(f"peak RSS over 8 connections: {rows['uncapped ours c=8, ranges forced, 1/4 size']['rss']:.1f} MiB "
+                  f"at {args.size_mib // 4} MiB, {rows['uncapped ours c=8, ranges forced']['rss']:.1f} MiB at "
+                  f"{args.size_mib} MiB   (target <= 60, flat)")
         if "cost" in parts:
             ratio("cost: c=8, cap 100 GB/s", "cost: c=8, no cap", "about 1")
         print(f"load average at the end: {load_avg()}")

@@ -970,8 +970,7 @@ class _Job:
         def checkpoint(missing_now):
             self._write_sidecar(side, {**meta, "missing": missing_now})
 
-        checkpoint(missing)  # before the file takes its full size: its length no longer says what is there
-        segments.preallocate(self._fd, end)
+        checkpoint(missing)  # before the file takes its full size (preallocate): its length then says nothing
         samples: deque = deque([(time.monotonic(), end - todo)])
         host = segments.Host(
             should_stop=self._should_stop,

@@ -293,7 +293,8 @@ class Plan:
             rem = p.end - committed
             if p.owner is owner or rem <= 0:
                 continue
-            stalled = now - p.last_byte > self.stall_s
+            # A connection held back on purpose (the speed cap, the hash's backlog) is not stalled.
+            stalled = now - p.last_byte > self.stall_s and not getattr(p.owner, "in_cap", False)
             if not stalled and now - p.t0 < STEAL_MIN_S:
                 continue  # too young to know its speed
             speed = (p.pos - p.p0) / max(now - p.t0, 1e-3)
@@ -672,7 +673,7 @@ class RangedDownload:
         started = next_check = next_report = next_save = next_rate = time.monotonic()
         try:
             while True:
-                self.wake.wait(0.02 if probing else POLL_S)
+                self.wake.wait(0.01 if probing or self.solo else POLL_S)  # those moments count
                 self.wake.clear()
                 if self.host.should_stop():
                     raise self.host.cancelled()
@@ -729,6 +730,9 @@ class RangedDownload:
                     log.warning("%s: could not record the download's progress: %s", self.subject, exc)
 
     def _start_others(self, now: float) -> None:
+        # Only now: a first connection that goes on alone never needs it (and would pay for giving
+        # the blocks back). The sidecar already lists what is missing, the length no longer counts.
+        preallocate(self.writer.fd, self.size)
         for i in range(1, self.width):
             self._start(_Conn(i, now), None)
         log.debug("%s: %d connections for %d missing bytes", self.subject, self.width,
