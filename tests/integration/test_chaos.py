@@ -175,6 +175,7 @@ class Chaos:
         self.samples = 0
         self.disk_problems: list[str] = []
         self.expected = {p["rel"]: p["sha"] for p in plan}
+        self.stems = {rel.rsplit(".", 1)[0] for rel in self.expected}
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -224,6 +225,8 @@ class Chaos:
                     self.disk_problems.append(f"{when}: {path.name} left beside a finished job")
                 continue
             rel = path.relative_to(self.daemon.models_dir).as_posix()
+            if rel.endswith(".civitai.info") and rel[:-len(".civitai.info")] in self.stems:
+                continue  # the sidecar other tools read beside a verified file (SPEC §10)
             if rel not in self.expected:
                 self.disk_problems.append(f"{when}: unexpected file {rel}")
             elif sha256_file(path) != self.expected[rel]:
