@@ -57,6 +57,7 @@ PROGRESS_STORE_INTERVAL_S = 1.0
 PRUNE_EVERY_S = 86400.0
 KEEP_HISTORY_S = 30 * 86400  # finished jobs and delivered events are kept this long
 MAX_SLEEP_S = 30.0
+UPDATER_SEND_S = 2.0  # the updater's copy of the entries is brought up to date at most this often
 FRESH_MODULES = {ChildKind.WEB: "web", ChildKind.WEBHOOKS: "workers.webhooks"}
 
 
@@ -100,6 +101,7 @@ class Supervisor:
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
         self._sent_entries: list | None = None
+        self._next_updater_send = 0.0
         self._ready_notified = False
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._next_watchdog = 0.0
@@ -388,6 +390,8 @@ class Supervisor:
         keeper_due = self.keeper.next_due()
         if keeper_due is not None:
             due.append(keeper_due)
+        if self.keeper.entries is not self._sent_entries:
+            due.append(self._next_updater_send)
         if self.deferred or self._sync_due or self._store_problem:
             due.append(self._store_retry_at)
         if self._watchdog_s:
@@ -915,6 +919,11 @@ class Supervisor:
         """A newer version (or a file replaced in place): recorded per manifest_mode, queued."""
         update = {"model_id": msg["model_id"], "previous_version_id": msg.get("previous_version_id"),
                   "previous_file_id": msg.get("previous_file_id"), "entry": msg["entry"]}
+        if self.keeper.records(msg["model_id"], msg["entry"]):
+            # Found against an older copy of the entries (they reach the updater at most every
+            # UPDATER_SEND_S): already recorded and announced.
+            log.debug("model %s: version %s already recorded", msg["model_id"], msg["entry"].get("modelVersionId"))
+            return
         with self.txn():
             entry = self.keeper.apply({"op": "update", "update": update, "mode": self.cfg.manifest_mode})
             if entry is None:
@@ -961,11 +970,18 @@ class Supervisor:
                 # The file is written; only forgetting the pending changes must wait (applying
                 # them again after a crash is harmless: each is idempotent).
                 self._store_trouble(str(exc))
-        if self.keeper.entries is not self._sent_entries:
-            updater = self.pool.get("updater")
-            if updater is not None and updater.ready and updater.send({"type": Msg.MANIFEST,
-                                                                       "entries": self.keeper.entries}):
-                self._sent_entries = self.keeper.entries
+        self.send_entries_to_updater()
+
+    def send_entries_to_updater(self, force: bool = False) -> None:
+        """The updater's copy of the entries, at most every UPDATER_SEND_S (under a stream of
+        downloads they change every tick) unless `force`."""
+        if self.keeper.entries is self._sent_entries or not force and self.clock() < self._next_updater_send:
+            return
+        updater = self.pool.get("updater")
+        if updater is not None and updater.ready and updater.send({"type": Msg.MANIFEST,
+                                                                   "entries": self.keeper.entries}):
+            self._sent_entries = self.keeper.entries
+            self._next_updater_send = self.clock() + UPDATER_SEND_S
 
     # --- dispatch -------------------------------------------------------------------------------
 

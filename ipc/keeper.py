@@ -20,6 +20,7 @@ from pathlib import Path
 from ipc.manifest import (
     ManifestFile,
     apply_update,
+    describes_file,
     duplicate_entries,
     entry_file_key,
     entry_to_job_spec,
@@ -31,11 +32,14 @@ log = logging.getLogger("manifest")
 WRITE_INTERVAL_S = 1.0
 
 
-def apply_op(entries: list[dict], op: dict, mode: str) -> tuple[list[dict], dict | None]:
-    """One pending operation on a list of entries; returns (entries, the entry it concerns)."""
+def apply_op(entries: list[dict], op: dict, mode: str,
+             by_model: dict[int, list[int]] | None = None) -> tuple[list[dict], dict | None]:
+    """One pending operation on a list of entries; returns (entries, the entry it concerns).
+    `by_model`: the indices of each model's entries, when the caller keeps them."""
     kind = op["op"]
     if kind == "record":
-        out, _ = record_download(entries, op["job"])
+        candidates = None if by_model is None else by_model.get(op["job"]["model_id"], [])
+        out, _ = record_download(entries, op["job"], candidates)
         return out, None
     if kind == "update":
         return apply_update(entries, op["update"], op.get("mode", mode))
@@ -61,6 +65,7 @@ class ManifestKeeper:
         self.clock = clock
         self.write_interval_s = write_interval_s
         self.entries: list[dict] = list(manifest.entries)
+        self._by_model = self._index(self.entries)  # modelId -> positions: a download finds its entry at once
         self._pending: list[tuple[int, dict]] = []
         self._next_write = 0.0
         self._reported_duplicates: set[tuple] = set()
@@ -84,22 +89,38 @@ class ManifestKeeper:
         self._rebase()
         return len(self._pending)
 
+    @staticmethod
+    def _index(entries: list[dict]) -> dict[int, list[int]]:
+        by_model: dict[int, list[int]] = {}
+        for i, entry in enumerate(entries):
+            by_model.setdefault(entry["modelId"], []).append(i)
+        return by_model
+
     def _rebase(self) -> None:
         entries = list(self.manifest.entries)
         for _, op in self._pending:
             entries, _ = apply_op(entries, op, self.mode)
         self.entries = entries
+        self._by_model = self._index(entries)
 
     def apply(self, op: dict) -> dict | None:
         """Apply a change now and write it to the file soon. Call inside the store transaction
         of the job change that causes it. Returns the entry it concerns (update, add)."""
-        entries, entry = apply_op(self.entries, op, self.mode)
+        entries, entry = apply_op(self.entries, op, self.mode, self._by_model)
         if entries is self.entries:
             return entry  # nothing to change
         op_id = self.store.add_manifest_op(op)
         self._pending.append((op_id, op))
+        if op["op"] == "record" and len(entries) == len(self.entries):
+            pass  # one entry replaced in place: the positions stay
+        else:
+            self._by_model = self._index(entries)
         self.entries = entries
         return entry
+
+    def records(self, model_id: int, new: dict) -> bool:
+        """Whether an entry of `model_id` already describes the file `new` (a stale update)."""
+        return any(describes_file(self.entries[i], new) for i in self._by_model.get(model_id, ()))
 
     def next_due(self) -> float | None:
         """When a pending write is due (monotonic clock), if any."""

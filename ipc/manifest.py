@@ -276,15 +276,19 @@ def entry_to_job_spec(entry: dict) -> dict:
             **{k: entry.get(k) for k in SELECTOR_FIELDS}}
 
 
-def find_job_entry(entries: list[dict], job: dict) -> int | None:
+def find_job_entry(entries: list[dict], job: dict, candidates: list[int] | None = None) -> int | None:
     """The index of the entry a finished job fulfils: the one naming its file, else the one
-    that asked for it without naming a file yet (same model, folder and selectors)."""
-    for i, entry in enumerate(entries):
+    that asked for it without naming a file yet (same model, folder and selectors).
+    `candidates`: the indices of the model's entries, when the caller keeps them (no scan)."""
+    indices = range(len(entries)) if candidates is None else candidates
+    for i in indices:
+        entry = entries[i]
         if (entry["modelId"] == job["model_id"] and entry.get("fileId") is not None
                 and entry.get("fileId") == job["file_id"]):
             return i
     selectors = tuple(_norm(job.get(k)) for k in SELECTOR_FIELDS)
-    for i, entry in enumerate(entries):
+    for i in indices:
+        entry = entries[i]
         if (entry["modelId"] == job["model_id"] and entry.get("fileId") is None
                 and entry.get("modelVersionId") in (None, job["version_id"])
                 and entry_selectors(entry) == selectors and entry["model_type"] == job["model_type"]):
@@ -292,33 +296,32 @@ def find_job_entry(entries: list[dict], job: dict) -> int | None:
     return None
 
 
-def record_download(entries: list[dict], job: dict) -> tuple[list[dict], bool]:
+def record_download(entries: list[dict], job: dict,
+                    candidates: list[int] | None = None) -> tuple[list[dict], bool]:
     """After a download: the entry records what was fetched and the name actually used. A job
-    the user added from the API or the GUI without an entry gets one. Returns (entries, changed)."""
+    the user added from the API or the GUI without an entry gets one. Returns (entries, changed);
+    the entries given are never changed (a new list shares the entries it does not change)."""
     fields = {"modelId": job["model_id"], "modelVersionId": job["version_id"], "fileId": job["file_id"],
               "model_type": job["model_type"], "sha256": (job.get("sha256") or "").upper(),
               "url": job.get("url"), "filename": job.get("filename"), "updatedAt": job.get("updated_at_civitai")}
     fields = {k: v for k, v in fields.items() if v not in (None, "")}
-    out = [dict(e) for e in entries]
-    index = find_job_entry(out, job)
+    index = find_job_entry(entries, job, candidates)
     if index is None:
         if job.get("source") != "api":
             return entries, False  # the entry left the manifest while the file downloaded
-        target: dict = {}
-        out.append(target)
         if job.get("priority") not in (None, DEFAULT_PRIORITY):
             fields["priority"] = job["priority"]
-    else:
-        target = out[index]
-        fields.pop("model_type", None)  # the entry's folder choice stays
-    before = dict(target)
-    target.update(fields)
-    if target == before and index is not None:
+        return [*entries, fields], True
+    fields.pop("model_type", None)  # the entry's folder choice stays
+    target = {**entries[index], **fields}  # keys already there keep their place
+    if target == entries[index]:
         return entries, False
+    out = list(entries)
+    out[index] = target
     return out, True
 
 
-def _describes(entry: dict, new: dict) -> bool:
+def describes_file(entry: dict, new: dict) -> bool:
     """Whether `entry` already records the file `new` describes (same ids, hash and date)."""
     if entry.get("modelVersionId") != new.get("modelVersionId") or entry.get("fileId") != new.get("fileId"):
         return False
@@ -334,7 +337,7 @@ def apply_update(entries: list[dict], update: dict, mode: str) -> tuple[list[dic
     model_id, new = update["model_id"], dict(update["entry"])
     prev_v, prev_f = update.get("previous_version_id"), update.get("previous_file_id")
     out = [dict(e) for e in entries]
-    present = next((e for e in out if e["modelId"] == model_id and _describes(e, new)), None)
+    present = next((e for e in out if e["modelId"] == model_id and describes_file(e, new)), None)
     if present is not None:
         return entries, present
     candidates = [e for e in out if e["modelId"] == model_id and e.get("modelVersionId") == prev_v]

@@ -189,6 +189,7 @@ class ControlOps:
 
     def op_check_updates(self) -> dict:
         updater = self.sup.pool.get("updater")
+        self.sup.send_entries_to_updater(force=True)  # a check asked for now sees the entries of now
         if updater is None or updater.state != ChildState.RUNNING or not updater.send({"type": "check_now"}):
             state = updater.state if updater is not None else "missing"
             raise ControlError(503, f"the updater is {state}; try again shortly")

@@ -246,3 +246,18 @@ def test_a_database_that_refuses_to_forget_written_changes_loses_nothing(env, mo
     again = make()  # a restart: the rows left behind are applied again, harmlessly
     assert again.entries == keeper.entries and again.flush(force=True)
     assert store.manifest_ops() == []
+
+
+def test_an_update_found_against_an_older_copy_of_the_entries_is_known(env):
+    """The updater's copy of the entries trails by up to UPDATER_SEND_S: the same update can come
+    twice, and the second must be recognised so it is neither announced nor queued again."""
+    path, store, clock, make = env
+    keeper = make()
+    with store.transaction():
+        keeper.apply({"op": "record", "job": job()})
+    assert not keeper.records(5, update()["entry"])
+    with store.transaction():
+        keeper.apply({"op": "update", "update": update(), "mode": "replace"})
+    assert keeper.records(5, update()["entry"])
+    assert not keeper.records(6, update()["entry"]), "another model's entries are not looked at"
+    assert not keeper.records(5, update(v=61, f=601)["entry"])
