@@ -24,6 +24,14 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def names_besides_sidecars(folder) -> list[str]:
+    """The sorted names in `folder` without the sidecars (`<stem>.civitai.info`, `<stem>.preview.<ext>`)
+    that are written beside each verified file a moment after it, on their own thread."""
+    from ipc.naming import SIDECAR_INFO_SUFFIX, SIDECAR_PREVIEW_INFIX
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if not p.name.endswith(SIDECAR_INFO_SUFFIX) and SIDECAR_PREVIEW_INFIX not in p.name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,11 +24,11 @@ PARENT_CHECK_S = 60.0
 class Channel:
     """The worker's end of its Pipe. Sends come from the job thread and the reader thread."""
 
-    def __init__(self, conn, parent_check_s: float = PARENT_CHECK_S):
+    def __init__(self, conn, parent_check_s: float | None = None):
         self.conn = conn
         self._lock = threading.Lock()
         self._parent_pid = os.getppid()
-        self._parent_check_s = parent_check_s
+        self._parent_check_s = PARENT_CHECK_S if parent_check_s is None else parent_check_s
 
     def recv(self) -> dict:
         """The next message; EOFError once the supervisor is gone: EOF on the pipe, or (the

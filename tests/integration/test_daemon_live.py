@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import REPO, base_config, free_port, pid_alive, sha256_file, wait_until
+from tests.helpers import REPO, base_config, free_port, names_besides_sidecars, pid_alive, sha256_file, wait_until
 
 MiB = 1024 * 1024
 
@@ -321,7 +321,7 @@ def test_cancel_then_retry_never_runs_one_job_on_two_workers(fake_civitai, daemo
     done = daemon.wait_event("download_completed", timeout=60)
     assert done["path"] == "checkpoint/model.safetensors"  # not an alternate name: one writer only
     assert not list((daemon.models_dir / "checkpoint").glob(".*.part*"))
-    assert not [p for p in (daemon.models_dir / "checkpoint").iterdir() if p.name != "model.safetensors"]
+    assert names_besides_sidecars(daemon.models_dir / "checkpoint") == ["model.safetensors"]
     assert not daemon.events("worker_restarted")  # a cancel is not a crash
     assert daemon.stop() == 0
 
@@ -337,5 +337,5 @@ def test_the_newest_of_a_model_and_its_version_by_url_are_one_job(fake_civitai, 
     assert first.status_code == 201
     assert second.status_code == 200 and second.json()["job"]["id"] == first.json()["job"]["id"]
     daemon.wait_event("download_completed", timeout=60)
-    assert sorted(p.name for p in (daemon.models_dir / "checkpoint").iterdir()) == ["model.safetensors"]
+    assert names_besides_sidecars(daemon.models_dir / "checkpoint") == ["model.safetensors"]
     assert daemon.stop() == 0

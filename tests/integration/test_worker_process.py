@@ -20,16 +20,24 @@ MiB = 1 << 20
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and forks like the Linux supervisor")
 
-# A supervisor reduced to its pipe: it forks the worker the way supervisor.py does (so the
-# worker holds a copy of this end of its pipe, as a forked worker does), relays JSON lines from
-# stdin to the worker and the worker's messages to stdout.
+# A supervisor reduced to its pipe: it forks the worker the way supervisor.py does (through
+# child_entry, which closes the worker's copy of this end), relays JSON lines from stdin to the
+# worker and the worker's messages to stdout. With "keep", the worker keeps that copy (so only
+# the parent check can see the supervisor die) and checks every 0.5 s instead of every minute.
 STAND_IN = r"""
 import json, multiprocessing as mp, sys, threading
+import workers.worker
+from ipc.childmain import child_entry
 from workers.worker import worker_main
+keep = sys.argv[2] == "keep"
+if keep:
+    workers.worker.PARENT_CHECK_S = 0.5
 ctx = mp.get_context("fork")
 parent, child = ctx.Pipe(duplex=True)
-proc = ctx.Process(target=worker_main, name="worker-1", args=("worker-1", child, sys.argv[1], None))
+fds = [] if keep else [parent.fileno()]
+proc = ctx.Process(target=child_entry, name="worker-1", args=(worker_main, "worker-1", child, sys.argv[1], None, fds))
 proc.start()
+child.close()
 print(json.dumps({"type": "pid", "pid": proc.pid}), flush=True)
 def relay():
     for line in sys.stdin:
@@ -45,10 +53,11 @@ while True:
 
 
 class StandIn:
-    def __init__(self, tmp_path, fake):
+    def __init__(self, tmp_path, fake, keep_parent_end: bool = False):
         config = tmp_path / "config.json"
         config.write_text(json.dumps(base_config(fake, download_dir=str(tmp_path / "models"))))
-        self.proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(config)], cwd=REPO, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(config),
+                                      "keep" if keep_parent_end else "close"], cwd=REPO, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.messages: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -85,11 +94,11 @@ class StandIn:
         self.proc.wait(10)
 
 
-@pytest.fixture
-def stand_in(tmp_path, fake_civitai):  # noqa: F811
+@pytest.fixture(params=[False], ids=["eof"])
+def stand_in(request, tmp_path, fake_civitai):  # noqa: F811
     fake_civitai.add_model(1, type="Checkpoint", versions=[dict(id=11, files=[
         dict(id=111, name="model.safetensors", size_bytes=2 * MiB, primary=True)])])
-    s = StandIn(tmp_path, fake_civitai)
+    s = StandIn(tmp_path, fake_civitai, keep_parent_end=request.param)
     yield s
     s.close()
 
@@ -149,7 +158,10 @@ def test_a_wait_reaches_the_supervisor_with_its_moment(stand_in, fake_civitai): 
     assert "has not hashed the file of model version 11" in error["error"]
 
 
+@pytest.mark.parametrize("stand_in", [False, True], ids=["eof-on-the-pipe", "parent-check"], indirect=True)
 def test_a_worker_whose_supervisor_is_killed_exits(stand_in):
+    """At once through EOF on its pipe; where some other process still holds the supervisor's
+    end (a copy the worker could not close), through the parent check."""
     assert pid_alive(stand_in.worker_pid)
     os.kill(stand_in.proc.pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(stand_in.worker_pid), 15, message="the orphaned worker to exit")
