@@ -817,9 +817,10 @@ class FakeCivitai:
         itself forever), expire_cdn(code=403), ignore_range,
         endless(framing="close"|"chunked", extra_bytes=None, bps=None): no Content-Length, the
         file's bytes and then more without end (None) or ``extra_bytes`` more,
-        overlong(extra_bytes=1 MiB, declared="file"|"body"): ``extra_bytes`` past the end of the
-        file, with a Content-Length of the file's range ("file": the body is longer than it
-        claims) or of the whole body ("body": the host claims more than the file).
+        overlong(extra_bytes=1 MiB, declared="file"|"body", extra_after_s=0): ``extra_bytes`` past
+        the end of the file (``extra_after_s`` after it), with a Content-Length of the file's range
+        ("file": the body is longer than it claims) or of the whole body ("body": the host claims
+        more than the file).
         after_bytes defaults to half of the response body.
         Any fault with ``only_from=N`` plays only on a CDN request whose Range starts at byte N or
         later (one range among several connections' ranges).
@@ -1387,6 +1388,8 @@ class FakeCivitai:
                 out(view[i:i + step])
         idx = max(end, f.size) // BLOCK_SIZE + 1
         past = 0
+        if p.get("extra_after_s") and closing.wait(float(p["extra_after_s"])):
+            raise _Abort()  # the extra bytes come late: after a client has taken the connection back
         while limit is None or past < int(limit):
             block = memoryview(_gen_block(f.seed + 1, idx))
             idx += 1

@@ -16,6 +16,8 @@ from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from ipc.config import PLACEHOLDER_RE
 from ipc.naming import model_type_from_api, safe_filename
@@ -120,6 +122,23 @@ def url_origin(url: str) -> str:
     host = (parts.hostname or "").lower()
     port = parts.port or {"http": 80, "https": 443}.get(scheme)
     return f"{scheme}://{host}:{port}"
+
+
+def new_session(cookies: bool = True) -> requests.Session:
+    """A session whose GETs survive a kept-alive connection the server closed (or filled with a
+    previous answer's stray bytes) just as the request went out: such a request is sent once more
+    on a new connection. Only before any answer arrives; what fails after that is the caller's
+    to retry, with its own backoff."""
+    session = requests.Session()
+    retry = Retry(total=1, connect=1, read=1, status=0, other=0, redirect=0, raise_on_redirect=False,
+                  raise_on_status=False, allowed_methods=frozenset({"GET", "HEAD"}))
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = USER_AGENT
+    if not cookies:
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    return session
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -522,12 +541,10 @@ class CivitaiClient:
         self._api_key = "" if PLACEHOLDER_RE.match(key) else key
         self.throttle = throttle
         self.timeout_s = float(timeout_s)
-        self.session = session if session is not None else requests.Session()
+        self.session = session if session is not None else new_session()
         if str(self.session.headers.get("User-Agent", "")).startswith("python-requests"):
             self.session.headers["User-Agent"] = USER_AGENT  # requests' default is always there
-        self._cdn_session = requests.Session()
-        self._cdn_session.headers["User-Agent"] = USER_AGENT
-        self._cdn_session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        self._cdn_session = new_session(cookies=False)
         self._sleep = time.sleep
 
     def __repr__(self) -> str:
@@ -826,10 +843,7 @@ class CivitaiClient:
 
     def cdn_session(self) -> requests.Session:
         """A session of its own for one connection to the file host: no key, no cookies."""
-        session = requests.Session()
-        session.headers["User-Agent"] = USER_AGENT
-        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-        return session
+        return new_session(cookies=False)
 
     def fresh_link(self, version_id: int, file_id: int | None) -> str:
         """A new signed link to the file (the old one expired): Civitai's download endpoint's
