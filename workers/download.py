@@ -782,7 +782,7 @@ class _Job:
                         read_timeout_s=self.ctx.read_timeout_s + 2, filename=name, probe=probe, end=upto),
                     "open")
             except CivitaiError as exc:
-                if (exc.reason == "early_access" and getattr(exc, "ends_at", None) is None
+                if (exc.reason == "early_access" and exc.ends_at is None
                         and res.early_access_ends_at is not None):
                     raise early_access_error(self.subject, res.early_access_ends_at) from None
                 raise
