@@ -600,7 +600,7 @@ class Host:
     checkpoint: Callable[[list[list[int]]], None]  # the missing ranges, into the sidecar
     cancelled: Callable[[], CivitaiError]
     disk_error: Callable[[OSError, str], CivitaiError]
-    read_error: Callable[[BaseException, int, int, object], CivitaiError]  # (exc, done, total, dl)
+    read_error: Callable[[BaseException, int, int, str], CivitaiError]  # (exc, done, total, url or "")
 
 
 class RangedDownload:
@@ -1010,7 +1010,7 @@ class RangedDownload:
         if tries > RANGE_TRIES or failures > self.max_failures:
             if isinstance(exc, CivitaiError):
                 raise exc
-            raise self.host.read_error(exc, self.plan.present, self.size, _NoDownload())
+            raise self.host.read_error(exc, self.plan.present, self.size, "")  # any of the connections
         log.debug("%s: connection %d failed (%s: %s); asking for its part again", self.subject, conn.index,
                   type(exc).__name__, exc)
         if not progressed:
@@ -1068,10 +1068,6 @@ class RangedDownload:
                 conn.filled = tail
             else:
                 conn.filled = allowed
-
-
-class _NoDownload:
-    url = "the file host"
 
 
 def _saved(done: int, total: int) -> str:
