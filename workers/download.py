@@ -345,6 +345,16 @@ class PartWriter:
 _TICK = object()
 
 
+@dataclass
+class _Reading:
+    """What the reader thread of _Job._stream tells the writing thread."""
+
+    last_read: float  # time.monotonic() of the last read (or of the speed cap letting it go on)
+    chunk: int  # bytes per readinto(), from the speed cap (_read_size)
+    in_cap: bool = False  # held back by the speed cap: no stall
+    error: BaseException | None = None  # what ended the reads, for the writing thread to raise
+
+
 def _case_twin(folder: Path, name: str) -> str | None:
     """Another entry of `folder` whose name differs from `name` only in case (or Unicode form):
     the same file to a case-insensitive file system (Windows, macOS), a different one here."""
@@ -1041,7 +1051,7 @@ class _Job:
             free_q.put(i)
         quit_flag = threading.Event()
         limit = self.rate_limit
-        shared = {"error": None, "last_read": time.monotonic(), "in_cap": False, "chunk": _read_size(limit)}
+        shared = _Reading(last_read=time.monotonic(), chunk=_read_size(limit))
 
         def read_loop():
             try:
@@ -1049,20 +1059,20 @@ class _Job:
                     i = free_q.get()
                     if i is None or quit_flag.is_set():
                         break
-                    n = dl.readinto(views[i][: shared["chunk"]])
+                    n = dl.readinto(views[i][: shared.chunk])
                     if not n:
                         break
-                    shared["last_read"] = time.monotonic()
-                    shared["in_cap"] = True  # held back by the speed cap: no stall
+                    shared.last_read = time.monotonic()
+                    shared.in_cap = True
                     try:
                         limit.consume(n, quit_flag.is_set)
                     finally:
-                        shared["in_cap"] = False
-                        shared["last_read"] = time.monotonic()
+                        shared.in_cap = False
+                        shared.last_read = time.monotonic()
                     hash_q.put((i, n))
             except BaseException as exc:  # noqa: BLE001 - handed to the writing thread
                 if not quit_flag.is_set():
-                    shared["error"] = exc
+                    shared.error = exc
             finally:
                 hash_q.put(None)
 
@@ -1113,14 +1123,14 @@ class _Job:
                     next_check = now + POLL_S
                     if self._should_stop():
                         raise self._cancelled()
-                    idle = now - max(last_write, shared["last_read"])
-                    if idle > self.ctx.read_timeout_s and not shared["in_cap"]:
+                    idle = now - max(last_write, shared.last_read)
+                    if idle > self.ctx.read_timeout_s and not shared.in_cap:
                         raise CivitaiError(f"the download stalled: no data for {self.ctx.read_timeout_s:g} s "
                                            f"({fmt_bytes(done)} of {fmt_bytes(total)} saved; the next attempt "
                                            f"resumes)", reason="connection", retryable=True)
                 if now >= next_cap:
                     next_cap = now + 1.0
-                    shared["chunk"] = _read_size(limit)
+                    shared.chunk = _read_size(limit)
                 if now >= next_report:
                     next_report = now + PROGRESS_INTERVAL_S
                     self._progress(samples, now, done, total)
@@ -1128,7 +1138,7 @@ class _Job:
                             and total - done >= segments.SPLIT_MIN_BYTES
                             and (done - samples[0][1]) / max(now - samples[0][0], 1e-3) < slow_below):
                         raise _SlowAlone(done)
-            error = shared["error"]
+            error = shared.error
             if error is not None:
                 raise self._read_error(error, done, total, dl.url)
             self._progress(samples, time.monotonic(), done, total)
