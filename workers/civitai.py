@@ -70,13 +70,15 @@ class CivitaiError(Exception):
     `wait` marks an answer that is no failure of the job: early access, the daily download
     quota, a file Civitai has not hashed yet. Such a job runs again at `wait_until` (unix time)
     without using up an attempt; `retry_after_s` is the same moment as seconds from now.
+    `ends_at` (early access) is the end date Civitai gave, None when it gave none.
     """
 
     def __init__(self, message: str, *, reason: str, retryable: bool = False,
                  retry_after_s: float | None = None, status: int | None = None,
-                 wait: bool = False, wait_until: float | None = None):
+                 wait: bool = False, wait_until: float | None = None, ends_at: float | None = None):
         super().__init__(message)
         self.reason = reason
+        self.ends_at = ends_at
         self.retryable = retryable or wait
         self.status = status
         self.wait = wait
@@ -251,9 +253,7 @@ def early_access_error(subject: str, ends_at: float | None, said: str = "",
     else:
         until = ends_at + EARLY_ACCESS_MARGIN_S
         text = f"{subject} is in early access on Civitai until {utc_text(ends_at)}{says}; the download starts then{buy}"
-    error = CivitaiError(text, reason="early_access", wait=True, wait_until=until, status=403)
-    error.ends_at = ends_at
-    return error
+    return CivitaiError(text, reason="early_access", wait=True, wait_until=until, status=403, ends_at=ends_at)
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -460,10 +460,9 @@ class Download:
         it. Reading past urllib3 (readinto1 on the socket's reader) leaves its bookkeeping
         behind, so the body's end is told to http.client before the connection goes back."""
         fp = getattr(self._raw, "_fp", None)
-        clean = (self._buffered is not None and self._remaining == 0 and self._failure is None
-                 and not self._aborted and isinstance(fp, http.client.HTTPResponse) and not fp.will_close
-                 and not self._readable(0))
-        if clean:
+        if (self._buffered is not None and self._remaining == 0 and self._failure is None
+                and not self._aborted and isinstance(fp, http.client.HTTPResponse) and not fp.will_close
+                and not self._readable(0)):
             try:
                 fp.length = 0
                 fp.read(1)  # http.client sees the body's end and lets go of the socket's reader
@@ -933,7 +932,7 @@ class CivitaiClient:
             raise early_access_error(subject, None)
 
     def _refuse_non_file(self, download: Download, subject: str, filename: str | None) -> None:
-        json_ok = bool(filename) and filename.lower().endswith(TEXT_FILE_SUFFIXES)
+        json_ok = filename is not None and filename.lower().endswith(TEXT_FILE_SUFFIXES)
         kind = sniff_error_body(download.content_type, b"")
         if kind == "json" and json_ok:
             return
@@ -1215,7 +1214,8 @@ def resolve(client: CivitaiClient, *, model_id=None, version_id=None, file_id=No
         if model_id is not None and isinstance(api_model_id, int) and api_model_id != int(model_id):
             raise CivitaiError(f"model version {version_id} belongs to model {api_model_id} on Civitai, "
                                f"not to model {model_id}: fix the ids", reason="not_found")
-        model = version.get("model") if isinstance(version.get("model"), dict) else {}
+        embedded = version.get("model")
+        model = embedded if isinstance(embedded, dict) else {}
         model_id = api_model_id if isinstance(api_model_id, int) else model_id
     elif model_id is not None:
         model = _get_metadata(client, lambda: client.get_model(int(model_id)), f"model {int(model_id)}", attempt)

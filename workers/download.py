@@ -12,6 +12,7 @@ import queue
 import shutil
 import socket
 import stat
+import sys
 import threading
 import time
 from collections import deque
@@ -84,7 +85,7 @@ class _PartState:
     hashed into `hasher`; with several connections also bytes past it (`missing`: the ranges
     still to fetch, of a file of `size` bytes)."""
 
-    hasher: object
+    hasher: hashlib._Hash  # hashlib.sha256(); the name exists only in the stubs (never evaluated here)
     prefix: int = 0
     validator: str | None = None  # If-Range: the ETag, else the Last-Modified it was written with
     etag: str | None = None
@@ -186,7 +187,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-if os.name == "nt":  # pragma: no cover - exercised on Windows only
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
 
     def try_lock_fd(fd: int) -> bool:
@@ -222,8 +223,8 @@ class PartWriter:
         self.offset = offset
         self.dfd = -1
         self.staged = 0
-        self._stage = None
-        self._stage_view = None
+        self._stage: mmap.mmap | None = None
+        self._stage_view: memoryview | None = None
         if direct and offset % DIRECT_ALIGN == 0:
             try:
                 self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | O_NOFOLLOW)
@@ -238,6 +239,12 @@ class PartWriter:
     @property
     def direct(self) -> bool:
         return self.dfd >= 0
+
+    def _staging(self) -> memoryview:
+        # Only direct writes stage, and __init__ keeps the direct descriptor only once the
+        # staging buffer exists.
+        assert self._stage_view is not None, "direct writes without a staging buffer"
+        return self._stage_view
 
     def write(self, view: memoryview) -> None:
         """Write `view` (a slice from the start of a page-aligned buffer when direct). With
@@ -254,10 +261,11 @@ class PartWriter:
                     self._plain(view[aligned:])
                     return
             view = view[aligned:]
+        stage = self._staging()
         pos, n = 0, len(view)
         while pos < n:
             k = min(n - pos, STAGE_SIZE - self.staged)
-            self._stage_view[self.staged: self.staged + k] = view[pos: pos + k]
+            stage[self.staged: self.staged + k] = view[pos: pos + k]
             self.staged += k
             pos += k
             self._flush_stage()
@@ -271,12 +279,13 @@ class PartWriter:
         if not aligned:
             return
         tail = self.staged - aligned
-        self._direct(self._stage_view[:aligned])
+        stage = self._staging()
+        self._direct(stage[:aligned])
         if self.dfd < 0:  # fell back: the tail goes through the page cache too
-            self._plain(self._stage_view[aligned:self.staged])
+            self._plain(stage[aligned:self.staged])
             self.staged = 0
             return
-        self._stage_view[:tail] = self._stage_view[aligned:self.staged]
+        stage[:tail] = stage[aligned:self.staged]
         self.staged = tail
 
     def _direct(self, view: memoryview) -> None:
@@ -322,16 +331,28 @@ class PartWriter:
                 staged, self.staged = self.staged, 0
                 os.lseek(self.fd, self.offset, os.SEEK_SET)
                 if staged:
-                    self._plain(self._stage_view[:staged])
+                    self._plain(self._staging()[:staged])
         finally:
             self._close_direct()
             if self._stage_view is not None:
                 self._stage_view.release()
+                self._stage_view = None
+            if self._stage is not None:
                 self._stage.close()
-                self._stage_view = self._stage = None
+                self._stage = None
 
 
 _TICK = object()
+
+
+@dataclass
+class _Reading:
+    """What the reader thread of _Job._stream tells the writing thread."""
+
+    last_read: float  # time.monotonic() of the last read (or of the speed cap letting it go on)
+    chunk: int  # bytes per readinto(), from the speed cap (_read_size)
+    in_cap: bool = False  # held back by the speed cap: no stall
+    error: BaseException | None = None  # what ended the reads, for the writing thread to raise
 
 
 def _case_twin(folder: Path, name: str) -> str | None:
@@ -380,6 +401,12 @@ class _Job:
         self._cut: tuple | None = None  # (file end, host's total) when a body went on past the file
 
     # -- small helpers ------------------------------------------------------------------------
+
+    @property
+    def _part(self) -> Path:
+        # Every step that writes or renames the partial file runs after _choose_name claimed it.
+        assert self.part_path is not None, "no partial file claimed"
+        return self.part_path
 
     def _cancelled(self) -> CivitaiError:
         return CivitaiError("the download was cancelled; its partial file is kept so a later attempt resumes",
@@ -782,7 +809,7 @@ class _Job:
                         read_timeout_s=self.ctx.read_timeout_s + 2, filename=name, probe=probe, end=upto),
                     "open")
             except CivitaiError as exc:
-                if (exc.reason == "early_access" and getattr(exc, "ends_at", None) is None
+                if (exc.reason == "early_access" and exc.ends_at is None
                         and res.early_access_ends_at is not None):
                     raise early_access_error(self.subject, res.early_access_ends_at) from None
                 raise
@@ -830,6 +857,7 @@ class _Job:
                 end = file_end(res.size_bytes, total)
                 why = self._one_connection_why(dl, part, start, end) if probe else "one connection"
                 if why is None:
+                    assert end is not None  # _one_connection_why said "no length" otherwise
                     try:
                         digest = self._fetch_ranges(dl, side, part, res, sha, end, name, probe=alone_ok)
                     except segments.OneConnection as solo:
@@ -960,6 +988,8 @@ class _Job:
 
     def _fetch_ranges(self, dl: Download, side: Path, part: _PartState, res: Resolved, sha, end: int,
                       name: str, probe: bool = True) -> str:
+        # Only an answer that gives the file's length gets here (_one_connection_why).
+        assert dl.total_size is not None, "ranges of an answer without the file's length"
         start = part.prefix
         missing = part.missing if part.missing is not None else [[start, end]]
         todo = sum(b - a for a, b in missing)
@@ -978,11 +1008,11 @@ class _Job:
             checkpoint=checkpoint,
             cancelled=self._cancelled,
             disk_error=lambda exc, what: self._disk_error(exc, what),
-            read_error=lambda exc, done, total, d: self._read_error(exc, done, total, d),
+            read_error=self._read_error,
         )
         ranged = segments.RangedDownload(
             client=self.client, host=host, subject=self.subject, filename=name, version_id=res.version_id,
-            file_id=res.file_id, path=self.part_path, fd=self._fd, size=end, host_total=dl.total_size,
+            file_id=res.file_id, path=self._part, fd=self._fd, size=end, host_total=dl.total_size,
             etag=dl.etag, last_modified=dl.last_modified, missing=missing, hasher=part.hasher,
             hashed_upto=start, width=self.ctx.connections, read_timeout_s=self.ctx.read_timeout_s,
             rate_limit=self.rate_limit, direct=USE_DIRECT_IO, max_renewals=CDN_RERESOLVES, probe=probe)
@@ -1013,7 +1043,7 @@ class _Job:
         """
         bufs = [mmap.mmap(-1, BUF_SIZE) for _ in range(N_BUFS)]  # page-aligned, for direct I/O
         views = [memoryview(b) for b in bufs]
-        writer = PartWriter(self.part_path, fd, offset)
+        writer = PartWriter(self._part, fd, offset)
         free_q: queue.SimpleQueue = queue.SimpleQueue()
         hash_q: queue.SimpleQueue = queue.SimpleQueue()
         write_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -1021,7 +1051,7 @@ class _Job:
             free_q.put(i)
         quit_flag = threading.Event()
         limit = self.rate_limit
-        shared = {"error": None, "last_read": time.monotonic(), "in_cap": False, "chunk": _read_size(limit)}
+        shared = _Reading(last_read=time.monotonic(), chunk=_read_size(limit))
 
         def read_loop():
             try:
@@ -1029,20 +1059,20 @@ class _Job:
                     i = free_q.get()
                     if i is None or quit_flag.is_set():
                         break
-                    n = dl.readinto(views[i][: shared["chunk"]])
+                    n = dl.readinto(views[i][: shared.chunk])
                     if not n:
                         break
-                    shared["last_read"] = time.monotonic()
-                    shared["in_cap"] = True  # held back by the speed cap: no stall
+                    shared.last_read = time.monotonic()
+                    shared.in_cap = True
                     try:
                         limit.consume(n, quit_flag.is_set)
                     finally:
-                        shared["in_cap"] = False
-                        shared["last_read"] = time.monotonic()
+                        shared.in_cap = False
+                        shared.last_read = time.monotonic()
                     hash_q.put((i, n))
             except BaseException as exc:  # noqa: BLE001 - handed to the writing thread
                 if not quit_flag.is_set():
-                    shared["error"] = exc
+                    shared.error = exc
             finally:
                 hash_q.put(None)
 
@@ -1093,14 +1123,14 @@ class _Job:
                     next_check = now + POLL_S
                     if self._should_stop():
                         raise self._cancelled()
-                    idle = now - max(last_write, shared["last_read"])
-                    if idle > self.ctx.read_timeout_s and not shared["in_cap"]:
+                    idle = now - max(last_write, shared.last_read)
+                    if idle > self.ctx.read_timeout_s and not shared.in_cap:
                         raise CivitaiError(f"the download stalled: no data for {self.ctx.read_timeout_s:g} s "
                                            f"({fmt_bytes(done)} of {fmt_bytes(total)} saved; the next attempt "
                                            f"resumes)", reason="connection", retryable=True)
                 if now >= next_cap:
                     next_cap = now + 1.0
-                    shared["chunk"] = _read_size(limit)
+                    shared.chunk = _read_size(limit)
                 if now >= next_report:
                     next_report = now + PROGRESS_INTERVAL_S
                     self._progress(samples, now, done, total)
@@ -1108,9 +1138,9 @@ class _Job:
                             and total - done >= segments.SPLIT_MIN_BYTES
                             and (done - samples[0][1]) / max(now - samples[0][0], 1e-3) < slow_below):
                         raise _SlowAlone(done)
-            error = shared["error"]
+            error = shared.error
             if error is not None:
-                raise self._read_error(error, done, total, dl)
+                raise self._read_error(error, done, total, dl.url)
             self._progress(samples, time.monotonic(), done, total)
             return done
         finally:
@@ -1149,7 +1179,8 @@ class _Job:
         self._report({"type": "progress", "job_id": self.job_id, "bytes_done": done, "bytes_total": total,
                       "speed_bps": speed})
 
-    def _read_error(self, exc: BaseException, done: int, total: int | None, dl: Download) -> CivitaiError:
+    def _read_error(self, exc: BaseException, done: int, total: int | None, url: str) -> CivitaiError:
+        """The job's error for a failed read of the body from `url` (redacted; "" when not known)."""
         if isinstance(exc, CivitaiError):
             return exc
         timeout_types: tuple = (socket.timeout, TimeoutError)
@@ -1163,14 +1194,14 @@ class _Job:
         if isinstance(exc, timeout_types):
             return CivitaiError(f"the download stalled: no data for {self.ctx.read_timeout_s:g} s ({saved})",
                                 reason="connection", retryable=True)
-        host = dl.url.split("/")[2] if dl.url.count("/") >= 2 else "the file host"
+        host = url.split("/")[2] if url.count("/") >= 2 else "the file host"
         return CivitaiError(f"the connection to {host} broke during the download ({type(exc).__name__}; {saved})",
                             reason="connection", retryable=True)
 
     def _finalize(self, folder: Path, names: list[str], digest: str, estimate: int | None):
         """Move the verified file to the first of `names` that is free (or already holds this
         very file), under the lock every job takes for this step. Returns (name, skipped)."""
-        part = self.part_path
+        part = self._part
         with file_lock(self.ctx.locks_dir / "finalize.lock"):
             self._check_stop()  # a cancel that came in during the last bytes: nothing reaches the final path
             for name in names:

@@ -287,7 +287,8 @@ class Plan:
             return self._steal(owner, now)
 
     def _steal(self, owner, now: float) -> tuple[Piece | None, Piece | None]:
-        best, best_key = None, None
+        best: Piece | None = None
+        best_key: tuple[bool, float, int] | None = None
         for p in self.active:
             committed = max(p.pos, p.writing)
             rem = p.end - committed
@@ -302,7 +303,7 @@ class Plan:
             key = (stalled, left_s, rem)
             if best_key is None or key > best_key:
                 best, best_key = p, key
-        if best is None:
+        if best is None or best_key is None:
             return None, None
         stalled, left_s, rem = best_key
         committed = max(best.pos, best.writing)
@@ -584,6 +585,10 @@ class _Conn:
         self.wpos = 0
         self.filled = 0
 
+    def alive(self) -> bool:
+        """Whether its thread runs (a connection not started yet has none)."""
+        return self.thread is not None and self.thread.is_alive()
+
 
 @dataclass
 class Host:
@@ -595,7 +600,7 @@ class Host:
     checkpoint: Callable[[list[list[int]]], None]  # the missing ranges, into the sidecar
     cancelled: Callable[[], CivitaiError]
     disk_error: Callable[[OSError, str], CivitaiError]
-    read_error: Callable[[BaseException, int, int, object], CivitaiError]  # (exc, done, total, dl)
+    read_error: Callable[[BaseException, int, int, str], CivitaiError]  # (exc, done, total, url or "")
 
 
 class RangedDownload:
@@ -682,9 +687,9 @@ class RangedDownload:
                 if probing:
                     probing = self._probe(conn0, piece0, now)
                 if self.solo:
-                    if not conn0.thread.is_alive() and self.hasher.done >= self.plan.frontier():
+                    if not conn0.alive() and self.hasher.done >= self.plan.frontier():
                         raise OneConnection(self.hasher.done, self.link.url)
-                    if conn0.thread.is_alive() and now >= next_check:
+                    if conn0.alive() and now >= next_check:
                         next_check = now + POLL_S
                         self._watch(now)
                     continue
@@ -697,7 +702,7 @@ class RangedDownload:
                                   self.subject, all_in - started, time.monotonic() - all_in)
                         break
                 else:
-                    if not any(c.thread.is_alive() for c in self.conns):
+                    if not any(c.alive() for c in self.conns):
                         self._raise_failure()
                         raise CivitaiError(f"every connection to the file host for {self.subject} ended before "
                                            f"the file was complete ({_saved(self.plan.present, self.size)})",
@@ -780,7 +785,8 @@ class RangedDownload:
                 dl.abort()
         deadline = time.monotonic() + JOIN_S
         for c in self.conns:
-            c.thread.join(max(0.0, deadline - time.monotonic()))
+            if c.thread is not None:
+                c.thread.join(max(0.0, deadline - time.monotonic()))
         self.hasher.join(max(0.0, deadline - time.monotonic()))
 
     def _watch(self, now: float) -> None:
@@ -879,14 +885,14 @@ class RangedDownload:
             except BufferError:  # pragma: no cover - a slice still alive somewhere: the GC frees it
                 pass
 
-    def _write(self, conn: _Conn, view: memoryview, k: int) -> None:
+    def _write(self, conn: _Conn, piece: Piece, view: memoryview, k: int) -> None:
         """Write the first k held bytes at wpos; keep the rest of what belongs to the piece."""
         try:
             self.writer.write(view[:k], conn.wpos)
         except OSError as exc:
             raise _DiskError(exc) from None
         conn.wpos += k
-        self.plan.written(conn.piece, conn.wpos, time.monotonic())
+        self.plan.written(piece, conn.wpos, time.monotonic())
 
     def _fetch_piece(self, conn: _Conn, piece: Piece, view: memoryview, session, dl: Download | None) -> bool:
         """Fetch one piece to its (moving) end. True when complete, False on a stop. On a stop the
@@ -907,7 +913,7 @@ class RangedDownload:
                         dl = conn.dl = None
                     k, allowed = plan.reserve(piece, conn.wpos, conn.filled, direct)
                     if k:
-                        self._write(conn, view, k)
+                        self._write(conn, piece, view, k)
                     conn.filled = 0
                     return True
                 try:
@@ -955,7 +961,7 @@ class RangedDownload:
                 k, _ = plan.reserve(piece, conn.wpos, conn.filled, direct=False)
                 if k:
                     try:
-                        self._write(conn, view, k)
+                        self._write(conn, piece, view, k)
                     except (WriterClosed, _DiskError):
                         pass
                 conn.filled = 0
@@ -992,8 +998,7 @@ class RangedDownload:
         return dl
 
     def _others_running(self, conn: _Conn) -> bool:
-        return any(c is not conn and c.piece is not None and c.thread is not None and c.thread.is_alive()
-                   for c in self.conns)
+        return any(c is not conn and c.piece is not None and c.alive() for c in self.conns)
 
     def _failed(self, conn: _Conn, exc: BaseException, tries: int, progressed: bool) -> int:
         """Count a failed request of a piece and wait a little before the next. Raises when the
@@ -1005,7 +1010,7 @@ class RangedDownload:
         if tries > RANGE_TRIES or failures > self.max_failures:
             if isinstance(exc, CivitaiError):
                 raise exc
-            raise self.host.read_error(exc, self.plan.present, self.size, _NoDownload())
+            raise self.host.read_error(exc, self.plan.present, self.size, "")  # any of the connections
         log.debug("%s: connection %d failed (%s: %s); asking for its part again", self.subject, conn.index,
                   type(exc).__name__, exc)
         if not progressed:
@@ -1056,17 +1061,13 @@ class RangedDownload:
             k, allowed = plan.reserve(piece, conn.wpos, filled, direct)
             conn.filled = filled
             if k:
-                self._write(conn, view, k)
+                self._write(conn, piece, view, k)
                 tail = allowed - k
                 if tail:
                     view[:tail] = view[k:k + tail]
                 conn.filled = tail
             else:
                 conn.filled = allowed
-
-
-class _NoDownload:
-    url = "the file host"
 
 
 def _saved(done: int, total: int) -> str:

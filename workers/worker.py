@@ -69,7 +69,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
     cancelled: set[int] = set()
-    current = {"job_id": None, "assigned": None}
+    current: dict[str, int | None] = {"job_id": None, "assigned": None}
 
     def on_sigterm(signum, frame):
         # The supervisor's kill for a stuck job, or shutdown: stop at the next chunk, keep the part.
@@ -88,8 +88,8 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
                 return
             kind = msg.get("type") if isinstance(msg, dict) else None
             if kind == "job":
-                current["assigned"] = int(msg["job"]["job_id"])
-                cancelled.discard(current["assigned"])  # a fresh assignment clears a stale cancel
+                assigned = current["assigned"] = int(msg["job"]["job_id"])
+                cancelled.discard(assigned)  # a fresh assignment clears a stale cancel
                 jobs.put(msg["job"])
             elif kind == "cancel":
                 if current["assigned"] == int(msg["job_id"]):  # a late cancel must not hit a later retry
