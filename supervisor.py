@@ -34,15 +34,17 @@ from ipc.files import PidLock
 from ipc.keeper import ManifestKeeper
 from ipc.ledger import JobLedger, Outcome
 from ipc.logsetup import child_log_handler, journal_prefix, setup_supervisor_logging
-from ipc.manifest import ManifestError, ManifestFile, duplicate_entries, entry_to_job_spec
+from ipc.manifest import ManifestError, ManifestFile, duplicate_entries
 from ipc.messages import Msg
 from ipc.naming import part_filename
 from ipc.operations import ControlOps
 from ipc.oslayer import OS
 from ipc.ratelimit import SharedRateLimit, effective_rate, local_minute, next_boundary_s
 from ipc.retry import STORE_RETRY
+from ipc.scanlink import LibraryScans
 from ipc.states import ChildKind, ChildState, KillReason
 from ipc.store import JobStore, StoreOpenError, StoreUnavailable, utc_now_iso
+from ipc.updaterlink import UpdaterLink
 from workers.webhooks import EventAnnouncer
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -57,7 +59,6 @@ PROGRESS_STORE_INTERVAL_S = 1.0
 PRUNE_EVERY_S = 86400.0
 KEEP_HISTORY_S = 30 * 86400  # finished jobs and delivered events are kept this long
 MAX_SLEEP_S = 30.0
-UPDATER_SEND_S = 2.0  # the updater's copy of the entries is brought up to date at most this often
 FRESH_MODULES = {ChildKind.WEB: "web", ChildKind.WEBHOOKS: "workers.webhooks"}
 
 
@@ -85,7 +86,8 @@ class Supervisor:
         self.exit_code = 0
         self.started_wall = wall()
         self.started_iso = utc_now_iso()
-        self.updater_info = {"last_check": None, "last_success": None, "next_check": None, "running": False}
+        self.updates = UpdaterLink(self)  # the updater's entries, its clock, the updates it finds
+        self.scans = LibraryScans(self)  # `import` through the daemon
         # Database trouble: what could not be stored waits here, in order, and is tried again.
         self.deferred: deque = deque()
         self._store_problem: str | None = None
@@ -100,22 +102,16 @@ class Supervisor:
         self._progress_seen: dict[int, dict] = {}  # the last progress message of each running job
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
-        self._sent_entries: list | None = None
-        self._next_updater_send = 0.0
         self._ready_notified = False
         self._watchdog_s = sdnotify.watchdog_interval_s()
         self._next_watchdog = 0.0
         self._web_probe_running = False
         self._next_web_probe = 0.0
-        self.scan: dict | None = None  # the running or last library scan (GET /api/library/scan)
-        self._scan_request: dict | None = None  # what the library child gets once it is ready
-        self._scan_started = 0.0
-        self._scan_base: list | None = None  # the manifest's entries the scan planned against
         self.rate_limit = SharedRateLimit(cfg.locks_dir / "speed.rate")
         self.speed_override: int | None = self.store.get_kv("speed.override")
         self.speed_in_force: tuple[int, str] | None = None
         self._next_speed_check = 0.0
-        self._load_updater_info()
+        self.updates.load()
         self._build_children()
 
     # --- the children ------------------------------------------------------------------------
@@ -390,8 +386,9 @@ class Supervisor:
         keeper_due = self.keeper.next_due()
         if keeper_due is not None:
             due.append(keeper_due)
-        if self.keeper.entries is not self._sent_entries:
-            due.append(self._next_updater_send)
+        updater_due = self.updates.next_due()
+        if updater_due is not None:
+            due.append(updater_due)
         if self.deferred or self._sync_due or self._store_problem:
             due.append(self._store_retry_at)
         if self._watchdog_s:
@@ -477,9 +474,17 @@ class Supervisor:
             last = self.store.get_kv("speed.in_force")
             if not first or last != [rate, source]:
                 log.info("speed cap: %s (%s)", f"{rate / 1e6:.2f} MB/s" if rate else "none", source)
-                self._set_kv("speed.in_force", [rate, source])
+                self.remember("speed.in_force", [rate, source])
                 self.emit_now("speed_limit_changed", max_speed=rate or None, source=source)
         return rate, source
+
+    def remember(self, key: str, value) -> None:
+        """A kv value that is only shown (the updater's clock, the speed in force): not stored
+        while the database is unavailable; it is sent again with the next change."""
+        try:
+            self.store.set_kv(key, value)
+        except StoreUnavailable:
+            pass
 
     def speed_view(self) -> dict:
         rate, source = self.speed_in_force or self.apply_speed()
@@ -535,7 +540,7 @@ class Supervisor:
                     self.on_message(ex.child, msg)
             ex.child.close()
             if ex.child.kind == ChildKind.LIBRARY:
-                self.library_child_gone(ex)
+                self.scans.child_gone(ex)
                 continue
             if ex.job_id is not None:
                 self.apply("lost", ex)
@@ -604,25 +609,19 @@ class Supervisor:
         kind = msg.get("type")
         if kind == Msg.READY:
             child.mark_ready()
-            if child.kind == ChildKind.LIBRARY and self._scan_request is not None:
-                child.send({"type": "scan", "request": self._scan_request})
-                self._scan_request = None
+            if child.kind == ChildKind.LIBRARY:
+                self.scans.on_ready(child)
             if child.kind == ChildKind.UPDATER:
-                self.updater_info["running"] = False  # a check cut short by its death is over
-                # The updater must not open SQLite itself (forked while our threads use it: a
-                # mutex inherited locked deadlocks it), so it gets the last check's time here.
-                child.send({"type": Msg.MANIFEST, "entries": self.keeper.entries,
-                            "last_success_ts": self.store.get_kv("updater.last_success_ts")})
-                self._sent_entries = self.keeper.entries
+                self.updates.on_ready(child)
             return
         if kind == Msg.FATAL:
             child.last_error = str(msg.get("error", ""))
             return
         if child.kind == ChildKind.UPDATER:
-            self.on_updater_message(msg)
+            self.updates.on_message(msg)
             return
         if child.kind == ChildKind.LIBRARY:
-            self.on_library_message(child, msg)
+            self.scans.on_message(msg)
             return
         job_id = msg.get("job_id")
         if job_id is None or job_id != child.job_id:
@@ -725,21 +724,16 @@ class Supervisor:
                     self.after_commit(lambda: self.after_job_change(outcome))
             return
         if kind == "update":
-            self._apply_update(item[1])
+            self.updates.apply_update(item[1])
             return
         if kind == "library_hashes":
-            with self.txn():
-                for rel, sha, size, mtime_ns in item[1]:
-                    self.store.record_file(rel, sha, int(size), int(mtime_ns))
+            self.scans.store_hashes(item[1])
             return
         if kind == "library_answers":
-            from ipc.library import save_answers
-
-            with self.txn():
-                save_answers(self.store, item[1])
+            self.scans.store_answers(item[1])
             return
         if kind == "library_done":
-            self._library_done(item[1])
+            self.scans.done(item[1])
             return
         _, child_name, job_id, msg = item
         typ = msg["type"]
@@ -801,147 +795,12 @@ class Supervisor:
             holder.send({"type": Msg.CANCEL, "job_id": job_id})
             holder.release_job_by = self.clock() + RELEASE_GRACE_S
 
-    # --- the library scan -----------------------------------------------------------------------
-
-    def start_library_scan(self, folder: str | None, dry_run: bool) -> dict:
-        """`import` through the daemon: a child hashes and identifies, the supervisor records what
-        it learns and adds the entries (it stays the only writer of manifest.json)."""
-        from ipc.library import load_answers, new_scan
-        from workers.library import library_main
-
-        self.scan = new_scan(folder, dry_run)
-        self._scan_started = self.clock()
-        self._scan_base = self.keeper.entries
-        self._scan_request = {"folder": folder, "dry_run": dry_run, "entries": self.keeper.entries,
-                              "files": self.store.all_files(), "answers": load_answers(self.store)}
-        old = self.pool.get("library")
-        if old is not None:
-            del self.pool.children["library"]
-        log_handler_for = (lambda child: child_log_handler(child.name)) if self.fork else (lambda child: self.log_queue)
-        child = self.pool.add(ForkedChild("library", ChildKind.LIBRARY, library_main,
-                                          lambda child: (str(self.cfg.config_path),), self.ctx, log_handler_for,
-                                          self.supervisor_fds, on_change=self.on_child_change, oneshot=True))
-        child.spawn(self.clock())
-        log.info("library scan of %s%s started", folder or "download_dir", " (dry run)" if dry_run else "")
-        self.emit_now("library_scan_started", folder=folder)
-        return self.scan
-
-    def on_library_message(self, child, msg: dict) -> None:
-        kind = msg.get("type")
-        if kind == "library_progress" and self.scan is not None:
-            self.scan.update(msg["scan"])
-            if self.control:  # a view: published, never stored (at most 4 a second)
-                s = self.scan
-                self.control.publish({"event": "library_scan_progress", "ts": utc_now_iso(),
-                                      "files_done": s["files_done"], "files_total": s["files_total"],
-                                      "bytes_done": s["bytes_done"], "bytes_total": s["bytes_total"]})
-        elif kind == "library_hashes":
-            self.apply("library_hashes", msg["files"])
-        elif kind == "library_answers":
-            self.apply("library_answers", msg["answers"])
-        elif kind == "library_done":
-            self.apply("library_done", msg)
-
-    def _library_done(self, msg: dict) -> None:
-        from ipc.library import load_answers
-        from workers.library import plan_import
-
-        scan = dict(msg["scan"])
-        entries = msg.get("entries") or []
-        with self.txn():
-            if scan["state"] == "done" and not scan.get("dry_run"):
-                if self.keeper.entries is not self._scan_base:
-                    # The manifest changed during the scan (a person's save, a download): plan again.
-                    plan = plan_import([tuple(p) for p in msg.get("found") or []], load_answers(self.store),
-                                       self.keeper.entries)
-                    entries = plan.entries
-                for entry in entries:
-                    self.keeper.apply({"op": "add", "entry": entry})
-                self.sync_manifest("import")
-            self.emit("library_scan_done", folder=scan.get("folder"), files=scan.get("files_total"),
-                      matched=scan.get("matched"), added=scan.get("added"), already_listed=scan.get("already_listed"),
-                      unknown=scan.get("unknown"), seconds=scan.get("seconds"), state=scan.get("state"),
-                      error=scan.get("error"))
-        self.scan = scan
-        log.log(logging.INFO if scan["state"] == "done" else logging.WARNING,
-                "library scan %s: %s file(s), %s matched, %s added, %s already listed, %s unknown%s",
-                scan["state"], scan.get("files_total"), scan.get("matched"), scan.get("added"),
-                scan.get("already_listed"), len(scan.get("unknown") or []),
-                f"; {scan['error']}" if scan.get("error") else "")
-
-    def library_child_gone(self, ex: Exit) -> None:
-        if self.scan is not None and self.scan.get("state") == "running" and not self.deferred:
-            self.scan.update(state="failed", error=f"the library scan stopped: its process ended "
-                                                   f"(exit code {ex.code}); run it again to finish it")
-            self.emit_now("library_scan_done", folder=self.scan.get("folder"), state="failed",
-                          error=self.scan["error"], files=self.scan.get("files_total"), matched=0, added=0,
-                          already_listed=0, unknown=[], seconds=round(self.clock() - self._scan_started, 1))
-
-    # --- the updater ----------------------------------------------------------------------------
-
-    def on_updater_message(self, msg: dict) -> None:
-        kind = msg.get("type")
-        if kind == Msg.CHECK_STARTED:
-            self.updater_info["running"] = True
-        elif kind == Msg.SCHEDULE:
-            self.updater_info["next_check"] = msg.get("next_check")
-            self._set_kv("updater.next_check", msg.get("next_check"))
-        elif kind == Msg.CHECK_DONE:
-            self.updater_info["running"] = False
-            self.updater_info["last_check"] = msg.get("ts")
-            self._set_kv("updater.last_check", msg.get("ts"))
-            if msg.get("ok"):
-                self.updater_info["last_success"] = msg.get("ts")
-                self._set_kv("updater.last_success", msg.get("ts"))
-                self._set_kv("updater.last_success_ts", msg.get("unix_ts"))
-            log.log(logging.INFO if msg.get("ok") else logging.WARNING,
-                    "update check %s: %s model(s), %s update(s), %s error(s), %s request(s) in %.1f s%s",
-                    "done" if msg.get("ok") else "failed", msg.get("models"), msg.get("updates"),
-                    msg.get("errors"), msg.get("requests"), float(msg.get("duration_s") or 0),
-                    f"; {msg['error']}" if msg.get("error") else "")
-        elif kind == Msg.UPDATE_FOUND:
-            self.apply("update", msg)
-        elif kind == Msg.UPDATE_ERROR:
-            log.warning("update check for model %s failed: %s", msg.get("model_id"), msg.get("error"))
-            self.emit_now("model_update_error", model_id=msg.get("model_id"), error=msg.get("error"))
-
-    def _set_kv(self, key: str, value) -> None:
-        try:
-            self.store.set_kv(key, value)
-        except StoreUnavailable:
-            pass  # the updater's clock is only shown; it is sent again with the next check
-
-    def _load_updater_info(self) -> None:
-        for key in ("last_check", "last_success", "next_check"):
-            self.updater_info[key] = self.store.get_kv(f"updater.{key}")
-
-    def _apply_update(self, msg: dict) -> None:
-        """A newer version (or a file replaced in place): recorded per manifest_mode, queued."""
-        update = {"model_id": msg["model_id"], "previous_version_id": msg.get("previous_version_id"),
-                  "previous_file_id": msg.get("previous_file_id"), "entry": msg["entry"]}
-        if self.keeper.records(msg["model_id"], msg["entry"]):
-            # Found against an older copy of the entries (they reach the updater at most every
-            # UPDATER_SEND_S): already recorded and announced.
-            log.debug("model %s: version %s already recorded", msg["model_id"], msg["entry"].get("modelVersionId"))
-            return
-        with self.txn():
-            entry = self.keeper.apply({"op": "update", "update": update, "mode": self.cfg.manifest_mode})
-            if entry is None:
-                return  # the entry left the manifest while the check ran
-            new = msg["entry"]
-            log.info("model %s: new version %s (was %s), file %s", msg["model_id"], new.get("modelVersionId"),
-                     msg.get("previous_version_id"), new.get("filename"))
-            self.emit("model_update", model_id=msg["model_id"], version_id=new.get("modelVersionId"),
-                      previous_version_id=msg.get("previous_version_id"), sha256=new.get("sha256"),
-                      updatedAt=new.get("updatedAt"), filename=new.get("filename"), file_id=new.get("fileId"))
-            self.note(self.ledger.queue(entry_to_job_spec(entry), source="update", requeue_finished=True))
-
     # --- the manifest -----------------------------------------------------------------------------
 
     def poll_manifest(self) -> None:
         if self.clock() < self._next_manifest_poll:
             return
-        busy = bool(self.ledger.active) or self.scan is not None and self.scan.get("state") == "running"
+        busy = bool(self.ledger.active) or self.scans.running
         self._next_manifest_poll = self.clock() + (MANIFEST_POLL_S if busy else MANIFEST_POLL_IDLE_S)
         result = self.keeper.poll()
         if result == "invalid":
@@ -970,18 +829,7 @@ class Supervisor:
                 # The file is written; only forgetting the pending changes must wait (applying
                 # them again after a crash is harmless: each is idempotent).
                 self._store_trouble(str(exc))
-        self.send_entries_to_updater()
-
-    def send_entries_to_updater(self, force: bool = False) -> None:
-        """The updater's copy of the entries, at most every UPDATER_SEND_S (under a stream of
-        downloads they change every tick) unless `force`."""
-        if self.keeper.entries is self._sent_entries or not force and self.clock() < self._next_updater_send:
-            return
-        updater = self.pool.get("updater")
-        if updater is not None and updater.ready and updater.send({"type": Msg.MANIFEST,
-                                                                   "entries": self.keeper.entries}):
-            self._sent_entries = self.keeper.entries
-            self._next_updater_send = self.clock() + UPDATER_SEND_S
+        self.updates.send_entries()
 
     # --- dispatch -------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ class ControlOps:
         return {
             "version": VERSION, "started_at": sup.started_iso, "uptime_s": round(time.time() - sup.started_wall, 1),
             "children": [c.public() for c in sup.pool], "queue": sup.store.job_counts(),
-            "updater": dict(sup.updater_info), "stopping": sup.stopping, "paused": sup.ledger.paused_all,
+            "updater": dict(sup.updates.info), "stopping": sup.stopping, "paused": sup.ledger.paused_all,
             "manifest_error": sup.keeper.error, "manifest_pending": sup.keeper.pending_count, "health": "degraded" if degraded else "ok", "degraded": degraded,
             "running": [public_job(j) for j in sup.ledger.running()],
         }
@@ -161,7 +161,7 @@ class ControlOps:
         from ipc.library import LibraryError, scan_folder
 
         sup = self.sup
-        if sup.scan is not None and sup.scan.get("state") == "running":
+        if sup.scans.running:
             raise ControlError(409, "a library scan is running already; GET /api/library/scan follows it")
         if sup.keeper.error is not None:
             raise ControlError(409, f"manifest.json has an invalid edit; fix it first: {sup.keeper.error}")
@@ -169,10 +169,10 @@ class ControlOps:
             rel = scan_folder(sup.cfg.download_path, folder)
         except LibraryError as exc:
             raise ControlError(404 if "there is no folder" in str(exc) else 422, str(exc)) from None
-        return {"scan": sup.start_library_scan(rel, bool(dry_run))}
+        return {"scan": sup.scans.start(rel, bool(dry_run))}
 
     def op_library_scan_status(self) -> dict:
-        return {"scan": self.sup.scan}
+        return {"scan": self.sup.scans.scan}
 
     # --- the speed cap ---------------------------------------------------------------------------
 
@@ -189,7 +189,7 @@ class ControlOps:
 
     def op_check_updates(self) -> dict:
         updater = self.sup.pool.get("updater")
-        self.sup.send_entries_to_updater(force=True)  # a check asked for now sees the entries of now
+        self.sup.updates.send_entries(force=True)  # a check asked for now sees the entries of now
         if updater is None or updater.state != ChildState.RUNNING or not updater.send({"type": "check_now"}):
             state = updater.state if updater is not None else "missing"
             raise ControlError(503, f"the updater is {state}; try again shortly")
