@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -73,8 +74,9 @@ class Config:
     def data_dir(self) -> Path:
         return self.base_dir / "data"
 
-    @property
+    @functools.cached_property
     def download_path(self) -> Path:
+        """Resolved once (the supervisor asks for it per finished file)."""
         path = Path(self.download_dir)
         return (path if path.is_absolute() else self.base_dir / path).resolve()
 
