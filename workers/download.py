@@ -211,6 +211,78 @@ else:
         return True
 
 
+class _Call:
+    """One blocking call handed to a helper thread, and what became of it."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.done = threading.Event()
+        self.value = None
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            self.error = exc
+        with self._lock:
+            self.done.set()
+            abandoned = self._abandoned
+        if abandoned:
+            self._close_value()
+
+    def abandon(self) -> None:
+        """The caller gave up: what the call opens, now or when it returns, is closed."""
+        with self._lock:
+            self._abandoned = True
+            finished = self.done.is_set()
+        if finished:
+            self._close_value()
+
+    def _close_value(self) -> None:
+        if isinstance(self.value, Download):
+            self.value.close()
+
+
+class _Callers:
+    """Helper threads for blocking calls, kept for the next call (a download makes several,
+    and a thread's start was 9 % of a small file's cost). A thread whose call never returns
+    is simply not handed another; each ends after IDLE_S without work."""
+
+    IDLE_S = 60.0
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue] = []
+
+    def run(self, call: _Call, what: str) -> None:
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._serve, args=(inbox,), name=f"civitai-{what}", daemon=True).start()
+        inbox.put(call)
+
+    def _serve(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            try:
+                call = inbox.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:
+                        self._idle.remove(inbox)
+                        return
+                continue  # handed a call just now: it is in the queue
+            call.run()
+            with self._lock:
+                self._idle.append(inbox)
+
+
+_CALLERS = _Callers()
+
+
 class PartWriter:
     """Appends to the partial file from `offset` on: with O_DIRECT where it works (whole
     DIRECT_ALIGN blocks written straight from the caller's page-aligned buffer, other pieces
@@ -424,33 +496,17 @@ class _Job:
                             reason="disk")
 
     def _interruptible(self, fn, what: str):
-        """Run a blocking network call in a helper thread so should_stop() is still honoured
+        """Run a blocking network call on a helper thread so should_stop() is still honoured
         within POLL_S; an abandoned call finishes (or times out) on its own and is closed."""
-        box: dict = {}
-        done = threading.Event()
-        abandoned = threading.Event()
-
-        def target():
-            try:
-                box["value"] = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
-                box["error"] = exc
-            finally:
-                done.set()
-                if abandoned.is_set() and isinstance(box.get("value"), Download):
-                    box["value"].close()
-
-        thread = threading.Thread(target=target, name=f"civitai-{what}", daemon=True)
-        thread.start()
-        while not done.wait(POLL_S):
+        call = _Call(fn)
+        _CALLERS.run(call, what)
+        while not call.done.wait(POLL_S):
             if self._should_stop():
-                abandoned.set()
-                if done.is_set() and isinstance(box.get("value"), Download):
-                    box["value"].close()
+                call.abandon()
                 raise self._cancelled()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
+        if call.error is not None:
+            raise call.error
+        return call.value
 
     def _hash_fd(self, fd: int, hasher, limit: int | None = None) -> int:
         """Feed a file's bytes into `hasher` (up to `limit`), checking should_stop() as it goes."""
