@@ -746,10 +746,10 @@ class Supervisor:
                 outcome = self.note(self.ledger.on_done(job_id, msg, self._stat(msg["path"])))
                 if outcome.finished and outcome.job is not None:
                     self.keeper.apply({"op": "record", "job": dict(outcome.job)})
-                    log.info("job %s %s: %s (%s, %s, sha256 %s…)", job_id,
+                    log.info("job %s %s: %s (%s, %s, sha256 %s…, %s)", job_id,
                              "already present and verified" if msg.get("skipped") else "done",
                              _job_title(outcome.job), msg["path"], _size_text(int(msg.get("bytes") or 0)),
-                             str(msg["sha256"])[:12])
+                             str(msg["sha256"])[:12], child_name)
             else:
                 outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
             if typ in (Msg.DONE, Msg.ERROR):

@@ -844,7 +844,8 @@ class _Job:
             raise self._disk_error(exc, "saving") from None
         final, skipped = self._finalize(folder, names, digest, res.size_bytes)
         self.rel_name = f"{model_type}/{final}"
-        log.info("%s: %s verified (%s)", self.rel_name, fmt_bytes(have), digest[:12])
+        # DEBUG: the supervisor's "job N done" line says the same, with the worker's name.
+        log.debug("%s: %s verified (%s)", self.rel_name, fmt_bytes(have), digest[:12])
         return self._done(model_type, final, digest, have, skipped)
 
     def _fetch(self, side: Path, part: _PartState, res: Resolved, sha, name: str):
