@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import json
 import os
 import random
@@ -44,6 +45,7 @@ import benchkit as kit  # noqa: I001  (puts the repository on sys.path)
 import proctree
 import requests
 
+from ipc.naming import SIDECAR_INFO_SUFFIX, SIDECAR_PREVIEW_INFIX
 from tests.helpers import Daemon, base_config, pid_alive, sha256_file, wait_until
 from tests.webhook_receiver import WebhookReceiver
 
@@ -161,7 +163,9 @@ class Soak:
         if self.rng.random() < 0.25:
             return self.cancel_queued()
         mid = self.catalogue.publish_model(size=BIG)
-        self.fake.set_fault(self.catalogue.file_of(self.catalogue.versions[mid][0]), "drip", times=1, bps=DRIP_BPS)
+        fid = self.catalogue.file_of(self.catalogue.versions[mid][0])
+        # Every request of the file drips (several connections share it out), until the cancel.
+        self.fake.set_fault(fid, "drip", bps=DRIP_BPS)
         res = self.api("POST", "/api/jobs", json={"model_id": mid})
         if res is None or not res.ok:
             self.counts["cancel: could not queue"] += 1
@@ -174,7 +178,10 @@ class Soak:
         except AssertionError:
             self.counts["cancel: job never downloading in 30 s"] += 1
         res = self.api("DELETE", f"/api/jobs/{job_id}")
+        self.fake.clear_faults(fid)  # the retry below goes at full speed
         self.counts["cancel of a downloading job" if res is not None and res.ok else "cancel refused"] += 1
+        if res is not None and not res.ok:
+            self.note(f"cancel of job {job_id}: {res.status_code} {res.text[:200]}")
         try:
             wait_until(lambda: self.reader.scalar("SELECT COUNT(*) FROM events WHERE event = 'download_cancelled' "
                                                   "AND json_extract(data, '$.job_id') = ?", (job_id,)),
@@ -517,12 +524,22 @@ class Soak:
                 bad.append(f"job {job_id}: {rel} does not hash to {want}")
         finals = [p for p in self.daemon.models_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
         partial = [p for p in self.daemon.models_dir.rglob(".*") if p.is_file()]
-        stray = [p for p in finals if p not in known]
+        sidecars = [p for p in finals if sidecar_of(p) is not None]
+        for path in sidecars:  # beside a verified file, never alone
+            if sidecar_of(path) not in known:
+                bad.append(f"{path.relative_to(self.daemon.models_dir)} is a sidecar without its verified file")
+        stray = [p for p in finals if p not in known and sidecar_of(p) is None]
         for path in stray:
             bad.append(f"{path.relative_to(self.daemon.models_dir)} is at a final path without a done job")
-        print(f"done jobs: {len(done)}; files at final paths: {len(finals)}; checked against sha256: "
-              f"{len(done) - len([b for b in bad if b.startswith('job')])} good, {len(bad)} bad; "
-              f"hidden partial files left: {len(partial)}")
+        print(f"done jobs: {len(done)}; files at final paths: {len(finals) - len(sidecars)} and {len(sidecars)} "
+              f"sidecars; checked against sha256: {len(done) - len([b for b in bad if b.startswith('job')])} good, "
+              f"{len(bad)} bad; hidden partial files left: {len(partial)}")
+        active = self.reader.scalar("SELECT COUNT(*) FROM jobs WHERE state NOT IN ('done', 'failed', 'cancelled')")
+        if partial and not active:  # nothing unfinished may keep a partial file: each is disk lost for good
+            bad.extend(f"{p.relative_to(self.daemon.models_dir)} is a partial file of no unfinished job" for p in partial)
+        for path in partial[:10]:
+            print(f"  hidden: {path.relative_to(self.daemon.models_dir)} ({path.stat().st_size} bytes; "
+                  f"{active} job(s) unfinished)")
         for line in bad[:20]:
             print("  " + line)
         served = sum(self.fake.bytes_served(fid) for fid in {row[3] for row in done})
@@ -534,6 +551,23 @@ class Soak:
             print("  no file finished: nothing was verified")
             return 1
         return len(bad)
+
+
+def sidecar_of(path: Path) -> Path | None:
+    """The model file a sidecar (`<stem>.civitai.info`, `<stem>.preview.<ext>`) belongs to, or None.
+    The stem is matched against the model files beside it."""
+    name = path.name
+    if name.endswith(SIDECAR_INFO_SUFFIX):
+        stem = name[: -len(SIDECAR_INFO_SUFFIX)]
+    elif SIDECAR_PREVIEW_INFIX in name:
+        stem = name.rsplit(SIDECAR_PREVIEW_INFIX, 1)[0]
+    else:
+        return None
+    for candidate in path.parent.glob(glob.escape(stem) + ".*"):
+        if candidate != path and candidate.is_file() and not candidate.name.startswith(stem + ".preview.") \
+                and not candidate.name.endswith(SIDECAR_INFO_SUFFIX):
+            return candidate
+    return path.parent / (stem + ".safetensors")  # the file it would belong to: reported as missing
 
 
 def main(argv=None) -> int:

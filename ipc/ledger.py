@@ -323,6 +323,8 @@ class JobLedger:
     def on_resolved(self, job_id: int, msg: dict) -> Outcome:
         job = self.active.get(job_id)
         if job is None:
+            if job_id in self.held:
+                self._note_where(job_id, msg)
             return Outcome()
         fields = {k: msg[k] for k in ("model_id", "version_id", "file_id", "model_type", "filename", "sha256",
                                       "bytes_total", "url", "model_name", "version_name", "base_model")
@@ -339,6 +341,16 @@ class JobLedger:
         if fields:
             self._set(job, **fields)
         return Outcome(job=job)
+
+    def _note_where(self, job_id: int, msg: dict) -> None:
+        """A job cancelled before its worker resolved it (a model id only): the folder and name
+        the worker resolved are where its partial file is, to be removed when the worker lets go."""
+        stored = self.store.get_job(job_id)
+        if stored is None or stored["state"] != JobState.CANCELLED:
+            return
+        where = {k: msg[k] for k in ("model_type", "filename") if msg.get(k) and not stored.get(k)}
+        if where:
+            self.store.update_job(job_id, **where)
 
     def on_progress(self, job_id: int, bytes_done: int, bytes_total: int | None, speed_bps: float) -> Outcome:
         job = self.active.get(job_id)

@@ -329,6 +329,23 @@ def test_cancel_of_a_running_job_removes_its_partial_when_the_worker_lets_go(led
     assert ledger.job_lost(other["id"], "cancel", -9, timeout_s=60).remove_partial
 
 
+@pytest.mark.parametrize("lets_go", ["error", "killed"])
+def test_a_job_cancelled_before_its_worker_resolved_it_still_finds_its_partial(ledger, lets_go):
+    """Seen in the soak: a job without a file name yet (a model id only), cancelled just after
+    dispatch. Its worker resolves it and writes part of the file before it sees the cancel; the
+    partial is found by the name the worker resolved, not left behind."""
+    job = ledger.queue({"model_id": 1}).job
+    take_one(ledger)
+    ledger.cancel(job["id"])
+    ledger.on_resolved(job["id"], {"model_id": 1, "version_id": 11, "file_id": 111, "model_type": "checkpoint",
+                                   "filename": "m.safetensors", "sha256": "AB" * 32})
+    out = (run_to_error(ledger, job, reason="cancelled") if lets_go == "error"
+           else ledger.job_lost(job["id"], "cancel", -9, timeout_s=60))
+    assert out.remove_partial
+    assert (out.job["model_type"], out.job["filename"], out.job["state"]) == ("checkpoint", "m.safetensors",
+                                                                              "cancelled")
+
+
 def test_pause_keeps_the_attempt_and_resume_queues_it(ledger, store):
     job = ledger.queue({"model_id": 1, "version_id": 1, "file_id": 1}).job
     take_one(ledger)
