@@ -49,6 +49,18 @@ def file_key(job: dict) -> tuple:
     return ("model", job.get("model_id"), selectors_of(job))
 
 
+def asked_key(job: dict) -> tuple | None:
+    """The key a job had when it was queued, once it has resolved to a file ("newest of model N"
+    is still what a model-only entry asks for after a restart); None when it asked for the file
+    itself, or for a row from before the column."""
+    kind = job.get("asked")
+    if kind == "model":
+        return ("model", job.get("model_id"), selectors_of(job))
+    if kind == "version" and job.get("version_id") is not None:
+        return ("version", job["version_id"], selectors_of(job))
+    return None
+
+
 def may_be_same_file(a: dict, b: dict) -> bool:
     """Whether two jobs could turn out to fetch the same file: never run such two at once."""
     if a["id"] == b["id"]:
@@ -122,7 +134,14 @@ class JobLedger:
 
     def _index(self, job: dict) -> None:
         self.active[job["id"]] = job
-        self._add_key(job, file_key(job))
+        key = file_key(job)
+        self._add_key(job, key)
+        asked = asked_key(job)
+        if asked is not None and asked != key:
+            # Resolved before a restart: it is still the job for what it was asked for.
+            self._add_key(job, asked)
+            if asked[0] == "model" and job.get("version_id") is not None:
+                self._add_key(job, ("version", job["version_id"], selectors_of(job)))
         if job["state"] == JobState.QUEUED:
             self._schedule(job)
 

@@ -81,6 +81,7 @@ _ADDED_COLUMNS = {
         ("model_name", "TEXT"), ("version_name", "TEXT"), ("base_model", "TEXT"),
         ("file_type", "TEXT"), ("format", "TEXT"), ("fp", "TEXT"),  # selectors of an entry
         ("waiting_since", "REAL"),  # first of a run of waits that are no failure (unhashed file)
+        ("asked", "TEXT"),  # what it was queued for before it resolved: model, version or file
     ),
 }
 
@@ -251,7 +252,8 @@ class JobStore:
                "filename": filename, "state": str(state), "priority": priority, "max_attempts": max_attempts,
                "sha256": sha256.lower() if sha256 else None, "source": source, "bytes_total": bytes_total,
                "url": url, "updated_at_civitai": updated_at_civitai, "file_type": file_type, "format": format,
-               "fp": fp, "created_at": now, "updated_at": now}
+               "fp": fp, "created_at": now, "updated_at": now,
+               "asked": "model" if version_id is None else "version" if file_id is None else "file"}
         cur = self._write(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
                           list(row.values()))
         return self._job(cur.lastrowid)

@@ -346,6 +346,36 @@ def test_a_job_cancelled_before_its_worker_resolved_it_still_finds_its_partial(l
                                                                               "cancelled")
 
 
+@pytest.mark.parametrize("asked", [{"model_id": 1}, {"model_id": 1, "version_id": 11}])
+def test_a_job_resolved_before_a_restart_is_still_the_job_for_what_it_was_asked(store, clock, asked):
+    """Found by test_pause_live: a model-only entry's paused job, resolved to its file, was not
+    recognised by the sync after a restart, which queued the file a second time."""
+    first = JobLedger(store, max_attempts=4, clock=clock)
+    first.load()
+    job = first.queue({**asked, "model_type": "checkpoint"}).job
+    take_one(first)
+    first.on_resolved(job["id"], {"model_id": 1, "version_id": 11, "file_id": 111, "filename": "m.safetensors"})
+    first.pause(job["id"])
+    again = JobLedger(store, max_attempts=4, clock=clock)  # the next start
+    again.load()
+    for spec in (asked, {"model_id": 1, "version_id": 11}, {"model_id": 1, "version_id": 11, "file_id": 111}):
+        out = again.queue({**spec, "model_type": "checkpoint"})
+        assert not out.created and out.job["id"] == job["id"], spec
+    if "version_id" in asked:
+        other = again.queue({"model_id": 1, "version_id": 12, "model_type": "checkpoint"})
+        assert other.created, "another version of the model is another file"
+
+
+def test_a_pinned_job_is_no_job_for_the_newest_of_its_model_after_a_restart(store, clock):
+    first = JobLedger(store, max_attempts=4, clock=clock)
+    first.load()
+    pinned = first.queue({"model_id": 1, "version_id": 11, "file_id": 111}).job
+    again = JobLedger(store, max_attempts=4, clock=clock)
+    again.load()
+    newest = again.queue({"model_id": 1})
+    assert newest.created and newest.job["id"] != pinned["id"]
+
+
 def test_pause_keeps_the_attempt_and_resume_queues_it(ledger, store):
     job = ledger.queue({"model_id": 1, "version_id": 1, "file_id": 1}).job
     take_one(ledger)
