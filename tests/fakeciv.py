@@ -36,6 +36,7 @@ once, lazily, and cached per content generation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -1598,6 +1599,20 @@ def _content_disposition(name: str) -> str:
     fallback = "".join(c if 32 <= ord(c) < 127 else "_" for c in safe)
     return (f'attachment; filename="{fallback}"; '
             f"filename*=UTF-8''{urllib.parse.quote(name, safe='')}")
+
+
+@contextlib.contextmanager
+def running_fake(api_key: str | None = None):
+    """A FakeCivitai for one test, optionally requiring `api_key`: closed afterwards, and the
+    test fails if the fake itself raised while serving (a bug of the fake is no pass)."""
+    fake = FakeCivitai()
+    if api_key is not None:
+        fake.api_key = api_key
+    try:
+        yield fake
+    finally:
+        fake.close()
+        assert not fake.errors, fake.errors
 
 
 # --------------------------------------------------------------------------- pytest fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakeciv import FakeCivitai
+from tests.fakeciv import FakeCivitai, running_fake
 from workers.civitai import CivitaiClient, CivitaiError
 from workers.download import JobContext, run_job
 
@@ -65,13 +65,8 @@ class Runner:
 
 @pytest.fixture
 def fake():
-    fake = FakeCivitai()
-    fake.api_key = KEY
-    try:
+    with running_fake(KEY) as fake:
         yield fake
-    finally:
-        fake.close()
-        assert not fake.errors, fake.errors
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.fakeciv import FakeCivitai
+from tests.fakeciv import running_fake
 from tests.unit.test_download import KEY, Runner, add_model, cdn_requests, run_watched, sha
 from workers import segments
 from workers.civitai import CivitaiError
@@ -27,14 +27,9 @@ PART = ".model.safetensors.part"
 
 @pytest.fixture
 def fake():
-    fake = FakeCivitai()
-    fake.api_key = KEY
-    fake.cdn_conn_bps = PER_CONN_BPS
-    try:
+    with running_fake(KEY) as fake:
+        fake.cdn_conn_bps = PER_CONN_BPS
         yield fake
-    finally:
-        fake.close()
-        assert not fake.errors, fake.errors
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fakeciv import FakeCivitai
+from tests.fakeciv import running_fake
 from workers.civitai import CdnRefused, CivitaiClient, CivitaiError
 
 KEY = "test-key-0123456789"
@@ -13,19 +13,15 @@ MiB = 1 << 20
 
 @pytest.fixture
 def fake():
-    fake = FakeCivitai()
-    fake.api_key = KEY
-    fake.add_model(1, versions=[dict(id=11, published_at="2025-01-01T00:00:00.000Z",
-                                     files=[dict(id=111, name="m.safetensors", size_bytes=3 * MiB + 7, primary=True)])])
-    connections = []
-    accept = fake._cdn.process_request
-    fake._cdn.process_request = lambda req, addr: (connections.append(addr), accept(req, addr))
-    fake.cdn_connections = connections
-    try:
+    with running_fake(KEY) as fake:
+        fake.add_model(1, versions=[dict(id=11, published_at="2025-01-01T00:00:00.000Z",
+                                         files=[dict(id=111, name="m.safetensors", size_bytes=3 * MiB + 7,
+                                                     primary=True)])])
+        connections = []
+        accept = fake._cdn.process_request
+        fake._cdn.process_request = lambda req, addr: (connections.append(addr), accept(req, addr))
+        fake.cdn_connections = connections
         yield fake
-    finally:
-        fake.close()
-        assert not fake.errors, fake.errors
 
 
 @pytest.fixture
