@@ -51,34 +51,67 @@ def fsync_dir(folder: Path) -> None:
 
 
 STALE_TEMP_S = 600.0  # a temp file of ours this old belongs to a writer that died (kill -9)
+TEMP_SWEEP_S = STALE_TEMP_S / 2  # how often one process looks through a folder for such files
 
 
-def remove_stale_temps(path: Path, now: float | None = None) -> int:
+class _TempSweeps:
+    """The temp files a killed writer left, found by one scan of a folder every TEMP_SWEEP_S
+    (per process) rather than one scan per write: a model folder holds thousands of files and
+    gets a sidecar written per download, so a scan per write made an import quadratic. A temp
+    is only ever removed by a write of its own target (`.<name>.<pid>.tmp` beside `name`)."""
+
+    def __init__(self, clock=None):
+        import time
+
+        self.clock = clock or time.monotonic
+        self._folders: dict[str, tuple[float, dict[str, list[str]]]] = {}
+
+    def take(self, path: Path) -> list[Path]:
+        """The temp files beside `path` seen by the last scan of its folder (scanned now when due)."""
+        folder = os.path.abspath(path.parent)
+        now = self.clock()
+        seen = self._folders.get(folder)
+        if seen is None or now - seen[0] >= TEMP_SWEEP_S:
+            seen = (now, self._scan(folder))
+            if len(self._folders) > 4096:
+                self._folders.clear()  # bounded: a process writes into a few folders only
+            self._folders[folder] = seen
+        return [Path(folder, name) for name in seen[1].pop(path.name, ())]
+
+    @staticmethod
+    def _scan(folder: str) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith(".") and name.endswith(".tmp"):
+                        target, _, pid = name[1:-4].rpartition(".")
+                        if target and pid.isdigit():
+                            found.setdefault(target, []).append(name)
+        except OSError:
+            pass
+        return found
+
+
+_SWEEPS = _TempSweeps()
+
+
+def remove_stale_temps(path: Path, now: float | None = None, sweeps: _TempSweeps | None = None) -> int:
     """Remove `.<name>.<pid>.tmp` files beside `path` that a writer killed in the middle of an
     atomic write left behind (they live for milliseconds otherwise). Returns how many."""
     import time
 
     now = time.time() if now is None else now
     removed = 0
-    try:
-        candidates = [p for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp")]
-    except OSError:
-        return 0
-    for candidate in candidates:
-        middle = candidate.name[len(path.name) + 2:-4]
+    for candidate in (sweeps or _SWEEPS).take(path):
         try:
-            if middle.isdigit() and now - os.lstat(candidate).st_mtime > STALE_TEMP_S:
+            if now - os.lstat(candidate).st_mtime > STALE_TEMP_S:
                 os.unlink(candidate)
                 removed += 1
         except OSError:
             pass
     return removed
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
 
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:

@@ -427,18 +427,74 @@ class _Reading:
     error: BaseException | None = None  # what ended the reads, for the writing thread to raise
 
 
-def _case_twin(folder: Path, name: str) -> str | None:
-    """Another entry of `folder` whose name differs from `name` only in case (or Unicode form):
-    the same file to a case-insensitive file system (Windows, macOS), a different one here."""
-    key = fold_case(name)
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name != name and fold_case(entry.name) == key:
-                    return entry.name
-    except OSError:
-        pass
-    return None
+class CaseIndex:
+    """Which names of a folder collide under case folding (Windows, macOS): the same file there,
+    two different ones here. Scanning the folder for every download made an import of N files
+    into one folder O(N^2), so each folder's fold keys are kept and scanned again only when the
+    folder changed (its mtime) and at most once every RESCAN_S; names this process places are
+    added as it places them. A twin another process placed within the last RESCAN_S may go
+    unseen, which costs nothing here (a case-sensitive file system keeps both)."""
+
+    RESCAN_S = 1.0
+    MAX_FOLDERS = 256
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        # folder -> (clock at the scan, wall clock at the scan in ns, the folder's mtime_ns, fold keys)
+        self._folders: dict[str, tuple[float, int, int, dict[str, set[str]]]] = {}
+        self._folds: dict[str, str] = {}  # name -> fold_case(name): a rescan folds new names only
+
+    def _fold(self, name: str) -> str:
+        key = self._folds.get(name)
+        if key is None:
+            if len(self._folds) > 200_000:
+                self._folds.clear()
+            key = self._folds[name] = fold_case(name)
+        return key
+
+    def _keys(self, folder: Path) -> dict[str, set[str]]:
+        where = str(folder)
+        try:
+            mtime = os.stat(folder).st_mtime_ns
+        except OSError:
+            return {}
+        now = self.clock()
+        known = self._folders.get(where)
+        if known is not None:
+            # Unchanged since a scan well after its last change (a change in the same clock tick
+            # as the scan would not move the mtime: git's "racy" entries), or scanned just now.
+            settled = known[2] == mtime and mtime < known[1] - 1_000_000_000
+            if settled or now - known[0] < self.RESCAN_S:
+                return known[3]
+        keys: dict[str, set[str]] = {}
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    keys.setdefault(self._fold(entry.name), set()).add(entry.name)
+        except OSError:
+            pass
+        if known is None and len(self._folders) >= self.MAX_FOLDERS:
+            self._folders.clear()
+        self._folders[where] = (now, time.time_ns(), mtime, keys)
+        return keys
+
+    def twin(self, folder: Path, name: str) -> str | None:
+        """Another entry of `folder` whose name differs from `name` only in case (or Unicode
+        form), or None."""
+        for other in sorted(self._keys(folder).get(self._fold(name), ())):
+            if other != name:
+                return other
+        return None
+
+    def placed(self, folder: Path, name: str) -> None:
+        known = self._folders.get(str(folder))
+        if known is not None:
+            known[3].setdefault(self._fold(name), set()).add(name)
+
+
+_CASES = CaseIndex()
+
+
 class _SlowAlone(Exception):
     """A connection going on alone (it was fast at first) has slowed down for good."""
 
@@ -652,7 +708,7 @@ class _Job:
         """The first candidate that already holds this file ("same"), or that is free and whose
         partial file this job could claim ("free"; self._fd is then the claimed partial file)."""
         for name in candidates:
-            twin = _case_twin(folder, name)
+            twin = _CASES.twin(folder, name)
             if twin is not None:
                 # Windows and macOS take `twin` for `name`: writing one would replace the other.
                 if self._target_state(folder / twin, sha, estimate) == "same":
@@ -1276,6 +1332,7 @@ class _Job:
                     except OSError as exc:
                         raise self._disk_error(exc, "renaming into place") from None
                     fsync_dir(folder)
+                    _CASES.placed(folder, name)
                     self._release_part(discard=True)  # the sidecar; the part is gone already
                     return name, False
         raise CivitaiError(f"{self.model_type}/{names[0]} and its alternative names were taken by other files "

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,36 @@ def test_the_same_file_under_another_case_is_recognised_not_fetched_again(fake, 
     done = Runner(fake, tmp_path).run(model_id=1)
     assert done["skipped"] and done["filename"] == "DREAM.safetensors"
     assert not fake.requests_to("api", path_re="/api/download/")
+
+
+def test_the_case_index_scans_a_changing_folder_at_most_once_per_rescan_and_a_quiet_one_once(tmp_path, monkeypatch):
+    """A scan per download made an import into one folder quadratic; the index scans a folder
+    again only when it changed and RESCAN_S has passed, and knows the names it placed itself."""
+    from workers.download import CaseIndex
+
+    clock = [100.0]
+    index = CaseIndex(clock=lambda: clock[0])
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i in range(100):
+        (folder / f"m{i}.safetensors").write_bytes(b"")
+    old = time.time_ns() - 10_000_000_000
+    os.utime(folder, ns=(old, old))  # settled long before the scan
+    assert index.twin(folder, "M5.safetensors") == "m5.safetensors"
+    for i in range(100):
+        assert index.twin(folder, f"x{i}.safetensors") is None
+    clock[0] += 60
+    assert index.twin(folder, "X1.SAFETENSORS") is None
+    assert len(scans) == 1  # quiet: one scan however long
+    (folder / "Late.safetensors").write_bytes(b"")  # another process, just now
+    assert index.twin(folder, "late.safetensors") == "Late.safetensors" and len(scans) == 2  # mtime moved
+    (folder / "Mine.safetensors").write_bytes(b"")
+    index.placed(folder, "Mine.safetensors")
+    assert index.twin(folder, "mine.safetensors") == "Mine.safetensors" and len(scans) == 2  # known, no scan
+    (folder / "Later.safetensors").write_bytes(b"")
+    assert index.twin(folder, "later.safetensors") is None and len(scans) == 2  # within RESCAN_S
+    clock[0] += CaseIndex.RESCAN_S
+    assert index.twin(folder, "later.safetensors") == "Later.safetensors" and len(scans) == 3

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from ipc import files
 from ipc.files import OutsideError, PidLock, atomic_write, make_folder_inside
 
 
@@ -76,3 +77,29 @@ def test_a_temp_file_of_a_killed_writer_is_removed_at_the_next_write(tmp_path):
     os.utime(other, (1, 1))
     atomic_write(target, b"{}")
     assert not stale.exists() and fresh.exists() and other.exists() and target.read_bytes() == b"{}"
+
+
+def test_a_folder_is_looked_through_for_stale_temps_once_per_sweep_not_once_per_write(tmp_path, monkeypatch):
+    """A model folder of thousands of files gets a sidecar per download: one scan per write made
+    an import quadratic. The scan is per folder and TEMP_SWEEP_S; a temp is only ever removed by
+    a write of its own target."""
+    clock = [1000.0]
+    sweeps = files._TempSweeps(clock=lambda: clock[0])
+    scans = []
+    real_scan = sweeps._scan
+    monkeypatch.setattr(sweeps, "_scan", lambda folder: scans.append(folder) or real_scan(folder))
+    for i in range(50):
+        (tmp_path / f"m{i}.civitai.info").write_text("{}")
+    stale = tmp_path / ".m7.civitai.info.4242.tmp"
+    stale.write_text("half")
+    os.utime(stale, (1, 1))
+    for i in range(50):
+        files.remove_stale_temps(tmp_path / f"m{i}.civitai.info", sweeps=sweeps)
+    assert len(scans) == 1 and not stale.exists()
+    late = tmp_path / ".m8.civitai.info.4243.tmp"  # left after the scan: found by the next one
+    late.write_text("half")
+    os.utime(late, (1, 1))
+    assert files.remove_stale_temps(tmp_path / "m8.civitai.info", sweeps=sweeps) == 0 and late.exists()
+    clock[0] += files.TEMP_SWEEP_S
+    assert files.remove_stale_temps(tmp_path / "m8.civitai.info", sweeps=sweeps) == 1 and not late.exists()
+    assert len(scans) == 2
