@@ -660,3 +660,25 @@ def test_resolve_knows_when_early_access_ends(rsps):
     res = resolve(make_client(), version_id=1387174)
     assert res.early_access_ends_at == parse_time("2031-05-01T18:00:00.000Z")
     assert resolve(make_client(), version_id=1387174).scan == "Success"
+
+
+def test_the_session_reads_proxies_from_the_environment_once_per_host(monkeypatch):
+    """The environment is read once per host (it was a quarter of a small request's CPU), and
+    what it says still holds: the proxy, NO_PROXY per host, the CA bundle."""
+    from workers import civitai
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.lan:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.lan")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/lan.pem")
+    reads = []
+    real = requests.utils.get_environ_proxies
+    monkeypatch.setattr(requests.utils, "get_environ_proxies", lambda url, no_proxy=None: reads.append(url) or real(url, no_proxy=no_proxy))
+    session = civitai.new_session()
+    for i in range(5):
+        got = session.merge_environment_settings(f"https://civitai.com/api/v1/models/{i}", {}, None, None, None)
+        assert got["proxies"]["https"] == "http://proxy.lan:3128" and got["verify"] == "/etc/ssl/lan.pem"
+    inside = session.merge_environment_settings("https://internal.lan/x", {}, None, False, None)
+    assert "https" not in inside["proxies"] and inside["verify"] is False
+    assert reads == ["https://civitai.com/api/v1/models/0", "https://internal.lan/x"]
+    session.trust_env = False
+    assert session.merge_environment_settings("https://civitai.com/", {}, None, None, None)["proxies"] == {}
