@@ -138,18 +138,23 @@ class Session(requests.Session):
         super().__init__()
         self._env: dict[tuple, tuple[dict, str | None]] = {}
 
-    def merge_environment_settings(self, url, proxies, stream, verify, cert):
-        if not self.trust_env:
-            return super().merge_environment_settings(url, proxies, stream, verify, cert)
-        proxies = {} if proxies is None else proxies
+    def _environment(self, url: str, no_proxy) -> tuple[dict, str | None]:
+        """(the environment's proxies for `url`'s host, its CA bundle), read once per host."""
         parts = urlsplit(url)
-        key = (parts.scheme, parts.netloc, proxies.get("no_proxy"))
+        key = (parts.scheme, parts.netloc, no_proxy)
         env = self._env.get(key)
         if env is None:
             if len(self._env) >= self.MAX_HOSTS:
                 self._env.clear()
-            env = self._env[key] = (requests.utils.get_environ_proxies(url, no_proxy=key[2]),
+            env = self._env[key] = (requests.utils.get_environ_proxies(url, no_proxy=no_proxy),
                                     os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"))
+        return env
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        if not self.trust_env:
+            return super().merge_environment_settings(url, proxies, stream, verify, cert)
+        proxies = {} if proxies is None else proxies
+        env = self._environment(url, proxies.get("no_proxy"))
         for name, value in env[0].items():
             proxies.setdefault(name, value)
         if (verify is True or verify is None) and env[1]:
@@ -157,6 +162,28 @@ class Session(requests.Session):
         merge = requests.sessions.merge_setting
         return {"proxies": merge(proxies, self.proxies), "stream": merge(stream, self.stream),
                 "verify": merge(verify, self.verify), "cert": merge(cert, self.cert)}
+
+    def rebuild_proxies(self, prepared_request, proxies):
+        """A redirect's proxies (requests.Session.rebuild_proxies) from the same cache."""
+        if not self.trust_env:
+            return super().rebuild_proxies(prepared_request, proxies)
+        headers = prepared_request.headers
+        url = prepared_request.url
+        scheme = urlsplit(url).scheme
+        new_proxies = dict(proxies or {})
+        env = self._environment(url, new_proxies.get("no_proxy"))[0]
+        proxy = env.get(scheme, env.get("all"))
+        if proxy:
+            new_proxies.setdefault(scheme, proxy)
+        headers.pop("Proxy-Authorization", None)
+        try:
+            username, password = requests.utils.get_auth_from_url(new_proxies[scheme])
+        except KeyError:
+            username, password = None, None
+        # As requests does: never on a TLS tunnel, where it could leak.
+        if not scheme.startswith("https") and username and password:
+            headers["Proxy-Authorization"] = requests.auth._basic_auth_str(username, password)
+        return new_proxies
 
 
 def new_session(cookies: bool = True) -> requests.Session:

@@ -680,5 +680,13 @@ def test_the_session_reads_proxies_from_the_environment_once_per_host(monkeypatc
     inside = session.merge_environment_settings("https://internal.lan/x", {}, None, False, None)
     assert "https" not in inside["proxies"] and inside["verify"] is False
     assert reads == ["https://civitai.com/api/v1/models/0", "https://internal.lan/x"]
+    monkeypatch.setenv("HTTP_PROXY", "http://u:p@proxy.lan:3128")
+    hop = requests.Request("GET", "http://cdn.example/f?sig=1").prepare()  # a redirect's next hop
+    assert session.rebuild_proxies(hop, {})["http"] == "http://u:p@proxy.lan:3128"
+    assert hop.headers["Proxy-Authorization"].startswith("Basic ")
+    tls = requests.Request("GET", "https://cdn.example/f", headers={"Proxy-Authorization": "old"}).prepare()
+    session.rebuild_proxies(tls, {})
+    assert "Proxy-Authorization" not in tls.headers  # never on a TLS tunnel
+    assert reads[2:] == ["http://cdn.example/f?sig=1", "https://cdn.example/f"]
     session.trust_env = False
     assert session.merge_environment_settings("https://civitai.com/", {}, None, None, None)["proxies"] == {}
