@@ -39,9 +39,9 @@ from ipc.messages import Msg
 from ipc.naming import part_filename
 from ipc.operations import ControlOps
 from ipc.oslayer import OS
-from ipc.ratelimit import SharedRateLimit, effective_rate, local_minute, next_boundary_s
 from ipc.retry import STORE_RETRY
 from ipc.scanlink import LibraryScans
+from ipc.speedcap import SpeedCap
 from ipc.states import ChildKind, ChildState, KillReason
 from ipc.store import JobStore, StoreOpenError, StoreUnavailable, utc_now_iso
 from ipc.updaterlink import UpdaterLink
@@ -107,10 +107,7 @@ class Supervisor:
         self._next_watchdog = 0.0
         self._web_probe_running = False
         self._next_web_probe = 0.0
-        self.rate_limit = SharedRateLimit(cfg.locks_dir / "speed.rate")
-        self.speed_override: int | None = self.store.get_kv("speed.override")
-        self.speed_in_force: tuple[int, str] | None = None
-        self._next_speed_check = 0.0
+        self.speed = SpeedCap(self)
         self.updates.load()
         self._build_children()
 
@@ -307,7 +304,7 @@ class Supervisor:
         except StoreUnavailable:
             self._sync_due = "start"
         self.keeper.flush(force=True)
-        self.apply_speed()
+        self.speed.apply()
         self.pool.start_all()
         try:
             while True:
@@ -393,7 +390,7 @@ class Supervisor:
             due.append(self._store_retry_at)
         if self._watchdog_s:
             due.append(self._next_watchdog)
-        due.append(self._next_speed_check)
+        due.append(self.speed.next_due())
         web = self.pool.get("web")
         if web is not None and web.state == ChildState.STARTING:
             due.append(self._next_web_probe)
@@ -443,8 +440,8 @@ class Supervisor:
             self._step(self.poll_manifest)
             self._step(self.prune_store)
         self._step(self.flush_manifest)
-        if self.clock() >= self._next_speed_check:
-            self._step(self.apply_speed)
+        if self.clock() >= self.speed.next_due():
+            self._step(self.speed.apply)
         self.heartbeat()
 
     def _step(self, step) -> None:
@@ -455,29 +452,6 @@ class Supervisor:
         except StoreUnavailable as exc:
             self._store_trouble(str(exc))
 
-    # --- the speed cap ----------------------------------------------------------------------
-
-    def apply_speed(self) -> tuple[int, str]:
-        """Write the cap in force (an API override, else the schedule's window, else max_speed)
-        where every connection reads it, and say so when it changes."""
-        minute, second = local_minute()
-        rate, source = effective_rate(self.cfg.max_speed, self.cfg.speed_schedule, self.speed_override, minute)
-        boundary = next_boundary_s(self.cfg.speed_schedule, minute, second)
-        self._next_speed_check = self.clock() + (min(boundary, 3600.0) if boundary is not None else 3600.0)
-        if (rate, source) != self.speed_in_force:
-            first = self.speed_in_force is None
-            self.speed_in_force = (rate, source)
-            try:
-                self.rate_limit.set_rate(rate)
-            except OSError as exc:
-                log.error("could not set the speed cap (%s); downloads go uncapped", exc)
-            last = self.store.get_kv("speed.in_force")
-            if not first or last != [rate, source]:
-                log.info("speed cap: %s (%s)", f"{rate / 1e6:.2f} MB/s" if rate else "none", source)
-                self.remember("speed.in_force", [rate, source])
-                self.emit_now("speed_limit_changed", max_speed=rate or None, source=source)
-        return rate, source
-
     def remember(self, key: str, value) -> None:
         """A kv value that is only shown (the updater's clock, the speed in force): not stored
         while the database is unavailable; it is sent again with the next change."""
@@ -485,20 +459,6 @@ class Supervisor:
             self.store.set_kv(key, value)
         except StoreUnavailable:
             pass
-
-    def speed_view(self) -> dict:
-        rate, source = self.speed_in_force or self.apply_speed()
-        return {"max_speed": rate or None, "source": source, "config": self.cfg.max_speed,
-                "override": self.speed_override,
-                "schedule": [{"from": f"{a // 60:02d}:{a % 60:02d}", "to": f"{b // 60:02d}:{b % 60:02d}",
-                              "max_speed": bps} for a, b, bps in self.cfg.speed_schedule]}
-
-    def set_speed_override(self, max_speed: int | None) -> dict:
-        with self.txn():
-            self.store.set_kv("speed.override", max_speed)
-        self.speed_override = max_speed
-        self.apply_speed()
-        return self.speed_view()
 
     def handle_signals(self) -> None:
         while True:
@@ -662,6 +622,9 @@ class Supervisor:
         batch, self._batch = self._batch, []
         if not batch:
             return
+        ended = {item[2] for item in batch if item[0] == Msg.DONE}
+        if ended:  # a small file's last progress comes with its `done`, which stores the bytes itself
+            batch = [item for item in batch if item[0] != "progress" or item[1] not in ended]
         if self.deferred:
             self.deferred.extend(batch)
             return
@@ -940,7 +903,7 @@ class Supervisor:
             self.pool.add(self._fresh_child("webhooks", ChildKind.WEBHOOKS)).spawn(self.clock())
         log.info("config.json reloaded: %s changed", ", ".join(live))
         if {"max_speed", "speed_schedule"} & set(live):
-            self.apply_speed()
+            self.speed.apply()
         del old
 
 

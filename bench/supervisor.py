@@ -47,6 +47,7 @@ PEER_FILES = 500
 FILE_BYTES = 256 * kit.KiB
 REST_REQUESTS = 200
 _seq = itertools.count(1)
+EXTRA: dict = {}
 
 TARGETS = {
     "sync_2000_s": 0.5, "sync_10000_s": 2.0, "files_per_s": 150.0, "x_curl": 2.0, "sup_ms_per_file": 2.0,
@@ -174,7 +175,7 @@ def tree_cpu_delta(before: dict[int, proctree.Reading], after: dict[int, proctre
 def daemon_files(work: Path, fake, n: int) -> dict:
     folder = work / f"b-daemon-{n}-{next(_seq)}"
     ids = range(1, n + 1)
-    daemon = Daemon(folder, base_config(fake), [])
+    daemon = Daemon(folder, base_config(fake, **EXTRA), [])
     reader = kit.StoreReader(daemon.data_dir / "daemon.db")
     try:
         daemon.start()

@@ -177,13 +177,13 @@ class ControlOps:
     # --- the speed cap ---------------------------------------------------------------------------
 
     def op_speed(self) -> dict:
-        return self.sup.speed_view()
+        return self.sup.speed.view()
 
     def op_set_speed(self, max_speed=None) -> dict:
         if max_speed is not None and not (isinstance(max_speed, int) and not isinstance(max_speed, bool)
                                           and 0 <= max_speed <= 10**12):
             raise ControlError(422, "'max_speed' must be bytes per second (0: no cap) or null to clear the override")
-        return self.sup.set_speed_override(max_speed)
+        return self.sup.speed.set_override(max_speed)
 
     # --- the updater ------------------------------------------------------------------------------
 

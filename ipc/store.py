@@ -486,7 +486,8 @@ class JobStore:
         self._write("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, json.dumps(value)))
 
     def incr_kv(self, key: str, by: int = 1) -> int:
+        """Add `by` to a counter (0 if absent) in one statement; returns the new value."""
+        sql = ("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+               "SET value = CAST(CAST(value AS INTEGER) + excluded.value AS TEXT) RETURNING value")
         with self._lock, self.transaction():
-            value = int(self.get_kv(key, 0)) + by
-            self.set_kv(key, value)
-            return value
+            return int(self._guard(lambda: self._conn.execute(sql, (key, str(int(by)))).fetchone()[0]))

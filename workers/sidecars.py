@@ -19,7 +19,6 @@ download: the entry points log and return what they did.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -120,22 +119,26 @@ def info_document(version_json: dict, model_json: dict | None = None) -> dict:
 
     A version taken from /models/{id} (`modelVersions[]`) lacks `model` and `modelId`; /model-versions
     has `model {name, type, nsfw, poi}` but not the description, tags and licence. Both are filled
-    from the model's JSON where it is given; nothing Civitai sent is overwritten."""
-    doc = copy.deepcopy(version_json)
+    from the model's JSON where it is given; nothing Civitai sent is overwritten.
+
+    The document shares its nested values with the given JSON (a deep copy was a fifth of a
+    small download's sidecar work): only its own top level and `model` are new, and neither it
+    nor the JSON is changed below that afterwards."""
+    doc = dict(version_json)
     model_json = model_json or {}
     model = dict(doc.get("model") or {}) if isinstance(doc.get("model"), dict) else {}
     for key in MODEL_FIELDS:
         if key not in model and model_json.get(key) is not None:
-            model[key] = copy.deepcopy(model_json[key])
+            model[key] = model_json[key]
     doc["model"] = model
     if doc.get("modelId") is None and model_json.get("id") is not None:
         doc["modelId"] = model_json["id"]
     if "creator" not in doc and isinstance(model_json.get("creator"), dict):
-        doc["creator"] = copy.deepcopy(model_json["creator"])
+        doc["creator"] = model_json["creator"]
     if not doc.get("images"):
         images = _version_in_model(model_json, doc.get("id")).get("images")
         if images:
-            doc["images"] = copy.deepcopy(images)
+            doc["images"] = images
     if "extensions" in doc and not isinstance(doc["extensions"], dict):
         del doc["extensions"]
     return doc
@@ -351,9 +354,10 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
     mark = {"version_id": version_id}
     preview, preview_version = old_mark.get("preview"), old_mark.get("preview_version_id")
     ours = preview_path(final_path, preview.rpartition(".")[2]) if isinstance(preview, str) and preview else None
-    if ours is not None and (ours.name != preview or ours not in existing_previews(final_path)):
+    previews = existing_previews(final_path)
+    if ours is not None and (ours.name != preview or ours not in previews):
         ours = None  # gone, or a name that is not one of ours
-    foreign = [p for p in existing_previews(final_path) if p != ours]
+    foreign = [p for p in previews if p != ours]
 
     candidates = preview_candidates(doc.get("images"), preview_nsfw)
     fetch = True

@@ -119,9 +119,11 @@ def test_info_of_a_version_from_the_models_list_gets_model_and_model_id(model):
 
 
 def test_info_file_is_ascii_json_with_four_space_indents(version, model, model_file, client):
+    as_given = json.dumps([version, model], sort_keys=True)
     with responses.RequestsMock() as mock:
         mock.get(version["images"][0]["url"], body=JPEG, content_type="image/jpeg")
         result = write_sidecars_for(version, model, model_file, client=client, throttle=None)
+    assert json.dumps([version, model], sort_keys=True) == as_given  # Civitai's JSON is not changed (it is shared)
     target = model_file.with_name("pp-storybook_rank2_bf16.civitai.info")
     assert result.info == target == info_path(model_file)
     raw = target.read_bytes()
