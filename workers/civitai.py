@@ -203,6 +203,26 @@ def new_session(cookies: bool = True) -> requests.Session:
     return session
 
 
+REDIRECT_BODY_MAX = 64 * 1024  # a redirect's body up to this is read so its connection is kept
+
+
+def let_go(resp: requests.Response) -> None:
+    """Done with a streamed answer whose body nobody wants (a redirect): a short body with a
+    Content-Length is read so the connection goes back to its pool; anything else is closed.
+    (requests closes the connection of a streamed answer whose body was not read: a new TCP,
+    and against Civitai TLS, handshake for the next request, once per download.)"""
+    try:
+        length = int(resp.headers.get("Content-Length", ""))
+    except ValueError:
+        length = -1
+    if 0 <= length <= REDIRECT_BODY_MAX:
+        try:
+            resp.content  # noqa: B018 - reads the body; marks it consumed
+        except (requests.RequestException, OSError):
+            pass
+    resp.close()
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Retry-After as seconds from now: delta-seconds or an HTTP date."""
     if not value:
@@ -557,7 +577,7 @@ class Download:
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        self.release()  # kept for the next download when it was read to its end, else closed
 
     def __repr__(self) -> str:
         return f"Download(status={self.status}, url={self.url!r}, start={self.start}, total={self.total_size})"
@@ -876,7 +896,7 @@ class CivitaiClient:
                 raise self._connection_error(exc, url, subject) from None
             if resp.is_redirect:
                 location = resp.headers.get("Location", "")
-                resp.close()
+                let_go(resp)
                 nxt = urljoin(url, location)
                 if self._is_api(nxt):
                     self._refuse_site_redirect(nxt, subject)
@@ -920,7 +940,7 @@ class CivitaiClient:
                 raise self._connection_error(exc, url, subject) from None
             if resp.is_redirect:
                 nxt = urljoin(url, resp.headers.get("Location", ""))
-                resp.close()
+                let_go(resp)
                 if not self._is_api(nxt):
                     return nxt
                 self._refuse_site_redirect(nxt, subject)
@@ -960,7 +980,7 @@ class CivitaiClient:
                 raise self._connection_error(exc, url, subject) from None
             if resp.is_redirect:
                 nxt = urljoin(url, resp.headers.get("Location", ""))
-                resp.close()
+                let_go(resp)
                 if self._is_api(nxt):
                     self._refuse_site_redirect(nxt, subject)
                 url = nxt
