@@ -23,9 +23,12 @@ PARENT_CHECK_S = 60.0
 
 
 # A download worker's messages that say nothing urgent: held up to LAZY_S and sent together with
-# the next message (a small file's ack goes with its `resolved`, its last progress and `verifying`
-# with its `done`), so the supervisor wakes twice a file instead of four or five times.
-LAZY_TYPES = frozenset({"ack", "progress", "verifying"})
+# the next message of another type (a small file's ack, resolved, last progress and verifying go
+# with its `done`), so the supervisor wakes once a small file instead of four or five times and
+# stores its changes in one transaction. What it costs: the supervisor learns a job's file (and
+# with it the dedupe by file, SPEC §4) up to LAZY_S later; a second job for the same file that
+# starts in that window finds the partial file claimed and waits (reason "busy").
+LAZY_TYPES = frozenset({"ack", "resolved", "progress", "verifying"})
 LAZY_S = 0.05
 
 

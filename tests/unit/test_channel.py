@@ -27,13 +27,15 @@ def test_lazy_messages_go_with_the_next_one_in_order():
     supervisor, worker = pipe()
     channel = Channel(worker, lazy=LAZY_TYPES, lazy_s=30.0)  # no late send within this test
     channel.send({"type": "ack", "job_id": 1})
-    assert not supervisor.poll(0.2)  # held: nothing woke the supervisor
     channel.send({"type": "resolved", "job_id": 1})
     channel.send({"type": "progress", "job_id": 1, "bytes_done": 5})
     channel.send({"type": "verifying", "job_id": 1})
-    assert [m["type"] for m in drain(supervisor)] == ["ack", "resolved"]
+    assert not supervisor.poll(0.2)  # held: nothing woke the supervisor
     channel.send({"type": "done", "job_id": 1})
-    assert [m["type"] for m in drain(supervisor)] == ["progress", "verifying", "done"]
+    assert [m["type"] for m in drain(supervisor)] == ["ack", "resolved", "progress", "verifying", "done"]
+    channel.send({"type": "ack", "job_id": 2})
+    channel.send({"type": "error", "job_id": 2, "reason": "not_found"})
+    assert [m["type"] for m in drain(supervisor)] == ["ack", "error"]
 
 
 def test_a_lazy_message_with_nothing_after_it_goes_within_lazy_s():
