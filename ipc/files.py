@@ -33,8 +33,11 @@ def try_lock_fd(fd: int) -> bool:
 def file_lock(path: Path) -> Iterator[int]:
     """An exclusive lock between processes, held for the `with` block; the kernel drops it if
     the holder dies, so a killed process can never freeze the others."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o600)
+    except FileNotFoundError:  # the folder first (not looked for on every lock: a download takes several)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | O_BINARY, 0o600)
     try:
         lock_fd(fd)
         try:
@@ -184,12 +187,17 @@ class OutsideError(Exception):
 
 def make_folder_inside(base: Path, rel: str) -> Path:
     """Create `base/rel` (rel already checked by ipc.naming.check_folder) one component at a time,
-    following no symlink and creating nothing outside `base`. Returns the folder's real path."""
+    following no symlink and creating nothing outside `base`. Returns the folder's real path.
+
+    The base is resolved once; each component is then judged by its own lstat (a symlink is
+    refused). On Windows a junction is no symlink to lstat, so each component's resolved path is
+    also compared with its parent's there (a download asked this four times over, 36 lstats)."""
     base = Path(os.path.abspath(base))
     base.mkdir(parents=True, exist_ok=True)
-    current = base
+    real_base = base.resolve()
+    current, real = base, real_base
     for part in rel.split("/"):
-        current = current / part
+        current, real = current / part, real / part
         try:
             st = os.lstat(current)
         except FileNotFoundError:
@@ -198,14 +206,14 @@ def make_folder_inside(base: Path, rel: str) -> Path:
             except FileExistsError:
                 pass
             st = os.lstat(current)
-        # resolve() also sees a Windows junction; normcase: it may give a folder's own case there.
-        if stat.S_ISLNK(st.st_mode) or (stat.S_ISDIR(st.st_mode) and os.path.normcase(current.resolve())
-                                          != os.path.normcase(current.parent.resolve() / part)):
+        if stat.S_ISLNK(st.st_mode) or (os.name == "nt" and stat.S_ISDIR(st.st_mode)
+                                         and os.path.normcase(current.resolve()) != os.path.normcase(real)):
             raise OutsideError(f"{current} is a symlink: the daemon only writes inside {base} and follows no "
                                f"link there; replace it with a real folder or choose another model_type")
         if not stat.S_ISDIR(st.st_mode):
             raise OutsideError(f"{current} exists but is not a folder: move it away")
-    real_base, real = base.resolve(), current.resolve()
+    if os.name == "nt":
+        real = current.resolve()  # its own case, as the folder has it
     if real != real_base and real_base not in real.parents:
         raise OutsideError(f"{current} leads outside download_dir: the daemon only writes inside {base}")
     return real

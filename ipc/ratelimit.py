@@ -78,10 +78,18 @@ class SharedRateLimit:
         with file_lock(self.path) as fd:
             _, tat = self._read(fd)
             self._write(fd, int(rate), min(tat, self.clock()))
+        self._rate_cache = (self.clock(), int(rate))
 
     def rate(self) -> int:
+        """The cap in force, read from the file at most once a second (a change applies within it)."""
+        now = self.clock()
+        checked, rate = self._rate_cache
+        if 0 <= now - checked < 1.0:
+            return rate
         with file_lock(self.path) as fd:
-            return self._read(fd)[0]
+            rate = self._read(fd)[0]
+        self._rate_cache = (now, rate)
+        return rate
 
     def consume(self, nbytes: int, should_stop: Callable[[], bool] = lambda: False) -> float:
         """Account for `nbytes` just read; sleep while the total runs ahead of the cap. Returns the
