@@ -30,7 +30,7 @@ from ipc import VERSION, notify, sdnotify, tlsconf
 from ipc.children import RELEASE_GRACE_S, ChildPool, Exit, Fatal, ForkedChild, FreshChild
 from ipc.config import EX_CONFIG, Config, ConfigError, config_changes, ensure_jwt_secret, load_config
 from ipc.control import ENV_ADDR, ENV_TOKEN, ControlError, ControlServer
-from ipc.files import PidLock
+from ipc.files import PidLock, open_descriptors
 from ipc.keeper import ManifestKeeper
 from ipc.ledger import JobLedger, Outcome
 from ipc.logsetup import child_log_handler, journal_prefix, setup_supervisor_logging
@@ -144,9 +144,18 @@ class Supervisor:
                           on_gone=lambda child, pid: self.wake(), cwd=REPO_DIR, on_change=self.on_child_change)
 
     def supervisor_fds(self, for_child) -> list[int]:
-        """File descriptors a forked child must not keep: other children's pipes and log queues
-        (a sibling holding a queue's write end hides that child's death from its log thread),
-        the fresh interpreters' stdin/stderr pipes, the control socket and the wake pipe."""
+        """File descriptors a forked child must not keep: every one this process has open but
+        the standard three and the child's own log queue (its Pipe end is kept by ForkedChild).
+        Kept by a child, a sibling's pipe or log queue hides that sibling's death, daemon.pid's
+        lock outlives the supervisor for as long as an orphaned child lives, and each restarted
+        child held a few more. The log file is closed in the child through its handler
+        (ipc.childmain), never by number. Without /proc: the known pipes and sockets."""
+        keep = {0, 1, 2}
+        if hasattr(for_child.log_handler, "inherited_fds"):
+            keep.update(for_child.log_handler.inherited_fds())
+        listed = open_descriptors(skip_under=(self.cfg.data_dir / "logs",))
+        if listed is not None:
+            return [fd for fd in listed if fd not in keep]
         fds = [self._wake_r.fileno(), self._wake_w.fileno()]
         if self.control is not None:
             fds.append(self.control.fileno())
@@ -158,7 +167,7 @@ class Supervisor:
                     fds.extend(other.log_handler.inherited_fds())
             elif isinstance(other, FreshChild):
                 fds.extend(other.pipe_fds())
-        return fds
+        return [fd for fd in fds if fd not in keep]
 
     def on_child_change(self, child, old: ChildState, new: ChildState, why: str) -> None:
         if child.kind == ChildKind.WEBHOOKS:

@@ -14,6 +14,12 @@ def child_entry(target, name, conn, config_path, log_channel, inherited_fds=()):
             os.close(fd)
         except OSError:
             pass
+    if inherited_fds:  # forked: the supervisor's log file is its own (the child logs through its queue)
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+                handler.close()  # through its object: a descriptor closed by number could be reused
     try:
         target(name, conn, config_path, log_channel)
     except BaseException as exc:

@@ -185,7 +185,9 @@ class ForkedChild(Child):
         fork = self.ctx.get_start_method() == "fork"
         fds = self.close_fds(self) if (fork and self.close_fds) else []
         if fork:
-            fds.append(parent_conn.fileno())  # ours: the child keeping it would hide our death from it
+            fds = [fd for fd in fds if fd != child_conn.fileno()]  # the child's own end
+            if parent_conn.fileno() not in fds:
+                fds.append(parent_conn.fileno())  # ours: the child keeping it would hide our death from it
         proc = self.ctx.Process(target=child_entry, name=self.name, daemon=False,
                                 args=(self.target, self.name, child_conn, *self.args_for(self), log_channel, fds))
         proc.start()

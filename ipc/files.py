@@ -146,6 +146,25 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
     fsync_dir(path.parent)
 
 
+def open_descriptors(skip_under: tuple[Path, ...] = ()) -> list[int] | None:
+    """This process's open descriptors but those of files inside `skip_under`, from
+    /proc/self/fd; None where there is no such listing (only on Linux are children forked)."""
+    try:
+        entries = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    skips = [os.path.join(os.path.realpath(p), "") for p in skip_under]
+    out = []
+    for entry in entries:
+        try:
+            target = os.readlink(f"/proc/self/fd/{entry}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if not any(target.startswith(s) for s in skips):
+            out.append(int(entry))
+    return out
+
+
 class PidLock:
     """One daemon per data folder: an exclusive lock on data/daemon.pid, held for the life of
     the process and dropped by the kernel when it dies (kill -9 included), on Linux and Windows.

@@ -339,3 +339,42 @@ def test_the_newest_of_a_model_and_its_version_by_url_are_one_job(fake_civitai, 
     daemon.wait_event("download_completed", timeout=60)
     assert names_besides_sidecars(daemon.models_dir / "checkpoint") == ["model.safetensors"]
     assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads /proc")
+def test_forked_children_hold_none_of_the_supervisors_files_even_after_restarts(fake_civitai, daemon_factory):
+    """A forked child keeps only what it was handed: not daemon.db and its WAL, not the pid lock
+    (which would outlive the supervisor for as long as an orphaned child lives), not the log
+    file, not a sibling's pipes. Restarted workers do not pile up more descriptors."""
+    daemon = daemon_factory(base_config(fake_civitai, workers=2), [])
+    daemon.start()
+    data = str(daemon.data_dir)
+
+    def fds_of(pid: int) -> dict[int, str]:
+        out = {}
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                pass
+        return out
+
+    def check(children: dict[str, int]) -> dict[str, int]:
+        counts = {}
+        for name, pid in children.items():
+            if name not in ("worker-1", "worker-2", "updater"):
+                continue
+            links = fds_of(pid)
+            ours = sorted(link for link in links.values() if link.startswith(data))
+            assert ours == [], f"{name} holds the supervisor's files: {ours}"
+            counts[name] = len(links)
+        return counts
+
+    first = check(daemon.children())
+    assert set(first) == {"worker-1", "worker-2", "updater"}
+    for _ in range(3):  # restarts after outside kills: each new worker is forked beside the others
+        old = daemon.children()["worker-1"]
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda old=old: daemon.children().get("worker-1") not in (None, old), 30, message="worker-1 back")
+    later = check(daemon.children())
+    assert later["worker-1"] <= first["worker-1"] and later["worker-2"] <= first["worker-2"], (first, later)
