@@ -1,6 +1,7 @@
 """Supervisor figures of the real daemon, measured from outside (its files, REST API and /proc).
 
     uv run python bench/supervisor.py [--quick] [--only a,b,c,d] [--runs 3] [--idle-s 60] [--dir PATH]
+                                      [--set KEY=JSON ...]
 
 a  First sync of N model-only manifest entries (250, 1,000, 2,000, 10,000): the time from the
    daemon's start until all N jobs are in its store, and the supervisor's own part, from
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import shutil
@@ -47,7 +49,7 @@ PEER_FILES = 500
 FILE_BYTES = 256 * kit.KiB
 REST_REQUESTS = 200
 _seq = itertools.count(1)
-EXTRA: dict = {}
+EXTRA: dict = {}  # config keys of part b's daemons (--set), for A/B runs of a setting
 
 TARGETS = {
     "sync_2000_s": 0.5, "sync_10000_s": 2.0, "files_per_s": 150.0, "x_curl": 2.0, "sup_ms_per_file": 2.0,
@@ -558,7 +560,17 @@ def main(argv=None) -> int:
     parser.add_argument("--sync-cap-s", type=float, default=120.0,
                         help="a first sync still running after this long is stopped and reported (default 120)")
     parser.add_argument("--dir", type=Path, default=None, help="where the daemons' folders go (default bench/out/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="a config key for part b's daemons, e.g. --set sidecars=false (repeatable)")
     args = parser.parse_args(argv)
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        try:
+            EXTRA[key.strip()] = json.loads(value)
+        except ValueError:
+            eq = ""
+        if not eq or not key.strip():
+            parser.error(f"--set takes KEY=JSON, e.g. sidecars=false; got {item!r}")
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     if not parts <= set("abcd"):
         parser.error(f"--only takes a, b, c and d; got {args.only!r}")
@@ -571,7 +583,8 @@ def main(argv=None) -> int:
     print(f"bench/supervisor.py at {git_head()}")
     print(f"python {platform.python_version()}, {platform.system()} {platform.release()}, data in {work} "
           f"({kit.fs_type(work) or 'unknown fs'})")
-    print(f"load average at start: {kit.load_avg()}", flush=True)
+    print(f"load average at start: {kit.load_avg()}" + (f"; part b's daemons with {EXTRA}" if EXTRA else ""),
+          flush=True)
     started = time.monotonic()
     try:
         if "a" in parts:
