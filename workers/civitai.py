@@ -136,29 +136,27 @@ class Session(requests.Session):
 
     def __init__(self):
         super().__init__()
-        self._env: dict[tuple, tuple[dict, str | None]] = {}
+        self._proxies: dict[tuple, dict] = {}  # (scheme, host, no_proxy) -> the environment's proxies
+        self._ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
 
-    def _environment(self, url: str, no_proxy) -> tuple[dict, str | None]:
-        """(the environment's proxies for `url`'s host, its CA bundle), read once per host."""
+    def _environment_proxies(self, url: str, no_proxy) -> dict:
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc, no_proxy)
-        env = self._env.get(key)
-        if env is None:
-            if len(self._env) >= self.MAX_HOSTS:
-                self._env.clear()
-            env = self._env[key] = (requests.utils.get_environ_proxies(url, no_proxy=no_proxy),
-                                    os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE"))
-        return env
+        found = self._proxies.get(key)
+        if found is None:
+            if len(self._proxies) >= self.MAX_HOSTS:
+                self._proxies.clear()
+            found = self._proxies[key] = requests.utils.get_environ_proxies(url, no_proxy=no_proxy)
+        return found
 
     def merge_environment_settings(self, url, proxies, stream, verify, cert):
         if not self.trust_env:
             return super().merge_environment_settings(url, proxies, stream, verify, cert)
         proxies = {} if proxies is None else proxies
-        env = self._environment(url, proxies.get("no_proxy"))
-        for name, value in env[0].items():
+        for name, value in self._environment_proxies(url, proxies.get("no_proxy")).items():
             proxies.setdefault(name, value)
-        if (verify is True or verify is None) and env[1]:
-            verify = env[1]
+        if (verify is True or verify is None) and self._ca_bundle:
+            verify = self._ca_bundle
         merge = requests.sessions.merge_setting
         return {"proxies": merge(proxies, self.proxies), "stream": merge(stream, self.stream),
                 "verify": merge(verify, self.verify), "cert": merge(cert, self.cert)}
@@ -171,7 +169,7 @@ class Session(requests.Session):
         url = prepared_request.url
         scheme = urlsplit(url).scheme
         new_proxies = dict(proxies or {})
-        env = self._environment(url, new_proxies.get("no_proxy"))[0]
+        env = self._environment_proxies(url, new_proxies.get("no_proxy"))
         proxy = env.get(scheme, env.get("all"))
         if proxy:
             new_proxies.setdefault(scheme, proxy)

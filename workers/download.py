@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from ipc.files import OutsideError, make_folder_inside
 from ipc.layouts import folder_for
@@ -458,6 +459,13 @@ class _Reading:
     error: BaseException | None = None  # what ended the reads, for the writing thread to raise
 
 
+class _FolderScan(NamedTuple):
+    at: float  # CaseIndex.clock at the scan
+    wall_ns: int  # the wall clock at the scan
+    mtime_ns: int  # the folder's mtime then
+    keys: dict[str, set[str]]  # fold_case(name) -> the names of the folder with that key
+
+
 class CaseIndex:
     """Which names of a folder collide under case folding (Windows, macOS): the same file there,
     two different ones here. Scanning the folder for every download made an import of N files
@@ -471,17 +479,7 @@ class CaseIndex:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        # folder -> (clock at the scan, wall clock at the scan in ns, the folder's mtime_ns, fold keys)
-        self._folders: dict[str, tuple[float, int, int, dict[str, set[str]]]] = {}
-        self._folds: dict[str, str] = {}  # name -> fold_case(name): a rescan folds new names only
-
-    def _fold(self, name: str) -> str:
-        key = self._folds.get(name)
-        if key is None:
-            if len(self._folds) > 200_000:
-                self._folds.clear()
-            key = self._folds[name] = fold_case(name)
-        return key
+        self._folders: dict[str, _FolderScan] = {}
 
     def _keys(self, folder: Path) -> dict[str, set[str]]:
         where = str(folder)
@@ -494,25 +492,25 @@ class CaseIndex:
         if known is not None:
             # Unchanged since a scan well after its last change (a change in the same clock tick
             # as the scan would not move the mtime: git's "racy" entries), or scanned just now.
-            settled = known[2] == mtime and mtime < known[1] - 1_000_000_000
-            if settled or now - known[0] < self.RESCAN_S:
-                return known[3]
+            settled = known.mtime_ns == mtime and mtime < known.wall_ns - 1_000_000_000
+            if settled or now - known.at < self.RESCAN_S:
+                return known.keys
         keys: dict[str, set[str]] = {}
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    keys.setdefault(self._fold(entry.name), set()).add(entry.name)
+                    keys.setdefault(fold_case(entry.name), set()).add(entry.name)
         except OSError:
             pass
         if known is None and len(self._folders) >= self.MAX_FOLDERS:
             self._folders.clear()
-        self._folders[where] = (now, time.time_ns(), mtime, keys)
+        self._folders[where] = _FolderScan(now, time.time_ns(), mtime, keys)
         return keys
 
     def twin(self, folder: Path, name: str) -> str | None:
         """Another entry of `folder` whose name differs from `name` only in case (or Unicode
         form), or None."""
-        for other in sorted(self._keys(folder).get(self._fold(name), ())):
+        for other in sorted(self._keys(folder).get(fold_case(name), ())):
             if other != name:
                 return other
         return None
@@ -520,7 +518,7 @@ class CaseIndex:
     def placed(self, folder: Path, name: str) -> None:
         known = self._folders.get(str(folder))
         if known is not None:
-            known[3].setdefault(self._fold(name), set()).add(name)
+            known.keys.setdefault(fold_case(name), set()).add(name)
 
 
 _CASES = CaseIndex()
