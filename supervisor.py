@@ -305,7 +305,7 @@ class Supervisor:
             # Nothing is owed without a receiver: a webhook_url set later must not get the history.
             self.store.mark_all_delivered()
         notify.prepare_sinks(self.store, self.cfg.notify)  # each notify URL: this run's events, no history
-        self.control = ControlServer(self.control_token, self.handle_control).start()
+        self.control = ControlServer(self.control_token, self.handle_control, avoid=self.cfg.active_port).start()
         try:
             with self.txn():
                 self.emit("daemon_started", version=VERSION)

@@ -42,16 +42,34 @@ class _Subscriber:
         self.alive = True
 
 
+def _listen(host: str, port: int, avoid: int | None) -> socket.socket:
+    """A listening socket on `host:port`. With port 0 the kernel picks one from the ephemeral
+    range, and it may pick `avoid` (the web port, when the user chose one in that range): the web
+    process, started after, could then never listen. Such a pick is closed and another one taken."""
+    for _ in range(8):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind((host, port))
+            if port == 0 and avoid is not None and sock.getsockname()[1] == avoid:
+                sock.close()
+                continue
+            sock.listen(64)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+    raise OSError("the kernel gave port %d (the web port) to the control socket 8 times" % avoid)
+
+
 class ControlServer:
     """Serves requests on threads; `handler(op, args)` is the supervisor's and decides where
     the work happens (it marshals onto the main loop)."""
 
-    def __init__(self, token: str, handler: Callable[[str, dict], object], host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, token: str, handler: Callable[[str, dict], object], host: str = "127.0.0.1", port: int = 0,
+                 avoid: int | None = None):
         self._token = token.encode()
         self._handler = handler
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind((host, port))
-        self._sock.listen(64)
+        self._sock = _listen(host, port, avoid)
         self.address = "%s:%d" % self._sock.getsockname()[:2]
         self._subscribers: list[_Subscriber] = []
         self._lock = threading.Lock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,7 +33,32 @@ def names_besides_sidecars(folder) -> list[str]:
                   if not p.name.endswith(SIDECAR_INFO_SUFFIX) and SIDECAR_PREVIEW_INFIX not in p.name)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 49152, 65535  # the IANA range: Windows' and the BSDs' default
+
+
 def free_port() -> int:
+    """A free port for a daemon to listen on later. Not one from bind(port 0): that comes from
+    the kernel's ephemeral range, from which the kernel also gives ports to every outgoing
+    connection and every other bind(0) (the daemon's own control socket) in the seconds before
+    the daemon listens. A port below the range is only ever taken by someone asking for it."""
+    lo, hi = _ephemeral_range()
+    below = (20000, lo - 1) if lo > 21000 else None
+    if below is None and hi < 64000:
+        below = (hi + 1, 65535)
+    rng = random.Random()
+    for _ in range(50) if below else ():
+        port = rng.randint(*below)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
