@@ -58,7 +58,7 @@ def _listen(host: str, port: int, avoid: int | None) -> socket.socket:
         except BaseException:
             sock.close()
             raise
-    raise OSError("the kernel gave port %d (the web port) to the control socket 8 times" % avoid)
+    raise OSError(f"the kernel gave port {avoid} (the web port) to the control socket 8 times")
 
 
 class ControlServer:
