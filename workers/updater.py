@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC
 from typing import Any
 
@@ -229,42 +229,52 @@ class UpdateChecker:
                 log.info("update check: %s: %s; trying again in %.1f s", what, exc, delay)
                 self._pause(delay)
 
-    def fetch(self, model_ids: list[int]) -> tuple[dict[int, dict], dict[int, tuple[str, bool]]]:
-        """Models by id, batched; a model missing from a batch answer (or from a batch that
-        failed) is asked for alone, so that its own error can be told. Errors: model id ->
-        (sentence, transient)."""
+    def fetch(self, model_ids: list[int]) -> Iterator[tuple[list[int], dict[int, dict], dict[int, tuple[str, bool]]]]:
+        """Models by id, a batch at a time (`ids=` of up to 100 a request): yields each batch's
+        ids, models and errors, so a check holds one batch's answers and never the library's
+        (a popular model's JSON, with every version and image, is hundreds of KB; a library of
+        thousands of them would stay in the updater's memory after its first check). A model
+        missing from a batch answer (or from a batch that failed) is asked for alone, so that its
+        own error can be told. Errors: model id -> (sentence, transient)."""
         from workers.civitai import IDS_PER_REQUEST, CivitaiError
 
-        models: dict[int, dict] = {}
-        errors: dict[int, tuple[str, bool]] = {}
+        failing, last_error = 0, ""
         for offset in range(0, len(model_ids), IDS_PER_REQUEST):
             chunk = model_ids[offset: offset + IDS_PER_REQUEST]
+            errors: dict[int, tuple[str, bool]] = {}
             try:
                 got = self.call(lambda chunk=chunk: self.client.get_models(chunk), f"{len(chunk)} model(s)")
             except CivitaiError as exc:
                 log.warning("update check: asking for %d model(s) at once failed (%s); asking one by one",
                             len(chunk), exc)
                 got = {}
-            for model_id, model in got.items():
-                if model_id in chunk and isinstance(model, dict):
-                    models[model_id] = model
-        failing, last_error = 0, ""
-        for model_id in model_ids:
-            if model_id in models:
-                continue
-            if failing >= UNREACHABLE_AFTER:
-                errors[model_id] = (f"not checked: Civitai did not answer for other models either ({last_error})", True)
-                continue
-            try:
-                models[model_id] = self.call(lambda m=model_id: self.client.get_model(m), f"model {model_id}")
-                failing = 0
-            except CivitaiError as exc:
-                errors[model_id] = (str(exc), bool(exc.retryable))
-                if exc.retryable:
-                    failing, last_error = failing + 1, str(exc)
-                else:
+            wanted = set(chunk)
+            models = {mid: model for mid, model in got.items() if mid in wanted and isinstance(model, dict)}
+            del got
+            for model_id in chunk:
+                if model_id in models:
+                    continue
+                if failing >= UNREACHABLE_AFTER:
+                    errors[model_id] = (f"not checked: Civitai did not answer for other models either ({last_error})",
+                                        True)
+                    continue
+                try:
+                    models[model_id] = self.call(lambda m=model_id: self.client.get_model(m), f"model {model_id}")
                     failing = 0
-        return models, errors
+                except CivitaiError as exc:
+                    errors[model_id] = (str(exc), bool(exc.retryable))
+                    if exc.retryable:
+                        failing, last_error = failing + 1, str(exc)
+                    else:
+                        failing = 0
+            yield chunk, models, errors
+
+    def _each_model(self, ids: list[int]) -> Iterator[tuple[int, dict | None, tuple[str, bool] | None]]:
+        """(model id, its model or None, its error or None) in the order of `ids`, a batch
+        fetched at a time; a batch's answers are let go before the next is asked for."""
+        for chunk, models, errors in self.fetch(ids):
+            for model_id in chunk:
+                yield model_id, models.pop(model_id, None), errors.get(model_id)
 
     def run(self, entries: list[dict]) -> dict:
         """Check every model of `entries`; returns the check_done summary (without ts).
@@ -276,17 +286,15 @@ class UpdateChecker:
         requests_before = self._requests()
         groups = checked_entries(entries)
         ids = list(groups)
-        models, errors = self.fetch(ids) if ids else ({}, {})
         updates = n_errors = transient = 0
-        for model_id in ids:
+        for model_id, model, failure in self._each_model(ids):
             if self.should_stop():
                 raise CheckStopped()
-            error = None
-            if model_id in errors:
-                error, is_transient = errors[model_id]
+            error: str | None = None
+            if failure is not None or model is None:
+                error, is_transient = failure or ("Civitai did not return this model", True)
                 transient += int(is_transient)
             else:
-                model = models[model_id]
                 try:
                     seen_files: set[int] = set()
                     for entry in current_entries(groups[model_id], model):
@@ -314,6 +322,7 @@ class UpdateChecker:
                 n_errors += 1
                 log.warning("update check: model %s: %s", model_id, error)
                 self.report({"type": "update_error", "model_id": model_id, "error": error})
+            model = None  # let it go before the next batch is asked for
         return {
             "ok": not ids or transient < len(ids),
             "models": len(ids), "updates": updates, "errors": n_errors,

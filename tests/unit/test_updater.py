@@ -282,6 +282,40 @@ def test_more_than_a_hundred_models_go_in_batches_of_a_hundred(fake):
     assert summary["requests"] == 2 and summary["models"] == 150
 
 
+def test_a_check_holds_one_batch_of_models_at_a_time(fake):
+    """A library's models are not all kept until the check ends: when the next batch is asked
+    for, no model of an earlier batch is alive (each is hundreds of KB on the real Civitai)."""
+    import gc
+    import weakref
+
+    class Model(dict):  # a dict that can be watched with a weak reference
+        pass
+
+    entries = []
+    for mid in range(1, 251):
+        add_model(fake, mid, [(mid * 10, OLD, [simple_file(mid * 10)])])
+        entries.append({"modelId": mid, "modelVersionId": mid * 10, "fileId": mid * 10, "model_type": "lora"})
+    fake.add_version(7, dict(id=99999, published_at=NEW, files=[simple_file(99999)]))
+    client = make_client(fake)
+    real_get_models = client.get_models
+    watched: list[weakref.ref] = []
+    alive_at_ask: list[int] = []
+
+    def get_models(ids):
+        gc.collect()
+        alive_at_ask.append(sum(ref() is not None for ref in watched))
+        got = {mid: Model(model) for mid, model in real_get_models(ids).items()}
+        watched.extend(weakref.ref(model) for model in got.values())
+        return got
+
+    client.get_models = get_models
+    messages: list[dict] = []
+    summary = UpdateChecker(client, messages.append).run(entries)
+    assert summary["requests"] == 3 and summary["errors"] == 0 and summary["updates"] == 1
+    assert len(watched) == 250 and alive_at_ask == [0, 0, 0]
+    assert [m["model_id"] for m in messages if m["type"] == "update_found"] == [7]
+
+
 def test_the_throttle_spaces_the_requests(fake, tmp_path):
     from ipc.throttle import Throttle
 
