@@ -27,7 +27,7 @@ def sha256_file(path) -> str:
 
 def names_besides_sidecars(folder) -> list[str]:
     """The sorted names in `folder` without the sidecars (`<stem>.civitai.info`, `<stem>.preview.<ext>`)
-    that are written beside each verified file a moment after it, on their own thread."""
+    that are written beside each verified file (the preview a moment after it, on a thread)."""
     from ipc.naming import SIDECAR_INFO_SUFFIX, SIDECAR_PREVIEW_INFIX
     return sorted(p.name for p in Path(folder).iterdir()
                   if not p.name.endswith(SIDECAR_INFO_SUFFIX) and SIDECAR_PREVIEW_INFIX not in p.name)

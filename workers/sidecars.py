@@ -22,8 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import stat
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -69,6 +72,7 @@ class SidecarResult:
     skipped: str | None = None  # why no preview was fetched (none allowed, the user's own, not due)
     error: str | None = None  # why the preview fetch failed; tried again after retry_at
     retry_at: float | None = None
+    preview_due: bool = False  # a preview is to be fetched, and this call was told not to
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -313,9 +317,11 @@ def _remove(path: Path) -> None:
 
 def write_sidecars_for(version_json: dict | None, model_json: dict | None, final_path: Path, *,
                        client=None, session=None, throttle=None, preview_nsfw: bool = False,
-                       sidecars: bool = True, clock=time.time) -> SidecarResult:
+                       sidecars: bool = True, clock=time.time, fetch_preview: bool = True) -> SidecarResult:
     """Write or refresh the sidecars of the verified file `final_path` from Civitai's JSON (an
-    adopted file, a finished download, an update). Never raises: trouble is logged and returned."""
+    adopted file, a finished download, an update). Never raises: trouble is logged and returned.
+    With `fetch_preview` False only the .civitai.info is written (it needs no request), and
+    `preview_due` says whether a later call should fetch the preview."""
     result = SidecarResult()
     if not sidecars:
         result.skipped = "sidecars are off"
@@ -327,21 +333,78 @@ def write_sidecars_for(version_json: dict | None, model_json: dict | None, final
         return result
     try:
         _write(version_json, model_json, final_path, result, client=client, session=session, throttle=throttle,
-               preview_nsfw=preview_nsfw, clock=clock)
+               preview_nsfw=preview_nsfw, clock=clock, fetch_preview=fetch_preview)
     except Exception as exc:  # a sidecar is never worth a failed download
         log.warning("the sidecars of %s were not written: %s", final_path.name, exc, exc_info=not isinstance(exc, OSError))
         result.error = result.error or str(exc)
     return result
 
 
-def write_sidecars(res, final_path: Path, *, client, throttle, preview_nsfw: bool, sidecars: bool) -> SidecarResult:
+def write_sidecars(res, final_path: Path, *, client, throttle, preview_nsfw: bool, sidecars: bool,
+                   fetch_preview: bool = True) -> SidecarResult:
     """The worker's call after a file is verified (workers.civitai.Resolved carries the JSON)."""
     return write_sidecars_for(getattr(res, "version_json", None), getattr(res, "model_json", None), final_path,
-                              client=client, throttle=throttle, preview_nsfw=preview_nsfw, sidecars=sidecars)
+                              client=client, throttle=throttle, preview_nsfw=preview_nsfw, sidecars=sidecars,
+                              fetch_preview=fetch_preview)
+
+
+class SidecarWriter:
+    """A worker's sidecars after each verified file: the `.civitai.info` at once, in the job's
+    thread and before its `done` (it needs no request, and whoever hears of the download, a
+    webhook's receiver, the GUI, another tool, finds it there); the preview, which needs the
+    image host, on the writer's own thread, so a slow host never holds up the next job.
+
+    One writer owns a file's sidecars at a time: while the thread still has work for a path, a
+    newer file there goes to the thread too (after what it has), never beside it."""
+
+    def __init__(self, write: Callable[..., SidecarResult]):
+        self._write = write  # write_sidecars with the worker's client and settings bound
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._owed: dict[Path, int] = {}  # path -> entries for it on the thread, not yet done
+        self._lock = threading.Lock()
+
+    def after_verified(self, res, path: Path) -> None:
+        with self._lock:
+            owed = self._owed.get(path, 0)
+            if owed:
+                self._owed[path] = owed + 1
+        if owed:
+            self._work.put((res, path))
+            return
+        if self._write(res, path, fetch_preview=False).preview_due:
+            with self._lock:
+                self._owed[path] = self._owed.get(path, 0) + 1
+            self._work.put((res, path))
+
+    def run_one(self, timeout: float | None = None) -> bool:
+        """Do the thread's next entry (False: none came within `timeout`)."""
+        try:
+            res, path = self._work.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        try:
+            self._write(res, path, fetch_preview=True)
+        except Exception:  # noqa: BLE001 - write_sidecars never raises; a bug here must not end the thread
+            log.exception("sidecars of %s", path)
+        finally:
+            with self._lock:
+                left = self._owed.get(path, 1) - 1
+                if left > 0:
+                    self._owed[path] = left
+                else:
+                    self._owed.pop(path, None)
+        return True
+
+    def start(self) -> SidecarWriter:
+        def loop():
+            while True:
+                self.run_one()
+        threading.Thread(target=loop, name="sidecars", daemon=True).start()
+        return self
 
 
 def _write(version_json, model_json, final_path: Path, result: SidecarResult, *, client, session, throttle,
-           preview_nsfw: bool, clock) -> None:
+           preview_nsfw: bool, clock, fetch_preview: bool = True) -> None:
     target = info_path(final_path)
     if not _writable_target(target):
         raise OSError(f"{target} exists and is not a plain file: it is left as it is")
@@ -374,6 +437,9 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
         result.skipped, fetch = "the last fetch failed; it is tried again later", False
         mark.update({k: old_mark[k] for k in ("error", "retry_at", "error_version_id") if k in old_mark})
 
+    if fetch and not fetch_preview:
+        result.preview_due, fetch = True, False
+        mark.update({k: old_mark[k] for k in ("error", "retry_at", "error_version_id") if k in old_mark})
     if fetch:
         try:
             got, retry_after_s = _fetch_first(candidates, client=client, session=session, throttle=throttle,

@@ -165,22 +165,13 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         throttle=Throttle(cfg.locks_dir / "civitai.throttle", cfg.throttle),
     )
     settings = {"sidecars": cfg.sidecars, "preview_nsfw": cfg.preview_nsfw}
-    sidecar_work: queue.SimpleQueue = queue.SimpleQueue()
+    from workers.sidecars import SidecarWriter, write_sidecars
 
-    def write_sidecars_loop():
-        """Sidecars on a thread of their own, after the file is verified: a slow image host
-        never holds up the next job or counts against a download's timeout."""
-        from workers.sidecars import write_sidecars
+    def sidecars_of(res, path, *, fetch_preview: bool):
+        return write_sidecars(res, path, client=client, throttle=client.throttle, preview_nsfw=settings["preview_nsfw"],
+                              sidecars=settings["sidecars"], fetch_preview=fetch_preview)
 
-        while True:
-            res, path = sidecar_work.get()
-            try:
-                write_sidecars(res, path, client=client, throttle=client.throttle,
-                               preview_nsfw=settings["preview_nsfw"], sidecars=settings["sidecars"])
-            except Exception:
-                log.exception("sidecars of %s", path)
-
-    threading.Thread(target=write_sidecars_loop, name="sidecars", daemon=True).start()
+    sidecar_writer = SidecarWriter(sidecars_of).start()
     ctx = JobContext(
         client=client,
         download_dir=cfg.download_path,
@@ -191,7 +182,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         connections=cfg.connections,
         # The cap every connection of every worker shares; the supervisor writes its rate.
         rate_limit=SharedRateLimit(cfg.locks_dir / "speed.rate"),
-        on_verified=lambda res, path: sidecar_work.put((res, path)),
+        on_verified=sidecar_writer.after_verified,
     )
     threading.Thread(target=read_channel, name="channel-reader", daemon=True).start()
     channel.send({"type": "ready", "pid": os.getpid()})

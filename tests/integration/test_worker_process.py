@@ -135,6 +135,17 @@ def test_an_idle_worker_wakes_up_at_most_every_few_seconds(stand_in):
     assert woke <= 6, f"{woke} context switches in 10 s of idleness"
 
 
+def test_the_info_sidecar_is_there_when_the_worker_says_done(stand_in, tmp_path):
+    """Whoever hears of the download (the supervisor, then a webhook's receiver) finds the
+    file's .civitai.info beside it: it is written before `done` is sent, not after."""
+    stand_in.send(job())
+    done = stand_in.next("done", 30)
+    model = tmp_path / "models" / done["path"]
+    info = model.with_name(model.stem + ".civitai.info")
+    assert info.is_file(), sorted(p.name for p in model.parent.iterdir())
+    assert json.loads(info.read_text())["files"][0]["hashes"]["SHA256"].lower() == done["sha256"]
+
+
 def test_a_cancel_reaches_a_running_download_within_two_seconds(stand_in, fake_civitai):  # noqa: F811
     fake_civitai.set_fault(111, "drip", bps=200_000, after_bytes=256 << 10)
     stand_in.send(job())

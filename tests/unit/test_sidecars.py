@@ -15,9 +15,12 @@ import responses
 from workers import sidecars
 from workers.civitai import CivitaiClient
 from workers.sidecars import (
+    SidecarResult,
+    SidecarWriter,
     info_document,
     info_path,
     is_sidecar_name,
+    our_mark,
     preview_candidates,
     sidecar_state,
     sniff_image,
@@ -335,6 +338,81 @@ def test_write_sidecars_takes_the_resolved_json(version, model, model_file, clie
     result = write_sidecars(SimpleNamespace(version_id=1), other, client=client, throttle=None,
                             preview_nsfw=False, sidecars=True)
     assert result.info is None and not info_path(other).exists()
+
+
+def test_the_info_alone_asks_nothing_and_says_a_preview_is_due(version, model, model_file, client):
+    v = with_images(version, image(f"{IMG}/ok.png"))
+    result = write_sidecars_for(v, model, model_file, client=client, throttle=None, fetch_preview=False)
+    assert result.info == info_path(model_file) and result.preview is None and result.preview_due
+    assert json.loads(result.info.read_text())["id"] == v["id"]  # no request: no_network would have failed it
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/ok.png", body=PNG, content_type="image/png")
+        later = write_sidecars_for(v, model, model_file, client=client, throttle=None)
+    assert later.preview == model_file.with_name("pp-storybook_rank2_bf16.preview.png") and not later.preview_due
+    assert our_mark(json.loads(later.info.read_text()))["preview"] == later.preview.name
+    again = write_sidecars_for(v, model, model_file, client=client, throttle=None, fetch_preview=False)
+    assert not again.preview_due and again.preview == later.preview  # the preview is there: nothing owed
+
+
+def test_a_version_without_an_allowed_image_owes_no_preview(version, model, model_file, client):
+    result = write_sidecars_for(with_images(version), model, model_file, client=client, throttle=None,
+                                fetch_preview=False)
+    assert result.info is not None and not result.preview_due
+
+
+class FakeWrites:
+    """write_sidecars as the SidecarWriter calls it: records (path, fetch_preview) and says
+    a preview is due for the paths in `due`."""
+
+    def __init__(self, due=()):
+        self.calls: list[tuple[str, str, bool]] = []
+        self.due = set(due)
+
+    def __call__(self, res, path, *, fetch_preview):
+        self.calls.append((res, path.name, fetch_preview))
+        return SidecarResult(preview_due=not fetch_preview and path.name in self.due)
+
+
+def test_the_writer_writes_the_info_in_the_callers_thread_and_leaves_the_preview_to_its_own(tmp_path):
+    writes = FakeWrites(due={"a.safetensors"})
+    writer = SidecarWriter(writes)
+    writer.after_verified("r1", tmp_path / "a.safetensors")
+    writer.after_verified("r2", tmp_path / "b.safetensors")  # no preview due: nothing for the thread
+    assert writes.calls == [("r1", "a.safetensors", False), ("r2", "b.safetensors", False)]
+    assert writer.run_one(timeout=0) and not writer.run_one(timeout=0)
+    assert writes.calls[-1] == ("r1", "a.safetensors", True)
+
+
+def test_a_newer_file_at_a_path_the_thread_still_owes_goes_to_the_thread_after_it(tmp_path):
+    """Two writers of one .civitai.info could leave the older one last (and a preview without
+    its mark, taken for the user's own from then on): the path's writes stay in order."""
+    writes = FakeWrites(due={"a.safetensors"})
+    writer = SidecarWriter(writes)
+    path = tmp_path / "a.safetensors"
+    writer.after_verified("old", path)
+    writer.after_verified("new", path)  # the thread still has "old" for this path
+    assert writes.calls == [("old", "a.safetensors", False)]
+    assert writer.run_one(timeout=0) and writer.run_one(timeout=0)
+    assert writes.calls[1:] == [("old", "a.safetensors", True), ("new", "a.safetensors", True)]
+    writer.after_verified("newest", path)  # owed nothing now: the info is written at once again
+    assert writes.calls[-1] == ("newest", "a.safetensors", False)
+
+
+def test_a_failing_write_on_the_thread_does_not_leave_the_path_owed(tmp_path, caplog):
+    path = tmp_path / "a.safetensors"
+
+    def write(res, p, *, fetch_preview):
+        if fetch_preview:
+            raise RuntimeError("a bug")
+        return SidecarResult(preview_due=True)
+
+    writer = SidecarWriter(write)
+    writer.after_verified("r", path)
+    assert writer.run_one(timeout=0) and "sidecars of" in caplog.text
+    calls = []
+    writer._write = lambda res, p, *, fetch_preview: calls.append(fetch_preview) or SidecarResult()
+    writer.after_verified("r2", path)
+    assert calls == [False]
 
 
 def test_sidecar_names_are_never_model_files():
