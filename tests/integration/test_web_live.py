@@ -8,7 +8,7 @@ import pytest
 import requests
 import websocket
 
-from tests.helpers import base_config, wait_until
+from tests.helpers import base_config, sha256_file, wait_until
 
 MiB = 1024 * 1024
 CANCEL_WITHIN_S = 2.0  # SPEC 6: a running download stops within 2 s of DELETE /api/jobs/<id>
@@ -133,6 +133,35 @@ def test_cancel_stops_a_running_download_within_two_seconds(fake_civitai, daemon
         daemon.api("DELETE", f"/api/jobs/{job['id']}")
     finally:
         feed.close()
+
+
+@pytest.mark.parametrize("stalled", ["metadata", "download endpoint"])
+def test_cancel_while_the_worker_waits_on_civitai_stops_it_and_a_retry_downloads(fake_civitai, daemon, stalled):
+    """A cancel that comes before the job's file is known (its worker still waits on Civitai,
+    its `ack` and `resolved` perhaps not even sent yet) ends the job all the same, within the
+    SPEC's 2 s, leaves no file and no partial, and a retry then downloads the file."""
+    add_model(fake_civitai, 500, 5000, 9000, size=256 * 1024, name="late.safetensors")
+    path = r"^/api/v1/models/500(\?|$)" if stalled == "metadata" else r"^/api/download/models/5000(\?|$)"
+    fake_civitai.set_api_fault(path, "stall", delay_s=60, times=1)
+    job = daemon.api("POST", "/api/jobs", json={"model_id": 500}).json()["job"]
+    wait_until(lambda: fake_civitai.requests_to("api", path), 30, message=f"the worker to ask for the {stalled}")
+    asked = time.monotonic()
+    res = daemon.api("DELETE", f"/api/jobs/{job['id']}")
+    assert res.status_code == 200 and res.json()["job"]["state"] == "cancelled", res.text
+
+    def worker_let_go():
+        children = daemon.api("GET", "/api/status").json()["children"]
+        return all(c.get("job_id") != job["id"] for c in children if c["kind"] == "worker")
+
+    wait_until(worker_let_go, CANCEL_WITHIN_S + 1.0, interval=0.05, message="the worker to let go of the job")
+    assert time.monotonic() - asked <= CANCEL_WITHIN_S + 1.0
+    folder = daemon.models_dir / "checkpoint"
+    assert daemon.job(job["id"])["state"] == "cancelled"
+    assert not folder.exists() or [p.name for p in folder.iterdir()] == []
+    again = daemon.api("POST", f"/api/jobs/{job['id']}/retry")
+    assert again.status_code == 200 and again.json()["job"]["state"] == "queued", again.text
+    wait_until(lambda: daemon.job(job["id"])["state"] == "done", 30, message="the retry")
+    assert sha256_file(folder / "late.safetensors") == fake_civitai.file_sha256(9000).lower()
 
 
 def test_reconnect_with_after_replays_missed_events_without_gap_or_duplicate(fake_civitai, daemon):
