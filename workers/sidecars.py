@@ -27,7 +27,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -348,52 +348,78 @@ def write_sidecars(res, final_path: Path, *, client, throttle, preview_nsfw: boo
                               fetch_preview=fetch_preview)
 
 
+@dataclass
+class _PathTurn:
+    """What a SidecarWriter knows of one path while something is owed for it."""
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held by whoever writes its sidecars
+    latest: int = 0  # the newest verified file at this path (a count of after_verified calls)
+    holders: int = 0  # calls and thread entries still using this record
+
+
 class SidecarWriter:
     """A worker's sidecars after each verified file: the `.civitai.info` at once, in the job's
     thread and before its `done` (it needs no request, and whoever hears of the download, a
     webhook's receiver, the GUI, another tool, finds it there); the preview, which needs the
     image host, on the writer's own thread, so a slow host never holds up the next job.
 
-    One writer owns a file's sidecars at a time: while the thread still has work for a path, a
-    newer file there goes to the thread too (after what it has), never beside it."""
+    One writer at a time for a path (two would share atomic_write's temp name, and the older
+    one's info could land last): the job thread waits for a preview fetch of the same path in
+    flight, at most one image's timeout, and only when that path was verified twice that soon.
+    A thread entry for a path that has had a newer file since is dropped: the newer one's info is
+    written, and its own entry follows if its preview is due."""
 
     def __init__(self, write: Callable[..., SidecarResult]):
         self._write = write  # write_sidecars with the worker's client and settings bound
         self._work: queue.SimpleQueue = queue.SimpleQueue()
-        self._owed: dict[Path, int] = {}  # path -> entries for it on the thread, not yet done
+        self._turns: dict[Path, _PathTurn] = {}
         self._lock = threading.Lock()
 
-    def after_verified(self, res, path: Path) -> None:
+    def _hold(self, path: Path) -> tuple[_PathTurn, int]:
         with self._lock:
-            owed = self._owed.get(path, 0)
-            if owed:
-                self._owed[path] = owed + 1
-        if owed:
-            self._work.put((res, path))
-            return
-        if self._write(res, path, fetch_preview=False).preview_due:
-            with self._lock:
-                self._owed[path] = self._owed.get(path, 0) + 1
-            self._work.put((res, path))
+            turn = self._turns.setdefault(path, _PathTurn())
+            turn.latest += 1
+            turn.holders += 1
+            return turn, turn.latest
+
+    def _let_go(self, path: Path, turn: _PathTurn) -> None:
+        with self._lock:
+            turn.holders -= 1
+            if turn.holders <= 0 and self._turns.get(path) is turn:
+                del self._turns[path]
+
+    def after_verified(self, res, path: Path) -> None:
+        turn, mine = self._hold(path)
+        queued = False
+        try:
+            with turn.lock:
+                due = self._write(res, path, fetch_preview=False).preview_due
+            if due:
+                self._work.put((res, path, turn, mine))
+                queued = True
+        finally:
+            if not queued:
+                self._let_go(path, turn)
 
     def run_one(self, timeout: float | None = None) -> bool:
         """Do the thread's next entry (False: none came within `timeout`)."""
         try:
-            res, path = self._work.get(timeout=timeout)
+            res, path, turn, mine = self._work.get(timeout=timeout)
         except queue.Empty:
             return False
         try:
-            self._write(res, path, fetch_preview=True)
+            with turn.lock:
+                if mine == turn.latest:  # else a newer file is at this path: its info is written
+                    self._write(res, path, fetch_preview=True)
         except Exception:  # noqa: BLE001 - write_sidecars never raises; a bug here must not end the thread
             log.exception("sidecars of %s", path)
         finally:
-            with self._lock:
-                left = self._owed.get(path, 1) - 1
-                if left > 0:
-                    self._owed[path] = left
-                else:
-                    self._owed.pop(path, None)
+            self._let_go(path, turn)
         return True
+
+    def owed(self) -> int:
+        """Paths something is still owed for (for tests: 0 once the thread is through)."""
+        with self._lock:
+            return len(self._turns)
 
     def start(self) -> SidecarWriter:
         def loop():

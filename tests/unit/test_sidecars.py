@@ -383,19 +383,50 @@ def test_the_writer_writes_the_info_in_the_callers_thread_and_leaves_the_preview
     assert writes.calls[-1] == ("r1", "a.safetensors", True)
 
 
-def test_a_newer_file_at_a_path_the_thread_still_owes_goes_to_the_thread_after_it(tmp_path):
-    """Two writers of one .civitai.info could leave the older one last (and a preview without
-    its mark, taken for the user's own from then on): the path's writes stay in order."""
+def test_a_newer_file_at_a_path_still_owed_gets_its_info_at_once_and_the_older_entry_is_dropped(tmp_path):
     writes = FakeWrites(due={"a.safetensors"})
     writer = SidecarWriter(writes)
     path = tmp_path / "a.safetensors"
     writer.after_verified("old", path)
     writer.after_verified("new", path)  # the thread still has "old" for this path
-    assert writes.calls == [("old", "a.safetensors", False)]
-    assert writer.run_one(timeout=0) and writer.run_one(timeout=0)
-    assert writes.calls[1:] == [("old", "a.safetensors", True), ("new", "a.safetensors", True)]
-    writer.after_verified("newest", path)  # owed nothing now: the info is written at once again
-    assert writes.calls[-1] == ("newest", "a.safetensors", False)
+    assert writes.calls == [("old", "a.safetensors", False), ("new", "a.safetensors", False)]
+    assert writer.run_one(timeout=0) and writer.run_one(timeout=0) and not writer.run_one(timeout=0)
+    assert writes.calls[2:] == [("new", "a.safetensors", True)]  # "old" would fetch an outdated preview
+    assert writer.owed() == 0
+
+
+def test_the_info_waits_for_a_preview_fetch_of_the_same_path_in_flight_and_only_that(tmp_path):
+    """One writer at a time for a path: the older file's info (written last) must not win, and
+    two writes would share atomic_write's temp name. Another path does not wait."""
+    import threading
+
+    fetching, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def write(res, path, *, fetch_preview):
+        if fetch_preview:
+            fetching.set()
+            assert release.wait(10)
+        order.append(f"{res}:{path.name}:{'preview' if fetch_preview else 'info'}")
+        return SidecarResult(preview_due=not fetch_preview and res == "old")
+
+    writer = SidecarWriter(write)
+    path = tmp_path / "a.safetensors"
+    writer.after_verified("old", path)
+    thread = threading.Thread(target=writer.run_one, kwargs={"timeout": 5})
+    thread.start()
+    assert fetching.wait(5)
+    writer.after_verified("other", tmp_path / "b.safetensors")  # not held up
+    newer = threading.Thread(target=writer.after_verified, args=("new", path))
+    newer.start()
+    newer.join(0.2)
+    assert newer.is_alive()  # waits for the fetch of its path
+    release.set()
+    newer.join(5)
+    thread.join(5)
+    assert order == ["old:a.safetensors:info", "other:b.safetensors:info", "old:a.safetensors:preview",
+                     "new:a.safetensors:info"]
+    assert writer.owed() == 0
 
 
 def test_a_failing_write_on_the_thread_does_not_leave_the_path_owed(tmp_path, caplog):
@@ -408,11 +439,19 @@ def test_a_failing_write_on_the_thread_does_not_leave_the_path_owed(tmp_path, ca
 
     writer = SidecarWriter(write)
     writer.after_verified("r", path)
+    assert writer.owed() == 1
     assert writer.run_one(timeout=0) and "sidecars of" in caplog.text
-    calls = []
-    writer._write = lambda res, p, *, fetch_preview: calls.append(fetch_preview) or SidecarResult()
-    writer.after_verified("r2", path)
-    assert calls == [False]
+    assert writer.owed() == 0
+
+
+def test_a_failing_info_write_in_the_job_thread_leaves_nothing_owed(tmp_path):
+    def write(res, p, *, fetch_preview):
+        raise OSError("disk full")
+
+    writer = SidecarWriter(write)
+    with pytest.raises(OSError):
+        writer.after_verified("r", tmp_path / "a.safetensors")  # download._verified logs it
+    assert writer.owed() == 0 and not writer.run_one(timeout=0)
 
 
 def test_sidecar_names_are_never_model_files():
