@@ -463,9 +463,8 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
         result.skipped, fetch = "the last fetch failed; it is tried again later", False
         mark.update({k: old_mark[k] for k in ("error", "retry_at", "error_version_id") if k in old_mark})
 
-    if fetch and not fetch_preview:
+    if fetch and not fetch_preview:  # the later call with fetch_preview decides the preview's mark
         result.preview_due, fetch = True, False
-        mark.update({k: old_mark[k] for k in ("error", "retry_at", "error_version_id") if k in old_mark})
     if fetch:
         try:
             got, retry_after_s = _fetch_first(candidates, client=client, session=session, throttle=throttle,

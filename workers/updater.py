@@ -291,10 +291,11 @@ class UpdateChecker:
             if self.should_stop():
                 raise CheckStopped()
             error: str | None = None
-            if failure is not None or model is None:
-                error, is_transient = failure or ("Civitai did not return this model", True)
+            if failure is not None:
+                error, is_transient = failure
                 transient += int(is_transient)
             else:
+                assert model is not None  # fetch gives every id of a batch a model or an error
                 try:
                     seen_files: set[int] = set()
                     for entry in current_entries(groups[model_id], model):
