@@ -643,6 +643,7 @@ def library_main(name: str, conn, config_path: str, log_channel=None) -> None:
     """The daemon's library child: one scan (the request comes over the pipe), then its
     sidecars, then it exits. It never opens SQLite: it is forked, and the supervisor holds the
     database (what it learns goes back as messages, see scan_child)."""
+    from ipc.childmain import Wake
     from ipc.config import load_config
     from ipc.logsetup import setup_child_logging
     from ipc.throttle import Throttle
@@ -655,7 +656,7 @@ def library_main(name: str, conn, config_path: str, log_channel=None) -> None:
     channel = Channel(conn)
     stop = threading.Event()
     requests_in: list[dict] = []
-    got = threading.Event()
+    got = Wake()  # not an Event: the SIGTERM handler sets it while the main thread waits on it
 
     def read_channel():
         while not stop.is_set():
@@ -675,7 +676,7 @@ def library_main(name: str, conn, config_path: str, log_channel=None) -> None:
     import signal
 
     def on_sigterm(signum, frame):
-        stop.set()
+        stop.set()  # safe: only other threads ever hold this Event's lock, and never for long
         got.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)

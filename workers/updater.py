@@ -353,6 +353,7 @@ def check_due_at_start(last_ts: float | None, now: float | None = None) -> bool:
 def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
     import schedule
 
+    from ipc.childmain import Wake
     from ipc.config import load_config
     from ipc.logsetup import setup_child_logging
     from ipc.throttle import Throttle
@@ -364,14 +365,17 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
     setup_child_logging(log_queue, secrets=(cfg.civitai_api_key,))
     channel = Channel(conn)
     stop = threading.Event()
-    wake = threading.Event()
+    wake = Wake()  # the main loop's sleep; SIGTERM wakes it too (an Event's lock could deadlock there)
+    terminated: list[int] = []
     have_manifest = threading.Event()
     lock = threading.Lock()
     state: dict[str, Any] = {"entries": [], "pending": None, "running": False, "retry_at": None,
                              "last_success_ts": None, "config": None}
 
     def on_sigterm(signum, frame):
-        stop.set()
+        # Runs on the main thread, which may be inside wake.wait(): nothing here takes a lock.
+        # The main loop sets `stop` for the other threads.
+        terminated.append(signum)
         wake.set()
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -473,6 +477,9 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
     decided = False
     sent_next = None
     while not stop.is_set():
+        if terminated:
+            stop.set()  # the check ends at its next request or pause
+            break
         if not decided and have_manifest.is_set():
             decided = True
             with lock:
@@ -518,7 +525,6 @@ def updater_main(name: str, conn, config_path: str, log_queue=None) -> None:
             if state["retry_at"] is not None:
                 due.append(state["retry_at"] - time.time())
         wake.wait(min(3600.0, max(0.05, min(due))) if due else 3600.0)
-        wake.clear()
     # A check still running is abandoned with the process; it was not a success, so the next
     # start checks again if it is due.
     log.info("%s stopping", name)

@@ -144,7 +144,9 @@ def _drain(fd: int) -> None:
 
 def wait_threaded(stdin_fd: int | None, on_byte) -> None:
     """The same with a reading thread, where select() cannot wait on a pipe (Windows)."""
-    finish = threading.Event()
+    from ipc.childmain import Wake
+
+    finish = Wake()  # not an Event: the SIGTERM handler sets it while the main thread waits on it
 
     def watch_parent():
         try:

@@ -125,6 +125,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
 
     def on_sigterm(signum, frame):
         # The supervisor's kill for a stuck job, or shutdown: stop at the next chunk, keep the part.
+        # stop.set() is safe here: the main thread only reads `stop`, never holds its lock.
         stop.set()
         jobs.put(None)
 
