@@ -10,7 +10,8 @@ daemon thread:
   ``/api/download/models/{versionId}[?fileId=F | ?type=&format=&size=&fp=]`` (307 to the CDN) and
   a ``/login`` HTML page;
 * the CDN origin (``fake.cdn_origin``, another port): ``/files/{fileId}/{name}?sig=..&exp=..``
-  with signed, expiring URLs, Range / If-Range / 416, HEAD, ETag, Last-Modified.
+  with signed, expiring URLs, Range / If-Range / 416, HEAD, ETag, Last-Modified; and the images
+  of versions (``add_image``: ``/images/{key}/width=450/{name}``, as image.civitai.com serves them).
 
 Shapes follow the real responses in /work/shared/civitai-samples/ and the behaviour of Civitai's
 download endpoint (civitai/civitai ``src/pages/api/download/models/[modelVersionId].ts``): 401
@@ -483,6 +484,7 @@ class FakeCivitai:
         self._api_faults: list[_ApiFault] = []
         self._sigs: dict[str, tuple[int, float]] = {}
         self._served: dict[int, int] = {}
+        self._images: dict[str, dict] = {}  # the CDN's /images/{key}/{name}: body, type, faults
         self._current = threading.local()
 
         self._api = _Server((host, 0), _Handler, self, "api")
@@ -559,6 +561,22 @@ class FakeCivitai:
         with self._lock:
             self._add_version(model_id, version, index)
         return self.version_json(version["id"])
+
+    def add_image(self, data: bytes, content_type: str = "image/png", *, name: str = "preview.png",
+                  nsfw_level: int = 1, type: str = "image", fail_times: int = 0,  # noqa: A002
+                  fail_status: int = 503) -> dict:
+        """Host an image on the CDN origin (as image.civitai.com hosts a version's images) and
+        return its entry for a version's ``images`` list, shaped like the real ones (url,
+        nsfwLevel, width, height, hash, type); pass it through ``extra={"images": [...]}``. The
+        first ``fail_times`` GETs of it answer ``fail_status``, as a passing image host fault."""
+        key = secrets.token_hex(8)
+        with self._lock:
+            self._images[key] = {"data": bytes(data), "ctype": content_type, "fail": int(fail_times),
+                                 "status": int(fail_status)}
+        url = f"{self.cdn_origin}/images/{key}/width=450/{urllib.parse.quote(name, safe='')}"
+        return {"url": url, "nsfwLevel": nsfw_level, "width": 450, "height": 450,
+                "hash": "U5IiO6s-4Vn+0~EO^5xa00VsL#IU_O?E7yWC", "type": type,
+                "metadata": {"size": len(data), "width": 450, "height": 450}}
 
     def remove_version(self, version_id: int) -> None:
         with self._lock:
@@ -1239,7 +1257,23 @@ class FakeCivitai:
 
     # -- CDN server
 
+    def _image(self, h: _Handler, key: str) -> None:
+        with self._lock:
+            img = self._images.get(key)
+            failing = img is not None and img["fail"] > 0
+            if failing:
+                img["fail"] -= 1
+        if img is None:
+            return self._respond(h, 404, _NO_SUCH_KEY, "application/xml")
+        if failing:
+            return self._respond(h, img["status"], b"<html><body>temporarily unavailable</body></html>",
+                                 "text/html", {"Retry-After": "1"})
+        self._respond(h, 200, img["data"], img["ctype"], {"Cache-Control": "public, max-age=31536000"})
+
     def _handle_cdn(self, h: _Handler, parts) -> None:
+        m = re.fullmatch(r"/images/([0-9a-f]+)/.*", parts.path)
+        if m:
+            return self._image(h, m.group(1))
         m = re.fullmatch(r"(?:/hop/([^/]+))?/files/(\d+)/([^/]*)", parts.path)
         if not m:
             return self._respond(h, 404, _NO_SUCH_KEY, "application/xml")

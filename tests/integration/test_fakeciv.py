@@ -813,3 +813,20 @@ def test_answers_go_out_with_nodelay_and_in_one_write(fake, monkeypatch):
         r = s.get(url, timeout=5)  # a small file: headers and bytes together
         assert r.content == fake.file_bytes(110)
         assert len(writes) == 1 and writes[0].endswith(r.content)
+
+
+def test_images_are_served_from_the_cdn_origin_with_their_type_and_passing_faults(fake):
+    png = b"\x89PNG\r\n\x1a\n" + b"p" * 500
+    entry = fake.add_image(png, "image/png", name="a b.png", nsfw_level=4, fail_times=2, fail_status=502)
+    assert entry["url"].startswith(fake.cdn_origin + "/images/") and entry["url"].endswith("/a%20b.png")
+    assert (entry["nsfwLevel"], entry["type"]) == (4, "image")
+    assert [requests.get(entry["url"], timeout=5).status_code for _ in range(2)] == [502, 502]
+    r = requests.get(entry["url"], timeout=5)
+    assert (r.status_code, r.headers["Content-Type"], r.content) == (200, "image/png", png)
+    head = requests.head(entry["url"], timeout=5)
+    assert head.headers["Content-Length"] == str(len(png)) and head.content == b""
+    assert requests.get(fake.cdn_origin + "/images/00ff/width=450/x.png", timeout=5).status_code == 404
+    # Through the version JSON, as Civitai lists a version's images.
+    fake.add_model(7, versions=[dict(id=70, extra={"images": [entry]})])
+    images = requests.get(f"{fake.api_url}/model-versions/70", timeout=5).json()["images"]
+    assert images == [entry]
