@@ -38,6 +38,7 @@ once, lazily, and cached per content generation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import http.server
@@ -226,6 +227,13 @@ class _File:
                 key = f"{self.id}:{self.gen}:{self.seed}:{self.size}"
                 h = hashlib.md5(key.encode()).hexdigest()
             self.etag = f'"{h}"'
+
+    def snapshot(self) -> _File:
+        """The file as it is now, for one answer: a replace_file while its body is sent does not
+        reach it (a CDN serves one object per answer; reading the live file once mixed old and
+        new bytes under the old ETag)."""
+        with self._lock:
+            return copy.copy(self)
 
     @property
     def last_modified(self) -> str:
@@ -1327,6 +1335,7 @@ class FakeCivitai:
         self._serve_file(h, f, flt)
 
     def _serve_file(self, h: _Handler, f: _File, flt: _Fault | None) -> None:
+        f = f.snapshot()
         size = f.size
         etag = f.etag
         lastmod = f.last_modified
