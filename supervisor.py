@@ -100,6 +100,7 @@ class Supervisor:
         self._txn_depth = 0
         self._progress_stored: dict[int, float] = {}
         self._progress_seen: dict[int, dict] = {}  # the last progress message of each running job
+        self._previews_handed = False  # the last run's owed previews went to a worker (once a run)
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
         self._ready_notified = False
@@ -582,6 +583,8 @@ class Supervisor:
                 self.scans.on_ready(child)
             if child.kind == ChildKind.UPDATER:
                 self.updates.on_ready(child)
+            if child.kind == ChildKind.WORKER:
+                self.hand_owed_previews(child)
             return
         if kind == Msg.FATAL:
             child.last_error = str(msg.get("error", ""))
@@ -591,6 +594,9 @@ class Supervisor:
             return
         if child.kind == ChildKind.LIBRARY:
             self.scans.on_message(msg)
+            return
+        if kind in (Msg.PREVIEW_OWED, Msg.PREVIEW_SETTLED) and isinstance(msg.get("path"), str):
+            self.apply(kind, msg["path"])  # in the tick's transaction: an owed preview lands with its done
             return
         job_id = msg.get("job_id")
         if job_id is None or job_id != child.job_id:
@@ -603,6 +609,22 @@ class Supervisor:
             self.on_progress(job_id, msg)
         elif kind in (Msg.RESOLVED, Msg.VERIFYING, Msg.DONE, Msg.ERROR):
             self.apply(kind, child.name, job_id, msg)
+
+    def hand_owed_previews(self, child) -> None:
+        """Once a run, to the first worker ready: the previews the last run's workers had queued
+        but not fetched when they stopped. They stay owed in the store until a worker settles
+        them, so a worker that stops again before that hands them to the next start."""
+        if self._previews_handed:
+            return
+        self._previews_handed = True
+        try:
+            owed = self.store.owed_previews()
+        except StoreUnavailable as exc:
+            log.warning("the previews owed from the last run were not read: %s", exc)
+            return
+        if owed:
+            log.info("%d preview(s) owed from the last run: %s fetches them", len(owed), child.name)
+            child.send({"type": Msg.PREVIEWS, "paths": owed})
 
     def latest_bytes(self, job_id: int) -> int | None:
         """The bytes a running job had at its last progress message (stored at most once a second)."""
@@ -697,6 +719,12 @@ class Supervisor:
             return
         if kind == "update":
             self.updates.apply_update(item[1])
+            return
+        if kind == Msg.PREVIEW_OWED:
+            self.store.owe_preview(item[1])
+            return
+        if kind == Msg.PREVIEW_SETTLED:
+            self.store.preview_settled(item[1])
             return
         if kind == "library_hashes":
             self.scans.store_hashes(item[1])

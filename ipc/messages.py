@@ -15,6 +15,7 @@ class Msg(StrEnum):
     CANCEL = "cancel"
     STOP = "stop"
     CONFIG = "config"  # a reloaded config (SIGHUP): take the live keys
+    PREVIEWS = "previews"  # at start: the previews the last run's workers still owed
     # worker -> supervisor
     READY = "ready"
     FATAL = "fatal"
@@ -24,6 +25,8 @@ class Msg(StrEnum):
     VERIFYING = "verifying"
     DONE = "done"
     ERROR = "error"
+    PREVIEW_OWED = "preview_owed"  # a verified file's preview is queued on the worker's sidecar thread
+    PREVIEW_SETTLED = "preview_settled"  # ... and fetched, failed (marked in the info) or not due after all
     # supervisor -> updater
     MANIFEST = "manifest"
     CHECK_NOW = "check_now"
@@ -54,6 +57,16 @@ class JobSpec(TypedDict):
 class JobMsg(TypedDict):
     type: str  # Msg.JOB
     job: JobSpec
+
+
+class PreviewsMsg(TypedDict):
+    type: str
+    paths: list[str]  # absolute paths of verified model files, as the worker named them
+
+
+class PreviewMsg(TypedDict):  # preview_owed, preview_settled
+    type: str
+    path: str
 
 
 class CancelMsg(TypedDict):

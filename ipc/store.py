@@ -69,6 +69,10 @@ CREATE TABLE IF NOT EXISTS kv (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS previews_owed (
+    path TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS manifest_pending (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL
@@ -465,6 +469,17 @@ class JobStore:
         return {row["path"]: row for row in self._query("SELECT * FROM files")}
 
     # --- manifest changes not yet written to manifest.json -------------------------------------
+
+    # A preview a worker still owes a verified file (its sidecar thread had not fetched it yet):
+    # kept until the worker says it is settled, so a worker that stops first does not lose it.
+    def owe_preview(self, path: str) -> None:
+        self._write("INSERT OR IGNORE INTO previews_owed (path, since) VALUES (?, ?)", (path, time.time()))
+
+    def preview_settled(self, path: str) -> None:
+        self._write("DELETE FROM previews_owed WHERE path = ?", (path,))
+
+    def owed_previews(self) -> list[str]:
+        return [row["path"] for row in self._query("SELECT path FROM previews_owed ORDER BY since, path")]
 
     def add_manifest_op(self, op: dict) -> int:
         return int(self._write("INSERT INTO manifest_pending (op) VALUES (?)",

@@ -572,15 +572,16 @@ class FakeCivitai:
 
     def add_image(self, data: bytes, content_type: str = "image/png", *, name: str = "preview.png",
                   nsfw_level: int = 1, type: str = "image", fail_times: int = 0,  # noqa: A002
-                  fail_status: int = 503) -> dict:
+                  fail_status: int = 503, stall_times: int = 0) -> dict:
         """Host an image on the CDN origin (as image.civitai.com hosts a version's images) and
         return its entry for a version's ``images`` list, shaped like the real ones (url,
         nsfwLevel, width, height, hash, type); pass it through ``extra={"images": [...]}``. The
-        first ``fail_times`` GETs of it answer ``fail_status``, as a passing image host fault."""
+        first ``fail_times`` GETs of it answer ``fail_status``, as a passing image host fault; the
+        first ``stall_times`` never answer (until the fake closes), as a host that hangs."""
         key = secrets.token_hex(8)
         with self._lock:
             self._images[key] = {"data": bytes(data), "ctype": content_type, "fail": int(fail_times),
-                                 "status": int(fail_status)}
+                                 "status": int(fail_status), "stall": int(stall_times)}
         url = f"{self.cdn_origin}/images/{key}/width=450/{urllib.parse.quote(name, safe='')}"
         return {"url": url, "nsfwLevel": nsfw_level, "width": 450, "height": 450,
                 "hash": "U5IiO6s-4Vn+0~EO^5xa00VsL#IU_O?E7yWC", "type": type,
@@ -1268,9 +1269,14 @@ class FakeCivitai:
     def _image(self, h: _Handler, key: str) -> None:
         with self._lock:
             img = self._images.get(key)
-            failing = img is not None and img["fail"] > 0
-            if failing:
+            stalling = img is not None and img["stall"] > 0
+            failing = img is not None and not stalling and img["fail"] > 0
+            if stalling:
+                img["stall"] -= 1
+            elif failing:
                 img["fail"] -= 1
+        if stalling:
+            self._wait(None)  # until the fake closes
         if img is None:
             return self._respond(h, 404, _NO_SUCH_KEY, "application/xml")
         if failing:

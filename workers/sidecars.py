@@ -368,11 +368,18 @@ class SidecarWriter:
     A thread entry for a path that has had a newer file since is dropped: the newer one's info is
     written, and its own entry follows if its preview is due."""
 
-    def __init__(self, write: Callable[..., SidecarResult]):
+    def __init__(self, write: Callable[..., SidecarResult], *, on_owed: Callable[[str], None] | None = None,
+                 on_settled: Callable[[str], None] | None = None):
         self._write = write  # write_sidecars with the worker's client and settings bound
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._turns: dict[Path, _PathTurn] = {}
         self._lock = threading.Lock()
+        # Paths whose preview waits for the thread. on_owed(path) when one starts to wait (before
+        # the job's `done`), on_settled(path) once its newest file needs nothing more: the
+        # supervisor keeps the list in its store, so a worker that stops first loses nothing.
+        self._owing: set[Path] = set()
+        self._on_owed = on_owed
+        self._on_settled = on_settled
 
     def _hold(self, path: Path) -> tuple[_PathTurn, int]:
         with self._lock:
@@ -387,18 +394,45 @@ class SidecarWriter:
             if turn.holders <= 0 and self._turns.get(path) is turn:
                 del self._turns[path]
 
+    def _owe(self, path: Path) -> None:
+        with self._lock:
+            new = path not in self._owing
+            self._owing.add(path)
+        if new and self._on_owed is not None:
+            self._on_owed(str(path))
+
+    def _settle(self, path: Path) -> None:
+        with self._lock:
+            was = path in self._owing
+            self._owing.discard(path)
+        if was and self._on_settled is not None:
+            self._on_settled(str(path))
+
     def after_verified(self, res, path: Path) -> None:
         turn, mine = self._hold(path)
         queued = False
         try:
             with turn.lock:
                 due = self._write(res, path, fetch_preview=False).preview_due
+                if due:
+                    self._owe(path)
+                else:
+                    self._settle(path)  # an older file's entry here, if any, is dropped
             if due:
                 self._work.put((res, path, turn, mine))
                 queued = True
         finally:
             if not queued:
                 self._let_go(path, turn)
+
+    def top_up(self, path: Path) -> None:
+        """Fetch the preview a worker of the last run owed `path` (the supervisor's list), from
+        the .civitai.info beside it. Settled at once when the file or its info is gone."""
+        path = Path(path)
+        turn, mine = self._hold(path)
+        with self._lock:
+            self._owing.add(path)  # owed in the store already: no message
+        self._work.put((None, path, turn, mine))
 
     def run_one(self, timeout: float | None = None) -> bool:
         """Do the thread's next entry (False: none came within `timeout`)."""
@@ -409,7 +443,14 @@ class SidecarWriter:
         try:
             with turn.lock:
                 if mine == turn.latest:  # else a newer file is at this path: its info is written
-                    self._write(res, path, fetch_preview=True)
+                    try:
+                        if res is None:
+                            res = _from_info(path)
+                        if res is not None:
+                            self._write(res, path, fetch_preview=True)
+                    finally:
+                        if mine == turn.latest:  # no newer file came while it was fetched
+                            self._settle(path)
         except Exception:  # noqa: BLE001 - write_sidecars never raises; a bug here must not end the thread
             log.exception("sidecars of %s", path)
         finally:
@@ -427,6 +468,20 @@ class SidecarWriter:
                 self.run_one()
         threading.Thread(target=loop, name="sidecars", daemon=True).start()
         return self
+
+
+@dataclass
+class _FromInfo:
+    """A file's Civitai JSON as its .civitai.info holds it (what SidecarWriter's write takes)."""
+    version_json: dict
+    model_json: dict | None = None
+
+
+def _from_info(final_path: Path) -> _FromInfo | None:
+    if not final_path.is_file():
+        return None
+    info = read_info(info_path(final_path))
+    return _FromInfo(info) if isinstance(info, dict) and info.get("id") else None
 
 
 def _write(version_json, model_json, final_path: Path, result: SidecarResult, *, client, session, throttle,

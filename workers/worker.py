@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import traceback
+from pathlib import Path
 
 log = logging.getLogger("worker")
 
@@ -155,6 +156,9 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
                     if client.throttle is not None:
                         client.throttle.interval_s = float(new.throttle)
                     settings["sidecars"], settings["preview_nsfw"] = new.sidecars, new.preview_nsfw
+            elif kind == "previews":  # owed by the last run's workers: on the sidecar thread, after any job's
+                for path in msg.get("paths") or []:
+                    sidecar_writer.top_up(Path(path))
             elif kind == "stop":
                 stop.set()
                 jobs.put(None)
@@ -172,7 +176,11 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         return write_sidecars(res, path, client=client, throttle=client.throttle, preview_nsfw=settings["preview_nsfw"],
                               sidecars=settings["sidecars"], fetch_preview=fetch_preview)
 
-    sidecar_writer = SidecarWriter(sidecars_of).start()
+    sidecar_writer = SidecarWriter(
+        sidecars_of,
+        on_owed=lambda path: channel.send({"type": "preview_owed", "path": path}),
+        on_settled=lambda path: channel.send({"type": "preview_settled", "path": path}),
+    ).start()
     ctx = JobContext(
         client=client,
         download_dir=cfg.download_path,

@@ -70,3 +70,26 @@ def test_an_image_host_fault_leaves_the_download_done_and_the_preview_owed(fake_
     assert sha256_file(model) == fake_civitai.file_sha256(5000).lower()
     assert not daemon.events("download_failed")
     assert daemon.stop() == 0
+
+
+def test_a_preview_still_owed_when_the_daemon_stops_is_fetched_at_the_next_start(fake_civitai, daemon_factory):  # noqa: F811
+    pg = fake_civitai.add_image(PNG, "image/png", stall_times=1)  # the image host hangs on the first try
+    add_model_with_images(fake_civitai, [pg])
+    daemon = daemon_factory(base_config(fake_civitai))
+    daemon.start()
+    daemon.api("POST", "/api/jobs", json={"version_id": 1000})
+    done = daemon.wait_event("download_completed", timeout=60)
+    model = daemon.models_dir / done["path"]
+    wait_until(lambda: fake_civitai.requests_to("cdn", r"^/images/"), 20, message="the preview fetch to start")
+    assert [os.path.realpath(p) for p in daemon.store.owed_previews()] == [os.path.realpath(model)]
+    assert daemon.stop() == 0  # the hanging fetch holds nothing up
+    assert not list(model.parent.glob("style.preview.*"))
+    daemon.start()
+    preview = model.with_name("style.preview.png")
+    wait_until(preview.exists, 30, message="the owed preview at the next start")
+    assert preview.read_bytes() == PNG
+    assert mark_of(model.with_name("style.civitai.info"))["preview"] == "style.preview.png"
+    wait_until(lambda: daemon.store.owed_previews() == [], 10, message="the preview settled in the store")
+    assert "1 preview(s) owed from the last run" in daemon.log_text()
+    assert len(daemon.jobs()) == 1  # no download again: only the preview
+    assert daemon.stop() == 0

@@ -454,6 +454,106 @@ def test_a_failing_info_write_in_the_job_thread_leaves_nothing_owed(tmp_path):
     assert writer.owed() == 0 and not writer.run_one(timeout=0)
 
 
+class Ledger:
+    """The supervisor's side of on_owed / on_settled: what it would keep in its store."""
+
+    def __init__(self):
+        self.said: list[tuple[str, str]] = []
+
+    def owed(self, path):
+        self.said.append(("owed", Path(path).name))
+
+    def settled(self, path):
+        self.said.append(("settled", Path(path).name))
+
+
+def test_a_preview_is_owed_before_the_job_ends_and_settled_once_the_thread_is_through(tmp_path):
+    writes, ledger = FakeWrites(due={"a.safetensors"}), Ledger()
+    writer = SidecarWriter(writes, on_owed=ledger.owed, on_settled=ledger.settled)
+    writer.after_verified("r1", tmp_path / "a.safetensors")
+    writer.after_verified("r2", tmp_path / "b.safetensors")  # nothing due: nothing to say
+    assert ledger.said == [("owed", "a.safetensors")]  # before after_verified returns (before `done`)
+    assert writer.run_one(timeout=0)
+    assert ledger.said == [("owed", "a.safetensors"), ("settled", "a.safetensors")]
+
+
+def test_a_path_verified_twice_while_owed_is_owed_once_and_settled_by_its_newest_entry(tmp_path):
+    writes, ledger = FakeWrites(due={"a.safetensors"}), Ledger()
+    writer = SidecarWriter(writes, on_owed=ledger.owed, on_settled=ledger.settled)
+    path = tmp_path / "a.safetensors"
+    writer.after_verified("old", path)
+    writer.after_verified("new", path)
+    assert writer.run_one(timeout=0)  # "old": dropped, and not settled: "new" still waits
+    assert ledger.said == [("owed", "a.safetensors")]
+    assert writer.run_one(timeout=0)
+    assert ledger.said == [("owed", "a.safetensors"), ("settled", "a.safetensors")]
+
+
+def test_a_newer_file_with_no_preview_due_settles_what_the_older_one_owed(tmp_path):
+    ledger = Ledger()
+    answers = iter([True, False])
+
+    def write(res, path, *, fetch_preview):
+        return SidecarResult(preview_due=not fetch_preview and next(answers))
+
+    writer = SidecarWriter(write, on_owed=ledger.owed, on_settled=ledger.settled)
+    path = tmp_path / "a.safetensors"
+    writer.after_verified("old", path)
+    writer.after_verified("new", path)  # e.g. the user put their own preview there meanwhile
+    assert ledger.said == [("owed", "a.safetensors"), ("settled", "a.safetensors")]
+    assert writer.run_one(timeout=0) and ledger.said[-1] == ("settled", "a.safetensors")
+    assert len(ledger.said) == 2 and writer.owed() == 0
+
+
+def test_a_failing_preview_write_still_settles(tmp_path):
+    ledger = Ledger()
+
+    def write(res, p, *, fetch_preview):
+        if fetch_preview:
+            raise RuntimeError("a bug")
+        return SidecarResult(preview_due=True)
+
+    writer = SidecarWriter(write, on_owed=ledger.owed, on_settled=ledger.settled)
+    writer.after_verified("r", tmp_path / "a.safetensors")
+    assert writer.run_one(timeout=0)
+    assert ledger.said == [("owed", "a.safetensors"), ("settled", "a.safetensors")]  # never handed out forever
+
+
+def test_a_preview_owed_from_the_last_run_is_fetched_from_the_info_beside_the_file(tmp_path):
+    model = tmp_path / "a.safetensors"
+    model.write_bytes(b"weights")
+    info = {"id": 1000, "name": "v1", "images": [{"url": "http://img/1.png", "type": "image", "nsfwLevel": 1}]}
+    (tmp_path / "a.civitai.info").write_text(json.dumps(info))
+    gone = tmp_path / "gone.safetensors"  # deleted by the user since
+    calls, ledger = [], Ledger()
+
+    def write(res, path, *, fetch_preview):
+        calls.append((res.version_json, path.name, fetch_preview))
+        return SidecarResult()
+
+    writer = SidecarWriter(write, on_owed=ledger.owed, on_settled=ledger.settled)
+    writer.top_up(model)
+    writer.top_up(gone)
+    assert ledger.said == []  # the supervisor has them already
+    assert writer.run_one(timeout=0) and writer.run_one(timeout=0) and not writer.run_one(timeout=0)
+    assert calls == [(info, "a.safetensors", True)]
+    assert ledger.said == [("settled", "a.safetensors"), ("settled", "gone.safetensors")]
+    assert writer.owed() == 0
+
+
+def test_a_preview_owed_from_the_last_run_gives_way_to_a_newer_download_of_the_path(tmp_path):
+    model = tmp_path / "a.safetensors"
+    model.write_bytes(b"weights")
+    (tmp_path / "a.civitai.info").write_text(json.dumps({"id": 1}))
+    writes, ledger = FakeWrites(due={"a.safetensors"}), Ledger()
+    writer = SidecarWriter(writes, on_owed=ledger.owed, on_settled=ledger.settled)
+    writer.top_up(model)
+    writer.after_verified("new", model)  # owed already: no second message
+    assert writer.run_one(timeout=0) and writer.run_one(timeout=0)
+    assert [c[0] for c in writes.calls] == ["new", "new"]  # the old info's entry was dropped
+    assert ledger.said == [("settled", "a.safetensors")]
+
+
 def test_sidecar_names_are_never_model_files():
     for name in ("a.civitai.info", "a.preview.png", "A.Preview.JPEG", "a.preview.webp", "a.preview.gif",
                  "a.preview.mp4", "a.metadata.json"):

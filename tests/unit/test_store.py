@@ -95,3 +95,18 @@ def test_latest_finished_by_file_or_by_model_and_source(store):
     store.update_job(m["id"], state="failed")
     assert store.latest_finished(model_id=9, source="manifest")["id"] == m["id"]
     assert store.latest_finished(model_id=9, source="api") is None
+
+
+def test_owed_previews_outlive_a_restart_until_settled(store, tmp_path):
+    store.owe_preview("/models/lora/a.safetensors")
+    store.owe_preview("/models/lora/b.safetensors")
+    store.owe_preview("/models/lora/a.safetensors")  # owed twice is owed once
+    store.close()
+    again = JobStore(tmp_path / "daemon.db")
+    try:
+        assert again.owed_previews() == ["/models/lora/a.safetensors", "/models/lora/b.safetensors"]
+        again.preview_settled("/models/lora/a.safetensors")
+        again.preview_settled("/models/lora/never-owed.safetensors")  # nothing to do
+        assert again.owed_previews() == ["/models/lora/b.safetensors"]
+    finally:
+        again.close()
