@@ -100,7 +100,9 @@ class Supervisor:
         self._txn_depth = 0
         self._progress_stored: dict[int, float] = {}
         self._progress_seen: dict[int, dict] = {}  # the last progress message of each running job
-        self._previews_handed = False  # the last run's owed previews went to a worker (once a run)
+        # Previews a worker still owes (path -> the pid of the worker that owes it; None: owed by
+        # the last run). Loaded from the store when the first worker is ready.
+        self._owed_previews: dict[str, int | None] | None = None
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
         self._ready_notified = False
@@ -596,6 +598,11 @@ class Supervisor:
             self.scans.on_message(msg)
             return
         if kind in (Msg.PREVIEW_OWED, Msg.PREVIEW_SETTLED) and isinstance(msg.get("path"), str):
+            if self._owed_previews is not None:
+                if kind == Msg.PREVIEW_OWED:
+                    self._owed_previews[msg["path"]] = child.pid
+                else:
+                    self._owed_previews.pop(msg["path"], None)
             self.apply(kind, msg["path"])  # in the tick's transaction: an owed preview lands with its done
             return
         job_id = msg.get("job_id")
@@ -611,20 +618,26 @@ class Supervisor:
             self.apply(kind, child.name, job_id, msg)
 
     def hand_owed_previews(self, child) -> None:
-        """Once a run, to the first worker ready: the previews the last run's workers had queued
-        but not fetched when they stopped. They stay owed in the store until a worker settles
-        them, so a worker that stops again before that hands them to the next start."""
-        if self._previews_handed:
+        """To a worker that is ready: every preview owed by no live worker, i.e. what the last
+        run's workers had queued but not fetched when they stopped (at start), or what a worker
+        that died owed (at its restart). They stay in the store until a worker settles them, so
+        a worker that stops again first hands them on once more."""
+        if self._owed_previews is None:
+            try:
+                self._owed_previews = dict.fromkeys(self.store.owed_previews())
+            except StoreUnavailable as exc:
+                log.warning("the previews owed from the last run were not read: %s", exc)
+                self._owed_previews = {}
+        live = {w.pid for w in self.pool.workers() if w.live and w.ready}
+        orphans = [path for path, owner in self._owed_previews.items() if owner not in live]
+        if not orphans:
             return
-        self._previews_handed = True
-        try:
-            owed = self.store.owed_previews()
-        except StoreUnavailable as exc:
-            log.warning("the previews owed from the last run were not read: %s", exc)
-            return
-        if owed:
-            log.info("%d preview(s) owed from the last run: %s fetches them", len(owed), child.name)
-            child.send({"type": Msg.PREVIEWS, "paths": owed})
+        last_run = sum(1 for path in orphans if self._owed_previews[path] is None)
+        for path in orphans:
+            self._owed_previews[path] = child.pid
+        log.info("%d preview(s) owed from the last run and %d by a worker that stopped: %s fetches them",
+                 last_run, len(orphans) - last_run, child.name)
+        child.send({"type": Msg.PREVIEWS, "paths": orphans})
 
     def latest_bytes(self, job_id: int) -> int | None:
         """The bytes a running job had at its last progress message (stored at most once a second)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 from tests.fakeciv import fake_civitai  # noqa: F401  (fixture)
 from tests.helpers import base_config, sha256_file, wait_until
@@ -90,6 +91,25 @@ def test_a_preview_still_owed_when_the_daemon_stops_is_fetched_at_the_next_start
     assert preview.read_bytes() == PNG
     assert mark_of(model.with_name("style.civitai.info"))["preview"] == "style.preview.png"
     wait_until(lambda: daemon.store.owed_previews() == [], 10, message="the preview settled in the store")
-    assert "1 preview(s) owed from the last run" in daemon.log_text()
+    assert "1 preview(s) owed from the last run and 0 by a worker that stopped" in daemon.log_text()
     assert len(daemon.jobs()) == 1  # no download again: only the preview
+    assert daemon.stop() == 0
+
+
+def test_a_preview_owed_by_a_worker_that_dies_is_fetched_by_its_restarted_self(fake_civitai, daemon_factory):  # noqa: F811
+    pg = fake_civitai.add_image(PNG, "image/png", stall_times=1)
+    add_model_with_images(fake_civitai, [pg])
+    daemon = daemon_factory(base_config(fake_civitai, workers=1))
+    daemon.start()
+    daemon.api("POST", "/api/jobs", json={"version_id": 1000})
+    done = daemon.wait_event("download_completed", timeout=60)
+    model = daemon.models_dir / done["path"]
+    wait_until(lambda: fake_civitai.requests_to("cdn", r"^/images/"), 20, message="the preview fetch to start")
+    os.kill(daemon.children()["worker-1"], signal.SIGKILL)
+    daemon.wait_event("worker_restarted", timeout=30)
+    preview = model.with_name("style.preview.png")
+    wait_until(preview.exists, 30, message="the preview fetched by the restarted worker")
+    assert preview.read_bytes() == PNG
+    assert "0 preview(s) owed from the last run and 1 by a worker that stopped" in daemon.log_text()
+    wait_until(lambda: daemon.store.owed_previews() == [], 10, message="the preview settled in the store")
     assert daemon.stop() == 0
