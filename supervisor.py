@@ -39,6 +39,7 @@ from ipc.messages import Msg
 from ipc.naming import part_filename
 from ipc.operations import ControlOps
 from ipc.oslayer import OS
+from ipc.previews import OwedPreviews
 from ipc.retry import STORE_RETRY
 from ipc.scanlink import LibraryScans
 from ipc.speedcap import SpeedCap
@@ -100,9 +101,8 @@ class Supervisor:
         self._txn_depth = 0
         self._progress_stored: dict[int, float] = {}
         self._progress_seen: dict[int, dict] = {}  # the last progress message of each running job
-        # Previews a worker still owes (path -> the pid of the worker that owes it; None: owed by
-        # the last run). Loaded from the store when the first worker is ready.
-        self._owed_previews: dict[str, int | None] | None = None
+        # Who owes which preview (ipc/previews.py); loaded from the store when the first worker is ready.
+        self._owed_previews: OwedPreviews | None = None
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
         self._ready_notified = False
@@ -598,12 +598,13 @@ class Supervisor:
             self.scans.on_message(msg)
             return
         if kind in (Msg.PREVIEW_OWED, Msg.PREVIEW_SETTLED) and isinstance(msg.get("path"), str):
+            path, me = msg["path"], (child.name, child.started_mono)
             if self._owed_previews is not None:
                 if kind == Msg.PREVIEW_OWED:
-                    self._owed_previews[msg["path"]] = child.pid
-                else:
-                    self._owed_previews.pop(msg["path"], None)
-            self.apply(kind, msg["path"])  # in the tick's transaction: an owed preview lands with its done
+                    self._owed_previews.owed(path, me)
+                elif not self._owed_previews.settled(path, me, self._live_workers()):
+                    return  # a newer file at this path is another worker's to settle
+            self.apply(kind, path)  # in the tick's transaction: an owed preview lands with its done
             return
         job_id = msg.get("job_id")
         if job_id is None or job_id != child.job_id:
@@ -617,6 +618,9 @@ class Supervisor:
         elif kind in (Msg.RESOLVED, Msg.VERIFYING, Msg.DONE, Msg.ERROR):
             self.apply(kind, child.name, job_id, msg)
 
+    def _live_workers(self) -> set[tuple[str, float]]:
+        return {(w.name, w.started_mono) for w in self.pool.workers() if w.live and w.ready}
+
     def hand_owed_previews(self, child) -> None:
         """To a worker that is ready: every preview owed by no live worker, i.e. what the last
         run's workers had queued but not fetched when they stopped (at start), or what a worker
@@ -624,17 +628,14 @@ class Supervisor:
         a worker that stops again first hands them on once more."""
         if self._owed_previews is None:
             try:
-                self._owed_previews = dict.fromkeys(self.store.owed_previews())
-            except StoreUnavailable as exc:
-                log.warning("the previews owed from the last run were not read: %s", exc)
-                self._owed_previews = {}
-        live = {w.pid for w in self.pool.workers() if w.live and w.ready}
-        orphans = [path for path, owner in self._owed_previews.items() if owner not in live]
+                self._owed_previews = OwedPreviews(self.store.owed_previews())
+            except StoreUnavailable as exc:  # a read: WAL lets it through another program's lock
+                log.warning("the previews owed from the last run were not read (they are kept for the "
+                            "next start): %s", exc)
+                self._owed_previews = OwedPreviews(())
+        orphans, last_run = self._owed_previews.hand_to((child.name, child.started_mono), self._live_workers())
         if not orphans:
             return
-        last_run = sum(1 for path in orphans if self._owed_previews[path] is None)
-        for path in orphans:
-            self._owed_previews[path] = child.pid
         log.info("%d preview(s) owed from the last run and %d by a worker that stopped: %s fetches them",
                  last_run, len(orphans) - last_run, child.name)
         child.send({"type": Msg.PREVIEWS, "paths": orphans})
