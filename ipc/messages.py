@@ -15,7 +15,7 @@ class Msg(StrEnum):
     CANCEL = "cancel"
     STOP = "stop"
     CONFIG = "config"  # a reloaded config (SIGHUP): take the live keys
-    PREVIEWS = "previews"  # at start: the previews the last run's workers still owed
+    PREVIEWS = "previews"  # to a ready worker: previews no live worker owes (the last run's, a dead worker's)
     # worker -> supervisor
     READY = "ready"
     FATAL = "fatal"

@@ -426,7 +426,7 @@ class SidecarWriter:
                 self._let_go(path, turn)
 
     def top_up(self, path: Path) -> None:
-        """Fetch the preview a worker of the last run owed `path` (the supervisor's list), from
+        """Fetch the preview a worker no longer running owed `path` (the supervisor's list), from
         the .civitai.info beside it. Settled at once when the file or its info is gone."""
         path = Path(path)
         turn, mine = self._hold(path)
@@ -472,9 +472,9 @@ class SidecarWriter:
 
 @dataclass
 class _FromInfo:
-    """A file's Civitai JSON as its .civitai.info holds it (what SidecarWriter's write takes)."""
+    """A file's Civitai JSON as its .civitai.info holds it, the model's fields included (what
+    SidecarWriter's write takes in place of a Resolved)."""
     version_json: dict
-    model_json: dict | None = None
 
 
 def _from_info(final_path: Path) -> _FromInfo | None:

@@ -156,7 +156,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
                     if client.throttle is not None:
                         client.throttle.interval_s = float(new.throttle)
                     settings["sidecars"], settings["preview_nsfw"] = new.sidecars, new.preview_nsfw
-            elif kind == "previews":  # owed by the last run's workers: on the sidecar thread, after any job's
+            elif kind == "previews":  # owed by no live worker (the last run, a dead worker): on the sidecar thread
                 for path in msg.get("paths") or []:
                     sidecar_writer.top_up(Path(path))
             elif kind == "stop":
