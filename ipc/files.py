@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,9 +49,37 @@ def file_lock(path: Path) -> Iterator[int]:
         os.close(fd)
 
 
+_batched = threading.local()
+
+
 def fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (nothing to do on Windows: NTFS journals renames)."""
+    """Make a rename in `folder` durable (nothing to do on Windows: NTFS journals renames).
+    Inside `dir_syncs_batched()` on this thread: at that block's end."""
+    pending = getattr(_batched, "folders", None)
+    if pending is not None:
+        pending[Path(folder)] = None
+        return
     OS.fsync_dir(folder)
+
+
+@contextmanager
+def dir_syncs_batched() -> Iterator[dict[Path, None]]:
+    """Every fsync_dir() of this thread within the block is done once a folder, at its end
+    (also when it raises). For several renames in one folder that must all be durable before
+    one message (a verified file and its sidecar before `done`): one journal commit instead of
+    one each, and none while a lock other processes wait for is held. Nested: the outer block's.
+    Yields the pending folders, so a caller can add one it renamed into itself."""
+    pending = getattr(_batched, "folders", None)
+    if pending is not None:
+        yield pending
+        return
+    _batched.folders = pending = {}
+    try:
+        yield pending
+    finally:
+        _batched.folders = None
+        for folder in pending:
+            OS.fsync_dir(folder)
 
 
 STALE_TEMP_S = 600.0  # a temp file of ours this old belongs to a writer that died (kill -9)

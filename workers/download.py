@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ipc.files import OutsideError, make_folder_inside
+from ipc.files import OutsideError, dir_syncs_batched, make_folder_inside
 from ipc.layouts import folder_for
 from ipc.naming import FolderError, alternate_filename, check_folder, fold_case, part_filename, safe_filename
 from ipc.ratelimit import SharedRateLimit
@@ -170,22 +170,6 @@ def size_plausible(actual: int | None, estimate: int | None) -> bool:
         return True
     absolute, fraction = SIZE_TOLERANCE
     return abs(actual - estimate) <= max(absolute, estimate * fraction)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable; not possible (nor needed) on Windows."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
@@ -556,6 +540,7 @@ class _Job:
         self.part_path: Path | None = None
         self._fd = -1  # the claimed (locked) partial file
         self._cut: tuple | None = None  # (file end, host's total) when a body went on past the file
+        self._placed_in: Path | None = None  # the folder the file was renamed into, not yet fsynced
 
     # -- small helpers ------------------------------------------------------------------------
 
@@ -695,7 +680,13 @@ class _Job:
             raise
         finally:
             self._release_part()
-        self._verified(res, folder / done["filename"])
+        # The file's rename and its .civitai.info's (same folder) made durable by one fsync of the
+        # folder, before the caller sends `done`. A job that fails between the rename and here
+        # reports no `done`; its retry verifies what it finds at the path.
+        with dir_syncs_batched() as pending:
+            if self._placed_in is not None:
+                pending[self._placed_in] = None
+            self._verified(res, folder / done["filename"])
         return done
 
     def _verified(self, res: Resolved, path: Path) -> None:
@@ -1368,7 +1359,9 @@ class _Job:
                         os.replace(part, target)
                     except OSError as exc:
                         raise self._disk_error(exc, "renaming into place") from None
-                    fsync_dir(folder)
+                    # Made durable by run() with the sidecar's rename, before `done` and outside
+                    # this lock (an fsync here held up the other workers' finalize).
+                    self._placed_in = folder
                     _CASES.placed(folder, name)
                     self._release_part(discard=True)  # the sidecar; the part is gone already
                     return name, False

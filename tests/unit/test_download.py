@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from datetime import UTC, datetime
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ipc import files
+from ipc.files import atomic_write
 from tests.fakeciv import FakeCivitai, running_fake
 from workers.civitai import CivitaiClient, CivitaiError
 from workers.download import JobContext, run_job
@@ -125,6 +128,45 @@ def test_newest_version_by_date_downloaded_verified_and_renamed(fake, runner):
     assert all(r.headers.get("Authorization") is None and r.headers.get("Cookie") is None
                for r in cdn_requests(fake))
     assert all(KEY not in r.url_path for r in fake.requests)
+
+
+def test_the_file_and_its_sidecar_are_durable_before_done_by_one_folder_sync_outside_the_lock(fake, tmp_path,
+                                                                                            monkeypatch):
+    """The verified file's rename and its .civitai.info's (written by ctx.on_verified) are made
+    durable together, after the finalize lock (which the other workers wait for) is released and
+    before run_job returns the `done`: one fsync of the folder, not one inside the lock and one
+    for the sidecar."""
+    add_model(fake)
+    events: list[tuple] = []
+
+    def on_verified(res, path):
+        events.append(("verified", path.name))
+        atomic_write(path.with_name(path.stem + ".civitai.info"), b"{}")
+
+    real_fsync = os.fsync
+    folder = tmp_path / "models" / "checkpoint"
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode) and folder.exists() and os.path.samestat(st, os.stat(folder)):
+            lock = os.open(tmp_path / "locks" / "finalize.lock", os.O_RDWR | os.O_CREAT)
+            try:
+                free = files.try_lock_fd(lock)  # another open file: refused while the job holds it
+                if free:
+                    files.unlock_fd(lock)
+            finally:
+                os.close(lock)
+            events.append(("fsync_dir", folder, free, sorted(os.listdir(folder))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    runner = Runner(fake, tmp_path, on_verified=on_verified)
+    done = runner.run(model_id=1)
+    after = events[events.index(("verified", "model.safetensors")):]
+    assert after == [("verified", "model.safetensors"),
+                     ("fsync_dir", folder, True, ["model.civitai.info", "model.safetensors"])]
+    assert not any(e[0] == "fsync_dir" and not e[2] for e in events)  # none under the lock
+    assert done["path"] == "checkpoint/model.safetensors"
 
 
 def test_manifest_filename_and_model_type_are_used_and_made_safe(fake, runner):

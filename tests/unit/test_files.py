@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,22 @@ def test_a_folder_is_looked_through_for_stale_temps_once_per_sweep_not_once_per_
     clock[0] += files.TEMP_SWEEP_S
     assert files.remove_stale_temps(tmp_path / "m8.civitai.info", sweeps=sweeps) == 1 and not late.exists()
     assert len(scans) == 2
+
+
+def test_dir_syncs_in_a_batch_are_one_per_folder_at_its_end_even_when_it_raises(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(files.OS, "fsync_dir", lambda folder: synced.append(Path(folder)))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+    with pytest.raises(RuntimeError), files.dir_syncs_batched() as pending:
+        atomic_write(a / "x.civitai.info", b"{}")
+        with files.dir_syncs_batched():  # nested: the outer block's
+            atomic_write(a / "y.civitai.info", b"{}")
+            files.fsync_dir(b)
+        pending[a] = None
+        assert synced == []  # nothing before the end
+        raise RuntimeError("the job failed after its renames")
+    assert synced == [a, b]
+    files.fsync_dir(a)  # outside a batch: at once again
+    assert synced == [a, b, a]
