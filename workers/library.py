@@ -632,7 +632,7 @@ def write_adopted_sidecars(cfg, client, entries: list[dict], versions: dict[int,
                 version = client.get_version(entry["modelVersionId"])
             model = version.get("model") if isinstance(version.get("model"), dict) else {}
             write_sidecars_for(version, model, path, client=client, throttle=client.throttle,
-                               preview_nsfw=cfg.preview_nsfw, sidecars=cfg.sidecars)
+                               preview_nsfw=cfg.preview_nsfw, sidecars=cfg.sidecars, locks_dir=cfg.locks_dir)
             done += 1
         except Exception as exc:  # a sidecar is never a failure of the import
             log.warning("sidecars of %s/%s: %s", entry["model_type"], entry["filename"], exc)

@@ -26,14 +26,15 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from ipc.files import atomic_write
+from ipc.files import atomic_write, file_lock
 from ipc.naming import SIDECAR_INFO_SUFFIX, SIDECAR_PREVIEW_EXTS, SIDECAR_PREVIEW_INFIX
 from workers.civitai import USER_AGENT, parse_retry_after, redact_url
 
@@ -45,6 +46,8 @@ PREVIEW_INFIX = SIDECAR_PREVIEW_INFIX
 PREVIEW_EXTS = SIDECAR_PREVIEW_EXTS
 MARK_KEY = "civitai_daemon"
 MAX_PREVIEW_BYTES = 20 * 1024 * 1024
+INFO_READ_LIMIT = 8 * 1024 * 1024
+WRITERS_LOCK = "sidecars.lock"  # in the data folder's locks/: held while a process writes sidecars
 SFW_MAX_LEVEL = 2  # Civitai's nsfwLevel flags: 1 PG, 2 PG-13, 4 R, 8 X, 16 XXX, 32 blocked
 PREVIEW_RETRY_S = 3600.0  # a failed image fetch is tried again at the next verify or update after this
 IMAGE_TIMEOUT_S = 30.0
@@ -153,12 +156,7 @@ def render_info(doc: dict) -> bytes:
 
 
 def read_info(path: Path) -> dict | None:
-    try:
-        with open(path, "rb") as fh:
-            data = json.loads(fh.read(8 * 1024 * 1024).decode("utf-8", "replace"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return _parse_info(_read_bytes(path))
 
 
 def our_mark(info: dict | None) -> dict:
@@ -317,11 +315,14 @@ def _remove(path: Path) -> None:
 
 def write_sidecars_for(version_json: dict | None, model_json: dict | None, final_path: Path, *,
                        client=None, session=None, throttle=None, preview_nsfw: bool = False,
-                       sidecars: bool = True, clock=time.time, fetch_preview: bool = True) -> SidecarResult:
+                       sidecars: bool = True, clock=time.time, fetch_preview: bool = True,
+                       locks_dir: Path | None = None, expect: bytes | None = None) -> SidecarResult:
     """Write or refresh the sidecars of the verified file `final_path` from Civitai's JSON (an
     adopted file, a finished download, an update). Never raises: trouble is logged and returned.
     With `fetch_preview` False only the .civitai.info is written (it needs no request), and
-    `preview_due` says whether a later call should fetch the preview."""
+    `preview_due` says whether a later call should fetch the preview. `locks_dir`: the data
+    folder's locks, for the lock every process takes to write sidecars (else unguarded);
+    `expect`: the info's bytes `version_json` was read from (a top-up)."""
     result = SidecarResult()
     if not sidecars:
         result.skipped = "sidecars are off"
@@ -333,7 +334,8 @@ def write_sidecars_for(version_json: dict | None, model_json: dict | None, final
         return result
     try:
         _write(version_json, model_json, final_path, result, client=client, session=session, throttle=throttle,
-               preview_nsfw=preview_nsfw, clock=clock, fetch_preview=fetch_preview)
+               preview_nsfw=preview_nsfw, clock=clock, fetch_preview=fetch_preview,
+               lock_path=None if locks_dir is None else Path(locks_dir) / WRITERS_LOCK, expect=expect)
     except Exception as exc:  # a sidecar is never worth a failed download
         log.warning("the sidecars of %s were not written: %s", final_path.name, exc, exc_info=not isinstance(exc, OSError))
         result.error = result.error or str(exc)
@@ -341,11 +343,13 @@ def write_sidecars_for(version_json: dict | None, model_json: dict | None, final
 
 
 def write_sidecars(res, final_path: Path, *, client, throttle, preview_nsfw: bool, sidecars: bool,
-                   fetch_preview: bool = True) -> SidecarResult:
-    """The worker's call after a file is verified (workers.civitai.Resolved carries the JSON)."""
+                   fetch_preview: bool = True, locks_dir: Path | None = None) -> SidecarResult:
+    """The worker's call after a file is verified (workers.civitai.Resolved carries the JSON) or
+    for a top-up (a _FromInfo)."""
     return write_sidecars_for(getattr(res, "version_json", None), getattr(res, "model_json", None), final_path,
                               client=client, throttle=throttle, preview_nsfw=preview_nsfw, sidecars=sidecars,
-                              fetch_preview=fetch_preview)
+                              fetch_preview=fetch_preview, locks_dir=locks_dir,
+                              expect=getattr(res, "info_bytes", None))
 
 
 @dataclass
@@ -366,7 +370,9 @@ class SidecarWriter:
     one's info could land last): the job thread waits for a preview fetch of the same path in
     flight, at most one image's timeout, and only when that path was verified twice that soon.
     A thread entry for a path that has had a newer file since is dropped: the newer one's info is
-    written, and its own entry follows if its preview is due."""
+    written, and its own entry follows if its preview is due. Between processes (another worker,
+    the library's child) the write function guards the same: it writes under a lock file and
+    drops a fetched preview whose info another process rewrote meanwhile (see _write)."""
 
     def __init__(self, write: Callable[..., SidecarResult], *, on_owed: Callable[[str], None] | None = None,
                  on_settled: Callable[[str], None] | None = None):
@@ -473,27 +479,112 @@ class SidecarWriter:
 @dataclass
 class _FromInfo:
     """A file's Civitai JSON as its .civitai.info holds it, the model's fields included (what
-    SidecarWriter's write takes in place of a Resolved)."""
+    SidecarWriter's write takes in place of a Resolved), and the info's bytes it was read from:
+    the write that follows goes ahead only while the info still holds them."""
     version_json: dict
+    info_bytes: bytes
 
 
 def _from_info(final_path: Path) -> _FromInfo | None:
     if not final_path.is_file():
         return None
-    info = read_info(info_path(final_path))
-    return _FromInfo(info) if isinstance(info, dict) and info.get("id") else None
+    data = _read_bytes(info_path(final_path))
+    info = _parse_info(data)
+    return _FromInfo(info, data) if info is not None and data is not None and info.get("id") else None
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(INFO_READ_LIMIT)
+    except OSError:
+        return None
+
+
+def _parse_info(data: bytes | None) -> dict | None:
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+@contextmanager
+def _writers_lock(path: Path | None) -> Iterator[None]:
+    """Held while a process writes a path's sidecars (no request is made under it): the workers,
+    the library's child. None: unguarded (a caller with no data folder, tests)."""
+    if path is None:
+        yield
+        return
+    with file_lock(path):
+        yield
 
 
 def _write(version_json, model_json, final_path: Path, result: SidecarResult, *, client, session, throttle,
-           preview_nsfw: bool, clock, fetch_preview: bool = True) -> None:
+           preview_nsfw: bool, clock, fetch_preview: bool = True, lock_path: Path | None = None,
+           expect: bytes | None = None) -> None:
+    """The sidecars of `final_path` from `version_json`. Without a preview fetch, all of it under
+    the writers' lock. With one, the fetch runs outside it and the files are written only if the
+    info still holds what it held before the fetch (or `expect`, the bytes `version_json` was read
+    from): otherwise another process wrote it meanwhile, for a newer file at this path or its
+    own top-up, and this write is dropped (that writer's preview entry follows if one is due)."""
     target = info_path(final_path)
+    if not fetch_preview:
+        with _writers_lock(lock_path):
+            plan = _plan(version_json, model_json, final_path, target, result, preview_nsfw=preview_nsfw,
+                         now=clock(), fetch_preview=False)
+            _commit(plan, None, None, result)
+        return
+    plan = _plan(version_json, model_json, final_path, target, result, preview_nsfw=preview_nsfw, now=clock(),
+                 fetch_preview=True)
+    if expect is not None and plan.seen != expect:
+        result.skipped = "the info changed since it was read: another writer has this path"
+        return
+    got, retry_after_s = None, None
+    if plan.fetch:
+        try:
+            got, retry_after_s = _fetch_first(plan.candidates, client=client, session=session, throttle=throttle,
+                                              result=result)
+        except Exception as exc:  # the info file is still worth writing
+            log.warning("fetching the preview of %s failed: %s", final_path.name, exc, exc_info=True)
+            got, retry_after_s, result.error = None, None, f"the preview fetch failed: {exc}"
+    with _writers_lock(lock_path):
+        if _read_bytes(target) != plan.seen:
+            result.skipped = "the info changed during the preview fetch: another writer has this path"
+            result.error = None
+            log.debug("sidecars of %s: %s", final_path.name, result.skipped)
+            return
+        _commit(plan, got, retry_after_s, result)
+
+
+@dataclass
+class _Plan:
+    """What _plan decided from the info as it was (`seen`), for _commit to write."""
+    final_path: Path
+    target: Path
+    seen: bytes | None
+    old: dict | None
+    doc: dict
+    mark: dict
+    ours: Path | None  # our preview that stays, if nothing new is fetched
+    drop: Path | None  # our preview to remove (it shows another version)
+    preview_version: object
+    candidates: list[dict]
+    fetch: bool
+    now: float
+
+
+def _plan(version_json, model_json, final_path: Path, target: Path, result: SidecarResult, *, preview_nsfw: bool,
+          now: float, fetch_preview: bool) -> _Plan:
     if not _writable_target(target):
         raise OSError(f"{target} exists and is not a plain file: it is left as it is")
-    old = read_info(target)
+    seen = _read_bytes(target)
+    old = _parse_info(seen)
     old_mark = our_mark(old)
     doc = info_document(version_json, model_json)
     version_id = doc.get("id")
-    now = clock()
 
     mark = {"version_id": version_id}
     preview, preview_version = old_mark.get("preview"), old_mark.get("preview_version_id")
@@ -502,6 +593,7 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
     if ours is not None and (ours.name != preview or ours not in previews):
         ours = None  # gone, or a name that is not one of ours
     foreign = [p for p in previews if p != ours]
+    drop = None
 
     candidates = preview_candidates(doc.get("images"), preview_nsfw)
     fetch = True
@@ -509,9 +601,7 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
         result.skipped, fetch = f"{foreign[0].name} is the user's own preview", False
     elif not candidates:
         result.skipped, fetch = "no image of this version is one preview_nsfw allows", False
-        if ours is not None:
-            _remove(ours)  # it shows another version
-            ours = None
+        drop, ours = ours, None  # it shows another version
     elif ours is not None and preview_version == version_id:
         fetch = False
     elif old_mark.get("retry_at") and old_mark.get("error_version_id") == version_id and old_mark["retry_at"] > now:
@@ -520,43 +610,42 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
 
     if fetch and not fetch_preview:  # the later call with fetch_preview decides the preview's mark
         result.preview_due, fetch = True, False
-    if fetch:
-        try:
-            got, retry_after_s = _fetch_first(candidates, client=client, session=session, throttle=throttle,
-                                              result=result)
-        except Exception as exc:  # the info file is still worth writing
-            log.warning("fetching the preview of %s failed: %s", final_path.name, exc, exc_info=True)
-            got, retry_after_s, result.error = None, None, f"the preview fetch failed: {exc}"
-        if got is not None:
-            body, ext = got
-            new = preview_path(final_path, ext)
-            if _writable_target(new):
-                atomic_write(new, body, mode=0o644)
-                if ours is not None and ours != new:
-                    _remove(ours)
-                ours, preview_version = new, version_id
-            else:
-                result.error = f"{new.name} exists and is not a plain file"
-        if result.error:
-            result.retry_at = now + max(PREVIEW_RETRY_S, retry_after_s or 0.0)
-            mark.update(error=result.error, retry_at=result.retry_at, error_version_id=version_id)
-            log.warning("no preview for %s yet: %s; tried again at the next check after %s", final_path.name,
-                        result.error, time.strftime("%Y-%m-%d %H:%M", time.localtime(result.retry_at)))
+    return _Plan(final_path, target, seen, old, doc, mark, ours, drop, preview_version, candidates, fetch, now)
+
+
+def _commit(plan: _Plan, got, retry_after_s, result: SidecarResult) -> None:
+    """Write what `plan` and the fetch (`got`: bytes and extension, or None) came to."""
+    final_path, target, mark, ours, preview_version = plan.final_path, plan.target, plan.mark, plan.ours, plan.preview_version
+    version_id = plan.doc.get("id")
+    if plan.drop is not None:
+        _remove(plan.drop)
+    if got is not None:
+        body, ext = got
+        new = preview_path(final_path, ext)
+        if _writable_target(new):
+            atomic_write(new, body, mode=0o644)
+            if ours is not None and ours != new:
+                _remove(ours)
+            ours, preview_version = new, version_id
+        else:
+            result.error = f"{new.name} exists and is not a plain file"
+    if result.error:
+        result.retry_at = plan.now + max(PREVIEW_RETRY_S, retry_after_s or 0.0)
+        mark.update(error=result.error, retry_at=result.retry_at, error_version_id=version_id)
+        log.warning("no preview for %s yet: %s; tried again at the next check after %s", final_path.name,
+                    result.error, time.strftime("%Y-%m-%d %H:%M", time.localtime(result.retry_at)))
     if ours is not None:
         mark.update(preview=ours.name, preview_version_id=preview_version)
         result.preview = ours
 
+    doc, old = plan.doc, plan.old
     extensions = dict(doc.get("extensions") or {}) if isinstance(doc.get("extensions"), dict) else {}
     if isinstance(old, dict) and isinstance(old.get("extensions"), dict):
         extensions = {**old["extensions"], **extensions}  # another tool's block stays
     extensions[MARK_KEY] = mark
     doc["extensions"] = extensions
     data = render_info(doc)
-    try:
-        current = target.read_bytes() if old is not None else None
-    except OSError:
-        current = None
-    if current != data:
+    if plan.seen != data:
         atomic_write(target, data, mode=0o644)
     result.info = target
 

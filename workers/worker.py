@@ -174,7 +174,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
 
     def sidecars_of(res, path, *, fetch_preview: bool):
         return write_sidecars(res, path, client=client, throttle=client.throttle, preview_nsfw=settings["preview_nsfw"],
-                              sidecars=settings["sidecars"], fetch_preview=fetch_preview)
+                              sidecars=settings["sidecars"], fetch_preview=fetch_preview, locks_dir=cfg.locks_dir)
 
     sidecar_writer = SidecarWriter(
         sidecars_of,

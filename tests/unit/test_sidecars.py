@@ -6,6 +6,9 @@ import copy
 import json
 import logging
 import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -358,6 +361,87 @@ def test_a_version_without_an_allowed_image_owes_no_preview(version, model, mode
     result = write_sidecars_for(with_images(version), model, model_file, client=client, throttle=None,
                                 fetch_preview=False)
     assert result.info is not None and not result.preview_due
+
+
+# --- several processes writing one path's sidecars ---------------------------------------------------
+
+def test_a_top_up_whose_info_was_rewritten_during_its_fetch_writes_nothing(version, model, model_file, client,
+                                                                          tmp_path):
+    """Worker A tops up the last run's preview of a path from its info; worker B (another
+    process: only the lock file is shared) places a newer file there and writes its info while
+    A's image is on the way. A's preview and info of the older file are dropped; B's info stays
+    and B's own preview entry follows."""
+    locks = tmp_path / "locks"
+    old_v = with_images(version, image(f"{IMG}/old.png"))
+    new_v = with_images(dict(version, id=version["id"] + 1, name="v2"), image(f"{IMG}/new.png"))
+    write_sidecars_for(old_v, model, model_file, client=client, throttle=None, fetch_preview=False, locks_dir=locks)
+    owed = sidecars._from_info(model_file)  # what the top-up reads before its fetch
+    assert owed is not None
+    other: list = []
+
+    def while_fetched(request):
+        # B's info-before-done write, on a thread: were A's fetch under the lock, it would wait for it.
+        t = threading.Thread(target=lambda: other.append(write_sidecars_for(
+            new_v, model, model_file, client=client, throttle=None, fetch_preview=False, locks_dir=locks)))
+        t.start()
+        t.join(10)
+        return 200, {"Content-Type": "image/png"}, PNG
+
+    with responses.RequestsMock() as mock:
+        mock.add_callback(responses.GET, f"{IMG}/old.png", callback=while_fetched)
+        result = write_sidecars(owed, model_file, client=client, throttle=None, preview_nsfw=False, sidecars=True,
+                                locks_dir=locks)
+        assert len(mock.calls) == 1
+    assert other and other[0].preview_due  # B's write went through during A's fetch
+    info = json.loads(info_path(model_file).read_text())
+    assert info["id"] == new_v["id"] and "preview" not in our_mark(info)
+    assert sidecars.existing_previews(model_file) == [] and result.preview is None
+    assert "another writer" in result.skipped and not result.error
+
+
+def test_a_top_up_of_an_info_changed_since_it_was_read_asks_nothing(version, model, model_file, client, tmp_path):
+    locks = tmp_path / "locks"
+    write_sidecars_for(with_images(version, image(f"{IMG}/old.png")), model, model_file, client=client,
+                       throttle=None, fetch_preview=False, locks_dir=locks)
+    owed = sidecars._from_info(model_file)
+    newer = with_images(dict(version, id=version["id"] + 1), image(f"{IMG}/new.png"))
+    write_sidecars_for(newer, model, model_file, client=client, throttle=None, fetch_preview=False, locks_dir=locks)
+    with responses.RequestsMock() as mock:  # nothing registered: a request would fail the test
+        result = write_sidecars(owed, model_file, client=client, throttle=None, preview_nsfw=False, sidecars=True,
+                                locks_dir=locks)
+        assert len(mock.calls) == 0
+    assert json.loads(info_path(model_file).read_text())["id"] == newer["id"]
+    assert "another writer" in result.skipped
+
+
+HOLD_LOCK = """
+import sys
+from ipc.files import file_lock
+with file_lock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_another_process_writing_sidecars_holds_off_this_ones_write(version, model, model_file, client, tmp_path):
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(locks / sidecars.WRITERS_LOCK)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t = threading.Thread(target=write_sidecars_for, args=(with_images(version), model, model_file),
+                             kwargs=dict(client=client, throttle=None, fetch_preview=False, locks_dir=locks))
+        t.start()
+        t.join(0.5)  # unguarded, the write takes a few ms
+        assert t.is_alive() and not info_path(model_file).exists()
+        holder.stdin.close()
+        t.join(10)
+        assert not t.is_alive() and json.loads(info_path(model_file).read_text())["id"] == version["id"]
+    finally:
+        holder.kill()
+        holder.wait(10)
 
 
 class FakeWrites:
