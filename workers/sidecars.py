@@ -34,7 +34,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from ipc.files import atomic_write, file_lock
+from ipc.files import atomic_write, dir_syncs_batched, file_lock
 from ipc.naming import SIDECAR_INFO_SUFFIX, SIDECAR_PREVIEW_EXTS, SIDECAR_PREVIEW_INFIX
 from workers.civitai import USER_AGENT, parse_retry_after, redact_url
 
@@ -532,7 +532,7 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
     own top-up, and this write is dropped (that writer's preview entry follows if one is due)."""
     target = info_path(final_path)
     if not fetch_preview:
-        with _writers_lock(lock_path):
+        with dir_syncs_batched(), _writers_lock(lock_path):  # the folder's fsync after the lock
             plan = _plan(version_json, model_json, final_path, target, result, preview_nsfw=preview_nsfw,
                          now=clock(), fetch_preview=False)
             _commit(plan, None, None, result)
@@ -550,7 +550,7 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
         except Exception as exc:  # the info file is still worth writing
             log.warning("fetching the preview of %s failed: %s", final_path.name, exc, exc_info=True)
             got, retry_after_s, result.error = None, None, f"the preview fetch failed: {exc}"
-    with _writers_lock(lock_path):
+    with dir_syncs_batched(), _writers_lock(lock_path):  # preview and info: one fsync of the folder, after the lock
         if _read_bytes(target) != plan.seen:
             result.skipped = "the info changed during the preview fetch: another writer has this path"
             result.error = None

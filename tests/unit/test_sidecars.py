@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import responses
 
+from ipc import files
 from workers import sidecars
 from workers.civitai import CivitaiClient
 from workers.sidecars import (
@@ -412,6 +413,30 @@ def test_a_top_up_of_an_info_changed_since_it_was_read_asks_nothing(version, mod
         assert len(mock.calls) == 0
     assert json.loads(info_path(model_file).read_text())["id"] == newer["id"]
     assert "another writer" in result.skipped
+
+
+def test_a_preview_and_its_info_take_one_fsync_of_the_folder_after_the_lock(version, model, model_file, client,
+                                                                            tmp_path, monkeypatch):
+    locks = tmp_path / "locks"
+    synced = []
+
+    def fsync_dir(folder):
+        fd = os.open(locks / sidecars.WRITERS_LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            free = files.try_lock_fd(fd)
+            if free:
+                files.unlock_fd(fd)
+        finally:
+            os.close(fd)
+        synced.append((Path(folder), free))
+
+    monkeypatch.setattr(files.OS, "fsync_dir", fsync_dir)
+    with responses.RequestsMock() as mock:
+        mock.get(f"{IMG}/ok.png", body=PNG, content_type="image/png")
+        result = write_sidecars_for(with_images(version, image(f"{IMG}/ok.png")), model, model_file, client=client,
+                                    throttle=None, locks_dir=locks)
+    assert result.preview is not None and result.info is not None
+    assert synced == [(model_file.parent, True)]
 
 
 HOLD_LOCK = """
