@@ -1,5 +1,5 @@
 """HTTPS on the LAN: with tls_cert/tls_key the web process serves the GUI, REST and the WebSocket
-over TLS (certificates made here with openssl); plain HTTP on that port is sent to https://; a
+over TLS (certificates made here, tests/integration/tlskit.py); plain HTTP on that port is sent to https://; a
 pair that cannot serve is exit 78 naming the file. Then the whole daemon: its readiness probe,
 the login link, and `supervisor.py token`, `add` and `status` over HTTPS."""
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 from ipc import tlsconf
 from ipc.config import Config, ConfigError
-from tests.integration.tlskit import make_cert, make_chain
+from tests.integration.tlskit import make_cert, make_chain, read_key, write_key
 
 
 @pytest.fixture
@@ -43,10 +43,7 @@ def test_a_pair_that_cannot_serve_names_the_file_and_why(tmp_path, pair, case, w
     bad_file = {"other key": other_key, "missing key": tmp_path / "nope.key", "cert as key": other_cert,
                 "encrypted key": tmp_path / "enc.key", "key as cert": key, "garbled cert": tmp_path / "bad.crt"}[case]
     if case == "encrypted key":
-        import subprocess
-
-        subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:x", "-out", str(bad_file)],
-                       check=True, capture_output=True)
+        write_key(bad_file, read_key(key), password=b"x")  # what `openssl pkey -aes256` writes
     if case == "garbled cert":
         bad_file.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
     as_cert = case in ("key as cert", "garbled cert")
