@@ -345,7 +345,8 @@ def bench_files(work: Path, sizes, peer_n: int, runs: int) -> dict:
     print("files/s of the daemon: first download_started -> last download_completed (its event log); wall: "
           "manifest write -> all done as seen by polling the store (includes the ~1 s manifest poll);\n"
           "the daemon makes 3 requests a file (metadata, download endpoint, CDN), curl and aria2c 2; the "
-          "daemon makes each file durable (3 fsyncs: the file, its .civitai.info, their folder), curl and aria2c do not;\nfake ms: CPU of this process (the fake's threads "
+          "daemon makes each file durable (3 fsyncs: the file, its .civitai.info, their folder), curl and "
+          "aria2c do not;\nfake ms: CPU of this process (the fake's threads "
           "and the bench's polling) per file. With 2 cores, tree + fake CPU per file bounds files/s: on a shared "
           "machine files/s moves with the load, CPU per file much less.")
     return {"daemon": daemon_runs, "peers": peers}
