@@ -60,6 +60,7 @@ PROGRESS_STORE_INTERVAL_S = 1.0
 PRUNE_EVERY_S = 86400.0
 KEEP_HISTORY_S = 30 * 86400  # finished jobs and delivered events are kept this long
 MAX_SLEEP_S = 30.0
+OWED_RETRY_S = 60.0  # the owed previews' list could not be read: read it again this often
 FRESH_MODULES = {ChildKind.WEB: "web", ChildKind.WEBHOOKS: "workers.webhooks"}
 
 
@@ -102,7 +103,8 @@ class Supervisor:
         self._progress_stored: dict[int, float] = {}
         self._progress_seen: dict[int, dict] = {}  # the last progress message of each running job
         # Who owes which preview (ipc/previews.py); loaded from the store when the first worker is ready.
-        self._owed_previews: OwedPreviews | None = None
+        self._owed_previews = OwedPreviews()
+        self._owed_retry_at: float | None = None  # the store's list could not be read: try again then
         self._next_manifest_poll = 0.0
         self._next_prune = 0.0
         self._ready_notified = False
@@ -402,6 +404,8 @@ class Supervisor:
             due.append(self._store_retry_at)
         if self._watchdog_s:
             due.append(self._next_watchdog)
+        if self._owed_retry_at is not None:
+            due.append(self._owed_retry_at)
         due.append(self.speed.next_due())
         web = self.pool.get("web")
         if web is not None and web.state == ChildState.STARTING:
@@ -449,6 +453,7 @@ class Supervisor:
         self.probe_web()
         if not self.stopping:
             self._step(self.dispatch)
+            self._step(self.retry_owed_previews)
             self._step(self.poll_manifest)
             self._step(self.prune_store)
         self._step(self.flush_manifest)
@@ -599,11 +604,10 @@ class Supervisor:
             return
         if kind in (Msg.PREVIEW_OWED, Msg.PREVIEW_SETTLED) and isinstance(msg.get("path"), str):
             path, me = msg["path"], (child.name, child.started_mono)
-            if self._owed_previews is not None:
-                if kind == Msg.PREVIEW_OWED:
-                    self._owed_previews.owed(path, me)
-                elif not self._owed_previews.settled(path, me, self._live_workers()):
-                    return  # a newer file at this path is another worker's to settle
+            if kind == Msg.PREVIEW_OWED:
+                self._owed_previews.owed(path, me)
+            elif not self._owed_previews.settled(path, me, self._live_workers()):
+                return  # a newer file at this path is another worker's to settle
             self.apply(kind, path)  # in the tick's transaction: an owed preview lands with its done
             return
         job_id = msg.get("job_id")
@@ -626,19 +630,36 @@ class Supervisor:
         run's workers had queued but not fetched when they stopped (at start), or what a worker
         that died owed (at its restart). They stay in the store until a worker settles them, so
         a worker that stops again first hands them on once more."""
-        if self._owed_previews is None:
+        owed = self._owed_previews
+        if not owed.loaded:
             try:
-                self._owed_previews = OwedPreviews(self.store.owed_previews())
+                owed.load(self.store.owed_previews())
             except StoreUnavailable as exc:  # a read: WAL lets it through another program's lock
-                log.warning("the previews owed from the last run were not read (they are kept for the "
-                            "next start): %s", exc)
-                self._owed_previews = OwedPreviews(())
-        orphans, last_run = self._owed_previews.hand_to((child.name, child.started_mono), self._live_workers())
+                if self._owed_retry_at is None:
+                    log.warning("the previews owed from the last run could not be read (they are kept; "
+                                "tried again every %.0f s): %s", OWED_RETRY_S, exc)
+                self._owed_retry_at = self.clock() + OWED_RETRY_S
+            else:
+                if self._owed_retry_at is not None:
+                    log.info("the previews owed from the last run were read: %d", len(owed))
+                self._owed_retry_at = None
+        orphans, last_run = owed.hand_to((child.name, child.started_mono), self._live_workers())
         if not orphans:
             return
         log.info("%d preview(s) owed from the last run and %d by a worker that stopped: %s fetches them",
                  last_run, len(orphans) - last_run, child.name)
         child.send({"type": Msg.PREVIEWS, "paths": orphans})
+
+    def retry_owed_previews(self) -> None:
+        """The store's list of owed previews could not be read when the first worker was ready:
+        read it now, and hand it to a worker that is ready."""
+        if self._owed_retry_at is None or self.clock() < self._owed_retry_at:
+            return
+        ready = [w for w in self.pool.workers() if w.live and w.ready]
+        if ready:
+            self.hand_owed_previews(ready[0])
+        else:  # none ready now: the next one's READY reads it
+            self._owed_retry_at = None
 
     def latest_bytes(self, job_id: int) -> int | None:
         """The bytes a running job had at its last progress message (stored at most once a second)."""

@@ -15,8 +15,17 @@ Owner = tuple[str, float]  # (worker name, the monotonic time of that start)
 
 
 class OwedPreviews:
-    def __init__(self, from_last_run: Iterable[str]):
+    def __init__(self, from_last_run: Iterable[str] = ()):
         self._owner: dict[str, Owner | None] = dict.fromkeys(from_last_run)
+        self.loaded = False  # whether the store's list (the last run's) has been read in
+
+    def load(self, stored: Iterable[str]) -> None:
+        """The store's list, read when the first worker is ready, or later if the store could
+        not be read then: a path a worker of this run owes meanwhile keeps its owner, the rest
+        are the last run's."""
+        for path in stored:
+            self._owner.setdefault(path, None)
+        self.loaded = True
 
     def __len__(self) -> int:
         return len(self._owner)
