@@ -540,7 +540,6 @@ class _Job:
         self.part_path: Path | None = None
         self._fd = -1  # the claimed (locked) partial file
         self._cut: tuple | None = None  # (file end, host's total) when a body went on past the file
-        self._placed_in: Path | None = None  # the folder the file was renamed into, not yet fsynced
 
     # -- small helpers ------------------------------------------------------------------------
 
@@ -681,11 +680,12 @@ class _Job:
         finally:
             self._release_part()
         # The file's rename and its .civitai.info's (same folder) made durable by one fsync of the
-        # folder, before the caller sends `done`. A job that fails between the rename and here
-        # reports no `done`; its retry verifies what it finds at the path.
+        # folder, before the caller sends `done`. Always, also when this job placed nothing: a file
+        # found in place ("same", or a twin that appeared meanwhile) may be another job's rename
+        # whose fsync is still ahead of it. A job that fails between the rename and here reports
+        # no `done`; its retry verifies what it finds at the path (and syncs the folder too).
         with dir_syncs_batched() as pending:
-            if self._placed_in is not None:
-                pending[self._placed_in] = None
+            pending[folder] = None
             self._verified(res, folder / done["filename"])
         return done
 
@@ -1359,9 +1359,8 @@ class _Job:
                         os.replace(part, target)
                     except OSError as exc:
                         raise self._disk_error(exc, "renaming into place") from None
-                    # Made durable by run() with the sidecar's rename, before `done` and outside
-                    # this lock (an fsync here held up the other workers' finalize).
-                    self._placed_in = folder
+                    # Made durable by run()'s fsync of the folder with the sidecar's rename, before
+                    # `done` and outside this lock (an fsync here held up the other workers' finalize).
                     _CASES.placed(folder, name)
                     self._release_part(discard=True)  # the sidecar; the part is gone already
                     return name, False

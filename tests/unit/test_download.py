@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import threading
 import time
 from datetime import UTC, datetime
@@ -130,6 +129,30 @@ def test_newest_version_by_date_downloaded_verified_and_renamed(fake, runner):
     assert all(KEY not in r.url_path for r in fake.requests)
 
 
+class FolderSyncs:
+    """Records each fsync of a folder (through ipc.files, the one copy) with whether finalize.lock
+    was free then and what the folder held."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.events: list[tuple] = []
+
+    def fsync_dir(self, folder) -> None:
+        (self.tmp_path / "locks").mkdir(exist_ok=True)
+        lock = os.open(self.tmp_path / "locks" / "finalize.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            free = files.try_lock_fd(lock)  # another open file: refused while the job holds it
+            if free:
+                files.unlock_fd(lock)
+        finally:
+            os.close(lock)
+        self.events.append(("fsync_dir", Path(folder), free, sorted(os.listdir(folder))))
+
+    def on_verified(self, res, path) -> None:
+        self.events.append(("verified", path.name))
+        atomic_write(path.with_name(path.stem + ".civitai.info"), b"{}")
+
+
 def test_the_file_and_its_sidecar_are_durable_before_done_by_one_folder_sync_outside_the_lock(fake, tmp_path,
                                                                                             monkeypatch):
     """The verified file's rename and its .civitai.info's (written by ctx.on_verified) are made
@@ -137,36 +160,30 @@ def test_the_file_and_its_sidecar_are_durable_before_done_by_one_folder_sync_out
     before run_job returns the `done`: one fsync of the folder, not one inside the lock and one
     for the sidecar."""
     add_model(fake)
-    events: list[tuple] = []
-
-    def on_verified(res, path):
-        events.append(("verified", path.name))
-        atomic_write(path.with_name(path.stem + ".civitai.info"), b"{}")
-
-    real_fsync = os.fsync
-    folder = tmp_path / "models" / "checkpoint"
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode) and folder.exists() and os.path.samestat(st, os.stat(folder)):
-            lock = os.open(tmp_path / "locks" / "finalize.lock", os.O_RDWR | os.O_CREAT)
-            try:
-                free = files.try_lock_fd(lock)  # another open file: refused while the job holds it
-                if free:
-                    files.unlock_fd(lock)
-            finally:
-                os.close(lock)
-            events.append(("fsync_dir", folder, free, sorted(os.listdir(folder))))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    runner = Runner(fake, tmp_path, on_verified=on_verified)
+    syncs = FolderSyncs(tmp_path)
+    monkeypatch.setattr(files.OS, "fsync_dir", syncs.fsync_dir)
+    runner = Runner(fake, tmp_path, on_verified=syncs.on_verified)
     done = runner.run(model_id=1)
-    after = events[events.index(("verified", "model.safetensors")):]
+    folder = runner.folder()
+    after = syncs.events[syncs.events.index(("verified", "model.safetensors")):]
     assert after == [("verified", "model.safetensors"),
                      ("fsync_dir", folder, True, ["model.civitai.info", "model.safetensors"])]
-    assert not any(e[0] == "fsync_dir" and not e[2] for e in events)  # none under the lock
+    assert not any(e[0] == "fsync_dir" and not e[2] for e in syncs.events)  # none under the lock
     assert done["path"] == "checkpoint/model.safetensors"
+
+
+def test_a_file_found_in_place_is_made_durable_before_its_done_too(fake, tmp_path, monkeypatch):
+    """Another job's rename of the same file may still wait for its fsync: a job that finds the
+    file there (skipped) syncs the folder itself before it reports `done`, sidecar or not."""
+    add_model(fake)
+    syncs = FolderSyncs(tmp_path)
+    monkeypatch.setattr(files.OS, "fsync_dir", syncs.fsync_dir)
+    runner = Runner(fake, tmp_path)  # no sidecar writer: nothing else would sync the folder
+    runner.folder().mkdir(parents=True)
+    (runner.folder() / "model.safetensors").write_bytes(fake.file_bytes(111))
+    done = runner.run(model_id=1)
+    assert done["skipped"] is True
+    assert syncs.events[-1:] == [("fsync_dir", runner.folder(), True, ["model.safetensors"])]
 
 
 def test_manifest_filename_and_model_type_are_used_and_made_safe(fake, runner):
