@@ -26,6 +26,7 @@ import queue
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +48,9 @@ PREVIEW_EXTS = SIDECAR_PREVIEW_EXTS
 MARK_KEY = "civitai_daemon"
 MAX_PREVIEW_BYTES = 20 * 1024 * 1024
 INFO_READ_LIMIT = 8 * 1024 * 1024
-WRITERS_LOCK = "sidecars.lock"  # in the data folder's locks/: held while a process writes sidecars
+# In the data folder's locks/: one is held while a process writes a file's sidecars. Striped by the
+# file's name (which every process spells the same), so a slow write holds up few others.
+WRITERS_STRIPES = 16
 SFW_MAX_LEVEL = 2  # Civitai's nsfwLevel flags: 1 PG, 2 PG-13, 4 R, 8 X, 16 XXX, 32 blocked
 PREVIEW_RETRY_S = 3600.0  # a failed image fetch is tried again at the next verify or update after this
 IMAGE_TIMEOUT_S = 30.0
@@ -335,7 +338,7 @@ def write_sidecars_for(version_json: dict | None, model_json: dict | None, final
     try:
         _write(version_json, model_json, final_path, result, client=client, session=session, throttle=throttle,
                preview_nsfw=preview_nsfw, clock=clock, fetch_preview=fetch_preview,
-               lock_path=None if locks_dir is None else Path(locks_dir) / WRITERS_LOCK, expect=expect)
+               lock_path=None if locks_dir is None else writers_lock_path(locks_dir, final_path), expect=expect)
     except Exception as exc:  # a sidecar is never worth a failed download
         log.warning("the sidecars of %s were not written: %s", final_path.name, exc, exc_info=not isinstance(exc, OSError))
         result.error = result.error or str(exc)
@@ -509,6 +512,12 @@ def _parse_info(data: bytes | None) -> dict | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def writers_lock_path(locks_dir: Path, final_path: Path) -> Path:
+    """The lock a process holds while it writes `final_path`'s sidecars."""
+    stripe = zlib.crc32(os.path.normcase(Path(final_path).name).encode("utf-8", "surrogatepass")) % WRITERS_STRIPES
+    return Path(locks_dir) / f"sidecars.{stripe:02d}.lock"
 
 
 @contextmanager

@@ -421,7 +421,7 @@ def test_a_preview_and_its_info_take_one_fsync_of_the_folder_after_the_lock(vers
     synced = []
 
     def fsync_dir(folder):
-        fd = os.open(locks / sidecars.WRITERS_LOCK, os.O_RDWR | os.O_CREAT)
+        fd = os.open(sidecars.writers_lock_path(locks, model_file), os.O_RDWR | os.O_CREAT)
         try:
             free = files.try_lock_fd(fd)
             if free:
@@ -439,6 +439,14 @@ def test_a_preview_and_its_info_take_one_fsync_of_the_folder_after_the_lock(vers
     assert synced == [(model_file.parent, True)]
 
 
+def test_the_writers_lock_is_one_of_a_few_per_file_name_whatever_the_folder(tmp_path):
+    locks = tmp_path / "locks"
+    a = sidecars.writers_lock_path(locks, tmp_path / "Lora" / "x.safetensors")
+    assert a == sidecars.writers_lock_path(locks, Path("/elsewhere/x.safetensors")) and a.parent == locks
+    names = {sidecars.writers_lock_path(locks, Path(f"m{i}.safetensors")) for i in range(200)}
+    assert len(names) == sidecars.WRITERS_STRIPES
+
+
 HOLD_LOCK = """
 import sys
 from ipc.files import file_lock
@@ -451,7 +459,7 @@ with file_lock(sys.argv[1]):
 def test_another_process_writing_sidecars_holds_off_this_ones_write(version, model, model_file, client, tmp_path):
     locks = tmp_path / "locks"
     locks.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(locks / sidecars.WRITERS_LOCK)],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(sidecars.writers_lock_path(locks, model_file))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                               cwd=Path(__file__).parent.parent.parent)
     try:
