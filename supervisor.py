@@ -404,7 +404,7 @@ class Supervisor:
             due.append(self._store_retry_at)
         if self._watchdog_s:
             due.append(self._next_watchdog)
-        if self._owed_retry_at is not None:
+        if self._owed_retry_at is not None and not self.stopping:  # retry_owed_previews runs only then
             due.append(self._owed_retry_at)
         due.append(self.speed.next_due())
         web = self.pool.get("web")
