@@ -359,6 +359,8 @@ def test_forked_children_hold_none_of_the_supervisors_files_even_after_restarts(
                 pass
         return out
 
+    held: dict[str, list[str]] = {}  # the last check's descriptors, for a failure's message
+
     def check(children: dict[str, int]) -> dict[str, int]:
         counts = {}
         for name, pid in children.items():
@@ -368,13 +370,22 @@ def test_forked_children_hold_none_of_the_supervisors_files_even_after_restarts(
             ours = sorted(link for link in links.values() if link.startswith(data))
             assert ours == [], f"{name} holds the supervisor's files: {ours}"
             counts[name] = len(links)
+            held[name] = sorted(links.values())
         return counts
 
+    def ready(old: int | None = None) -> bool:
+        """worker-1 (a new one if `old` is given), worker-2 and the updater ready: a child still
+        starting (spawn: unpickling, importing) holds descriptors it lets go of before that."""
+        kids = {c["name"]: c for c in daemon.api("GET", "/api/status").json()["children"]}
+        return (all(kids.get(n, {}).get("state") == "running" for n in ("worker-1", "worker-2", "updater"))
+                and kids["worker-1"]["pid"] != old)
+
+    wait_until(ready, 30, message="the children ready")
     first = check(daemon.children())
     assert set(first) == {"worker-1", "worker-2", "updater"}
     for _ in range(3):  # restarts after outside kills: each new worker is forked beside the others
         old = daemon.children()["worker-1"]
         os.kill(old, signal.SIGKILL)
-        wait_until(lambda old=old: daemon.children().get("worker-1") not in (None, old), 30, message="worker-1 back")
+        wait_until(lambda old=old: ready(old), 30, message="worker-1 back and ready")
     later = check(daemon.children())
-    assert later["worker-1"] <= first["worker-1"] and later["worker-2"] <= first["worker-2"], (first, later)
+    assert later["worker-1"] <= first["worker-1"] and later["worker-2"] <= first["worker-2"], (first, later, held)
