@@ -27,8 +27,8 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -520,15 +520,10 @@ def writers_lock_path(locks_dir: Path, final_path: Path) -> Path:
     return Path(locks_dir) / f"sidecars.{stripe:02d}.lock"
 
 
-@contextmanager
-def _writers_lock(path: Path | None) -> Iterator[None]:
+def _writers_lock(path: Path | None) -> AbstractContextManager:
     """Held while a process writes a path's sidecars (no request is made under it): the workers,
     the library's child. None: unguarded (a caller with no data folder, tests)."""
-    if path is None:
-        yield
-        return
-    with file_lock(path):
-        yield
+    return nullcontext() if path is None else file_lock(path)
 
 
 def _write(version_json, model_json, final_path: Path, result: SidecarResult, *, client, session, throttle,
@@ -572,7 +567,6 @@ def _write(version_json, model_json, final_path: Path, result: SidecarResult, *,
 class _Plan:
     """What _plan decided from the info as it was (`seen`), for _commit to write."""
     final_path: Path
-    target: Path
     seen: bytes | None
     old: dict | None
     doc: dict
@@ -619,12 +613,12 @@ def _plan(version_json, model_json, final_path: Path, target: Path, result: Side
 
     if fetch and not fetch_preview:  # the later call with fetch_preview decides the preview's mark
         result.preview_due, fetch = True, False
-    return _Plan(final_path, target, seen, old, doc, mark, ours, drop, preview_version, candidates, fetch, now)
+    return _Plan(final_path, seen, old, doc, mark, ours, drop, preview_version, candidates, fetch, now)
 
 
 def _commit(plan: _Plan, got, retry_after_s, result: SidecarResult) -> None:
     """Write what `plan` and the fetch (`got`: bytes and extension, or None) came to."""
-    final_path, target, mark, ours, preview_version = plan.final_path, plan.target, plan.mark, plan.ours, plan.preview_version
+    final_path, mark, ours, preview_version = plan.final_path, plan.mark, plan.ours, plan.preview_version
     version_id = plan.doc.get("id")
     if plan.drop is not None:
         _remove(plan.drop)
@@ -654,6 +648,7 @@ def _commit(plan: _Plan, got, retry_after_s, result: SidecarResult) -> None:
     extensions[MARK_KEY] = mark
     doc["extensions"] = extensions
     data = render_info(doc)
+    target = info_path(final_path)
     if plan.seen != data:
         atomic_write(target, data, mode=0o644)
     result.info = target
