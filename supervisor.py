@@ -311,12 +311,7 @@ class Supervisor:
             self.store.mark_all_delivered()
         notify.prepare_sinks(self.store, self.cfg.notify)  # each notify URL: this run's events, no history
         self.control = ControlServer(self.control_token, self.handle_control, avoid=self.cfg.active_port).start()
-        try:
-            with self.txn():
-                self.emit("daemon_started", version=VERSION)
-                self.sync_manifest("start")
-        except StoreUnavailable:
-            self._sync_due = "start"
+        self.announce_start()
         self.keeper.flush(force=True)
         self.speed.apply()
         self.pool.start_all()
@@ -341,6 +336,17 @@ class Supervisor:
         finally:
             self.finish_stop()
         return self.exit_code
+
+    def announce_start(self) -> None:
+        """daemon_started, and the jobs the manifest asks for. If the database cannot be written
+        now, both wait for it, in this order: no download starts before daemon_started is stored."""
+        try:
+            with self.txn():
+                self.emit("daemon_started", version=VERSION)
+                self.sync_manifest("start")
+        except StoreUnavailable:
+            self.deferred.append(("emit", "daemon_started", {"version": VERSION}))
+            self._sync_due = "start"
 
     def begin_stop(self) -> None:
         """Stop taking jobs and tell every child to stop: nothing here may raise before that."""
@@ -894,7 +900,7 @@ class Supervisor:
                 worker.job_id = None
                 try:
                     with self.txn():
-                        self.ledger.give_back(job["id"])
+                        self.note(self.ledger.not_delivered(job["id"]))
                 except StoreUnavailable:
                     pass  # recovered as a lost job when the worker is reaped, or at the next start
                 continue

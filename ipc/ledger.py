@@ -333,6 +333,18 @@ class JobLedger:
         self._set(job, state=JobState.QUEUED, attempts=max(0, job["attempts"] - 1), speed_bps=0)
         return Outcome(job=job)
 
+    def not_delivered(self, job_id: int) -> Outcome:
+        """The job could not be sent to its worker (it had just died): the attempt is given back,
+        and its `download_started` gets an end, so no listener sees the job start twice."""
+        attempt = (self.active.get(job_id) or {}).get("attempts")
+        outcome = self.give_back(job_id)
+        job = outcome.job
+        if job is None or job["state"] != JobState.QUEUED:
+            return outcome
+        return Outcome(job=job, events=[("download_retry", {
+            "job_id": job_id, "attempt": attempt, "delay_s": 0.0, "reason": Reason.CRASH,
+            "error": "the download worker had stopped before it got the job; the next worker takes it"})])
+
     def release(self, job_id: int) -> None:
         """The worker let go of the job (its last message, or its death)."""
         self.held.pop(job_id, None)
@@ -426,9 +438,12 @@ class JobLedger:
         if msg.get("wait"):
             return self._wait(job, msg, reason)
         if reason == Reason.BUSY:
-            self._set(job, state=JobState.QUEUED, attempts=max(0, job["attempts"] - 1), speed_bps=0,
-                      not_before=self.clock() + float(msg.get("retry_after_s") or BUSY_RETRY_S))
-            return Outcome(job=job)
+            attempt, delay = job["attempts"], float(msg.get("retry_after_s") or BUSY_RETRY_S)
+            self._set(job, state=JobState.QUEUED, attempts=max(0, attempt - 1), speed_bps=0,
+                      not_before=self.clock() + delay)
+            return Outcome(job=job, events=[("download_retry", {
+                "job_id": job_id, "attempt": attempt, "delay_s": round(delay, 3), "waiting": True, "reason": reason,
+                "error": str(msg.get("error") or "the same file is on its way in another job")})])
         return self.retry_or_fail(job, str(msg.get("error") or "unknown error"), reason,
                                   bool(msg.get("retryable")), msg.get("retry_after_s"))
 

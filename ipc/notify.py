@@ -126,6 +126,21 @@ def fmt_size(n) -> str:
     return f"{value:.0f} {units[i]}" if i == 0 or value >= 100 else f"{value:.1f} {units[i]}"
 
 
+def fmt_wait(seconds) -> str:
+    """A wait as a person reads it: 10 s, 5 min, 3 h 20 min, 2 d 4 h."""
+    s = max(0, round(float(seconds or 0)))
+    if s < 120:
+        return f"{s} s"
+    minutes = s // 60
+    if minutes < 120:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
 def fmt_rate(bps) -> str:
     return "no limit" if not bps else f"{fmt_size(bps)}/s"
 
@@ -179,6 +194,9 @@ def message_for(ev: dict) -> Message:
     if kind == "download_started":
         attempt = ev.get("attempt") or 1
         return Message(f"Downloading {name}", _join(_file(ev), f"attempt {attempt}" if attempt > 1 else ""), "info")
+    if kind == "download_retry" and ev.get("waiting"):
+        return Message(f"Waiting: {name}", f"{ev.get('error') or 'waiting'}; next look in "
+                       f"{fmt_wait(ev.get('delay_s'))}", "info")
     if kind == "download_retry":
         return Message(f"Retrying {name}", f"Attempt {ev.get('attempt')} failed: {ev.get('error') or 'an error'}; "
                        f"next try in {round(float(ev.get('delay_s') or 0))} s", "warning")

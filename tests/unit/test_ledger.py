@@ -220,9 +220,25 @@ def test_busy_waits_without_using_an_attempt(ledger, clock):
     for _ in range(10):
         take_one(ledger)
         out = run_to_error(ledger, job, reason="busy", retry_after_s=10)
-        assert out.events == []
+        # The start it had gets its end: a listener never sees one job start twice.
+        assert names(out) == ["download_retry"]
+        assert out.events[0][1] | {"error": ""} == {"job_id": job["id"], "attempt": 1, "delay_s": 10.0,
+                                                    "waiting": True, "reason": "busy", "error": ""}
         clock.advance(11)
     assert ledger.get(job["id"])["attempts"] == 0 and ledger.get(job["id"])["state"] == "queued"
+
+
+def test_a_job_that_never_reached_its_worker_is_given_back_with_an_end_to_its_start(ledger):
+    job = ledger.queue({"model_id": 1, "version_id": 1, "file_id": 1}).job
+    take_one(ledger)
+    out = ledger.not_delivered(job["id"])
+    assert names(out) == ["download_retry"] and out.events[0][1]["attempt"] == 1
+    assert out.events[0][1]["delay_s"] == 0
+    assert (ledger.get(job["id"])["state"], ledger.get(job["id"])["attempts"]) == ("queued", 0)
+    assert job["id"] not in ledger.held
+    assert take_one(ledger, "w2")["id"] == job["id"]  # at once, by the next worker
+    ledger.cancel(job["id"])
+    assert ledger.not_delivered(job["id"]).events == []  # no longer running: nothing to end
 
 
 def test_early_access_waits_until_its_date(ledger, clock):

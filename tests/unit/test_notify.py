@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from ipc import notify
-from ipc.notify import Scrubber, check_events, fmt_size, message_for, secret_parts
+from ipc.notify import Scrubber, check_events, fmt_size, fmt_wait, message_for, secret_parts
 
 COMPLETED = {"id": 9, "event": "download_completed", "ts": "2026-01-01T00:00:00.000Z", "job_id": 3,
              "model_id": 77, "version_id": 770, "model_type": "lora", "filename": "zxq.safetensors",
@@ -49,6 +49,9 @@ def test_a_failure_carries_the_sentence_the_gui_shows():
      "civitai-daemon: worker-2 given up", "kept failing at start and is not restarted: ImportError"),
     ({"event": "download_retry", "job_id": 3, "attempt": 2, "error": "connection reset", "delay_s": 4.2},
      "Retrying job #3", "Attempt 2 failed: connection reset; next try in 4 s"),
+    ({"event": "download_retry", "job_id": 3, "attempt": 1, "waiting": True, "reason": "early_access",
+      "error": "early access until 2026-12-04 12:00 UTC", "delay_s": 3 * 86400 + 7200},
+     "Waiting: job #3", "early access until 2026-12-04 12:00 UTC; next look in 3 d 2 h"),
     ({"event": "library_scan_done", "folder": "lora", "files": 10, "matched": 8, "added": 3, "already_listed": 5,
       "unknown": ["a", "b"], "seconds": 12.4}, "Library scan done: lora", "2 unknown, in 12 s"),
     ({"event": "speed_limit_changed", "max_speed": 5_000_000, "source": "schedule"},
@@ -62,6 +65,11 @@ def test_each_event_a_person_may_ask_for_has_its_own_text(event, title, words):
 def test_an_event_without_a_text_of_its_own_still_reads():
     m = message_for({"id": 1, "ts": "x", "event": "something_new", "job_id": 3, "why": "because"})
     assert m.title == "Something new" and m.body == "job_id=3 why=because"
+
+
+def test_waits_read_as_a_person_says_them():
+    assert [fmt_wait(s) for s in (0, 9.6, 119, 120, 7199, 7200, 12_000, 172_799, 172_800, 3 * 86400 + 3600)] == \
+        ["0 s", "10 s", "119 s", "2 min", "119 min", "2 h", "3 h 20 min", "47 h 59 min", "2 d", "3 d 1 h"]
 
 
 def test_sizes_match_the_guis():
