@@ -165,7 +165,7 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
                 os.chmod(tmp, os.stat(path).st_mode & 0o777)
             except OSError:
                 os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        OS.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)

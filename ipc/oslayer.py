@@ -1,5 +1,5 @@
 """Everything the daemon does differently on Windows, in one place: file locks, making a rename
-durable, direct I/O, stopping a child politely, the console's stop signals, and tying the children's
+durable, replacing a file another program has open, direct I/O, stopping a child politely, the console's stop signals, and tying the children's
 lives to the supervisor's (a Job Object). Each OS is a class whose system calls are injected, so
 the Windows branch is unit-tested on Linux with fakes."""
 from __future__ import annotations
@@ -7,10 +7,15 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from typing import Any
 
 JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
 JOB_OBJECT_EXTENDED_LIMIT_INFORMATION_CLASS = 9
+# How long a rename onto a file another program has open is tried again on Windows (pip does the
+# same: utils/filesystem.py, 1 s in steps of 0.25 s; ours starts shorter, most holds are a read).
+REPLACE_PATIENCE_S = 1.0
+REPLACE_WAITS_S = (0.01, 0.03, 0.1, 0.25)
 
 
 class PosixLayer:
@@ -50,6 +55,10 @@ class PosixLayer:
         finally:
             self.os.close(fd)
 
+    def replace(self, src, dst) -> None:
+        """os.replace: atomic, and no reader of `dst` can stop it on POSIX."""
+        self.os.replace(src, dst)
+
     def polite_stop(self, proc) -> None:
         """SIGTERM: the child finishes its chunk, keeps its partial file and exits."""
         proc.terminate()
@@ -68,11 +77,13 @@ class WindowsLayer:
     direct_io_flag = 0  # Windows has FILE_FLAG_NO_BUFFERING, but not through os.open
     stop_signals = ("SIGTERM", "SIGINT", "SIGBREAK")  # SIGBREAK: Ctrl-Break, and a console closing
 
-    def __init__(self, msvcrt_mod: Any = None, kernel32: Any = None, os_mod: Any = os, ctypes_mod: Any = None):
+    def __init__(self, msvcrt_mod: Any = None, kernel32: Any = None, os_mod: Any = os, ctypes_mod: Any = None,
+                 sleep=time.sleep, clock=time.monotonic):
         self.msvcrt = msvcrt_mod
         self._kernel32 = kernel32
         self.os = os_mod
         self._ctypes = ctypes_mod
+        self._sleep, self._clock = sleep, clock
         self._job = None  # the Job Object handle: closing it (our death) kills every child
 
     def _msvcrt(self):
@@ -108,6 +119,23 @@ class WindowsLayer:
 
     def fsync_dir(self, folder) -> None:
         """A folder cannot be opened on Windows; NTFS journals its renames."""
+
+    def replace(self, src, dst) -> None:
+        """os.replace, tried again for up to REPLACE_PATIENCE_S while it meets a sharing violation:
+        on Windows a file another program has open (a tool reading a .civitai.info, a virus
+        scanner looking at a file just written) cannot be replaced or renamed, and such holds are
+        short. Still held after that: the PermissionError goes to the caller, nothing was changed."""
+        deadline = self._clock() + REPLACE_PATIENCE_S
+        waits = iter(REPLACE_WAITS_S)
+        while True:
+            try:
+                self.os.replace(src, dst)
+                return
+            except PermissionError:
+                wait = next(waits, REPLACE_WAITS_S[-1])
+                if self._clock() + wait > deadline:
+                    raise
+            self._sleep(wait)
 
     def polite_stop(self, proc) -> None:
         """A fresh interpreter in its own process group gets Ctrl-Break (its SIGBREAK handler stops

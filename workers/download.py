@@ -24,6 +24,7 @@ from typing import NamedTuple
 from ipc.files import OutsideError, dir_syncs_batched, make_folder_inside
 from ipc.layouts import folder_for
 from ipc.naming import FolderError, alternate_filename, check_folder, fold_case, part_filename, safe_filename
+from ipc.oslayer import OS
 from ipc.ratelimit import SharedRateLimit
 from ipc.throttle import file_lock
 from workers import segments
@@ -822,7 +823,7 @@ class _Job:
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(data, fh)
-            os.replace(tmp, path)
+            OS.replace(tmp, path)
         except OSError as exc:
             raise self._disk_error(exc, "starting") from None
 
@@ -1356,7 +1357,7 @@ class _Job:
                     if os.name == "nt":  # Windows cannot rename an open file
                         self._release_part()
                     try:
-                        os.replace(part, target)
+                        OS.replace(part, target)
                     except OSError as exc:
                         raise self._disk_error(exc, "renaming into place") from None
                     # Made durable by run()'s fsync of the folder with the sidecar's rename, before

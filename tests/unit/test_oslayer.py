@@ -148,3 +148,53 @@ def test_the_posix_layer_for_real(tmp_path):
     layer.fsync_dir(tmp_path)
     assert layer.fresh_child_flags() == {"start_new_session": True}
     assert layer.kill_children_with_me() is False
+
+
+class HeldFile:
+    """os.replace onto a file another program holds open, as Windows answers it, for `holds` tries."""
+
+    def __init__(self, holds: int, clock):
+        self.holds, self.clock, self.tries = holds, clock, []
+
+    def replace(self, src, dst):
+        self.tries.append(self.clock.t)
+        if self.holds:
+            self.holds -= 1
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+
+
+class ManualClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+def test_windows_replace_waits_out_a_short_hold_on_the_target():
+    clock = ManualClock()
+    held = HeldFile(holds=3, clock=clock)
+    WindowsLayer(os_mod=held, sleep=clock.sleep, clock=clock).replace("a.tmp", "a")
+    assert len(held.tries) == 4 and held.holds == 0
+    assert clock.t == pytest.approx(0.14)  # 10 + 30 + 100 ms: a reader's hold costs little
+
+
+def test_windows_replace_gives_up_after_a_second_and_says_why():
+    clock = ManualClock()
+    held = HeldFile(holds=10_000, clock=clock)
+    with pytest.raises(PermissionError, match="used by another process"):
+        WindowsLayer(os_mod=held, sleep=clock.sleep, clock=clock).replace("a.tmp", "a")
+    assert clock.t <= 1.0 and held.tries[-1] >= 0.6  # about a second of patience, never more
+    assert 4 <= len(held.tries) <= 8
+
+
+def test_posix_replace_never_waits(tmp_path):
+    (tmp_path / "a.tmp").write_text("new")
+    (tmp_path / "a").write_text("old")
+    with open(tmp_path / "a") as reader:  # a reader never stops a rename on POSIX
+        PosixLayer().replace(tmp_path / "a.tmp", tmp_path / "a")
+        assert reader.read() == "old"
+    assert (tmp_path / "a").read_text() == "new"
