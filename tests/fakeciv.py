@@ -74,7 +74,7 @@ EARLY_ACCESS_MESSAGE = "This asset is in Early Access. You can use Buzz access i
 
 FILE_FAULT_MODES = {
     "stall", "drip", "reset", "ignore_range", "wrong_bytes", "short", "html_login", "json_error",
-    "status", "expire_cdn", "redirect_loop", "redirect_chain", "endless", "overlong",
+    "status", "expire_cdn", "redirect_loop", "redirect_chain", "endless", "overlong", "change",
 }
 _API_SIDE_DEFAULT = {"status", "html_login", "json_error"}
 _API_SIDE_ALLOWED = _API_SIDE_DEFAULT | {"stall", "reset", "redirect_loop", "expire_cdn"}
@@ -849,6 +849,9 @@ class FakeCivitai:
         the end of the file (``extra_after_s`` after it), with a Content-Length of the file's range
         ("file": the body is longer than it claims) or of the whole body ("body": the host claims
         more than the file).
+        change(data, sha256): the file gets this content (a new ETag) just before the request is
+        answered, as when its owner uploads a new file while a download runs; requests answered
+        before keep streaming the old content.
         after_bytes defaults to half of the response body.
         Any fault with ``only_from=N`` plays only on a CDN request whose Range starts at byte N or
         later (one range among several connections' ranges).
@@ -1322,6 +1325,9 @@ class FakeCivitai:
         if h.command == "GET" and hop is None:
             rng = re.match(r"\s*bytes=(\d+)-", h.headers.get("Range") or "")
             flt = self._take_fault(fid, "cdn", int(rng.group(1)) if rng else 0)
+        if flt is not None and flt.mode == "change":
+            self.replace_file(fid, data=flt.params.get("data"), sha256=flt.params.get("sha256"))
+            flt = None  # served as the new content: an If-Range of the old ETag now brings it whole
         if flt is not None:
             if flt.mode == "expire_cdn":
                 code = int(flt.params.get("code", self.cdn_expired_status))

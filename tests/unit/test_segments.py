@@ -283,15 +283,26 @@ def test_a_file_that_changes_mid_download_restarts_from_zero(fake, runner):
     old, new = os.urandom(SIZE), os.urandom(SIZE)
     new_sha = hashlib.sha256(new).hexdigest()
     big_model(fake, data=old, sha256=new_sha)
-
-    def swap(msg):
-        if msg["type"] == "progress" and msg["bytes_done"] > 4 * MiB and fake.file_bytes(111) == old:
-            fake.replace_file(111, data=new, sha256=new_sha)  # a new ETag: If-Range brings it whole
-
-    runner.on_message = swap
+    # The new file arrives when the range from the middle is asked for: the ranges before it have
+    # old bytes (some still streaming them), that request's If-Range of the old ETag brings the
+    # new file whole. (A swap timed by a progress message could come after the last range was
+    # asked for: then every byte is old, and only the hash check catches it.)
+    fake.set_fault(111, "change", times=1, only_from=MID, data=new, sha256=new_sha)
     done = runner.run(model_id=1)
     assert done["sha256"] == new_sha
-    assert cdn_requests(fake)[-1].headers.get("Range") is None
+    cdn = cdn_requests(fake)
+    assert any(r.headers.get("Range") and r.sent > 0 for r in cdn[:-1])  # old bytes had come
+    assert cdn[-1].headers.get("Range") is None  # then from zero, whole, on one connection
+    assert hashlib.sha256((runner.folder() / "model.safetensors").read_bytes()).hexdigest() == new_sha
+
+
+def test_a_file_that_changed_after_every_range_was_asked_for_fails_the_hash_and_keeps_nothing(fake, runner):
+    old, new = os.urandom(SIZE), os.urandom(SIZE)
+    new_sha = hashlib.sha256(new).hexdigest()
+    big_model(fake, data=old, sha256=new_sha)  # the API already lists the new file's hash
+    err = runner.fail(model_id=1)
+    assert err.reason == "hash_mismatch" and err.retryable
+    assert runner.listing() == []  # nothing at the final path, no partial file of wrong bytes
 
 
 # -- one new link for all ranges ----------------------------------------------------------------------
