@@ -1404,8 +1404,7 @@ class FakeCivitai:
             return self._stream_past_end(h, f, start, end, mode, p, extra)
         if flt is None and end - start <= SMALL_BODY and not self.cdn_conn_bps:
             body = b"".join(bytes(c) for _, c in f.chunks(start, end))
-            h.end_headers_with(body)
-            self._count(f.id, len(body))
+            self._sent(f.id, len(body), h.end_headers_with, body)
             return
         h.end_headers_with()
         self._stream(h, f, start, end, flt)
@@ -1428,10 +1427,9 @@ class FakeCivitai:
             if closing.is_set():
                 raise _Abort()
             if chunked:
-                write(b"%x\r\n" % len(view) + bytes(view) + b"\r\n")
+                self._sent(f.id, len(view), write, b"%x\r\n" % len(view) + bytes(view) + b"\r\n")
             else:
-                write(view)
-            self._count(f.id, len(view))
+                self._sent(f.id, len(view), write, view)
             sent += len(view)
             if bps:
                 delay = t0 + sent / float(bps) - time.monotonic()
@@ -1456,6 +1454,17 @@ class FakeCivitai:
         if chunked:
             write(b"0\r\n\r\n")
         h.close_connection = True  # a client that read only the declared length left bytes behind
+
+    def _sent(self, fid: int, n: int, write, data) -> None:
+        """Send `data` (n bytes of the file) and count them. Counted first: a client that has
+        read the last byte may ask bytes_served() before this thread runs again, and must see
+        every byte it got; a send that fails takes its count back."""
+        self._count(fid, n)
+        try:
+            write(data)
+        except BaseException:
+            self._count(fid, -n)
+            raise
 
     def _count(self, fid: int, n: int) -> None:
         with self._lock:
@@ -1493,14 +1502,12 @@ class FakeCivitai:
         def out(view) -> None:
             nonlocal sent
             if bps is None or sent + len(view) <= drip_after:
-                write(view)
-                self._count(fid, len(view))
+                self._sent(fid, len(view), write, view)
                 sent += len(view)
                 return
             if sent < drip_after:
                 k = drip_after - sent
-                write(view[:k])
-                self._count(fid, k)
+                self._sent(fid, k, write, view[:k])
                 sent += k
                 view = view[k:]
             tick = 0.05
@@ -1509,8 +1516,7 @@ class FakeCivitai:
             done = 0
             while done < len(view):
                 piece = view[done:done + step]
-                write(piece)
-                self._count(fid, len(piece))
+                self._sent(fid, len(piece), write, piece)
                 done += len(piece)
                 sent += len(piece)
                 delay = t0 + done / bps - time.monotonic()
