@@ -435,21 +435,15 @@ class JobLedger:
         if reason == Reason.CANCELLED:
             # Stopped by us (shutdown, everything paused): not the job's fault.
             return self.give_back(job_id)
-        if msg.get("wait"):
+        if msg.get("wait") or reason == Reason.BUSY:
             return self._wait(job, msg, reason)
-        if reason == Reason.BUSY:
-            attempt, delay = job["attempts"], float(msg.get("retry_after_s") or BUSY_RETRY_S)
-            self._set(job, state=JobState.QUEUED, attempts=max(0, attempt - 1), speed_bps=0,
-                      not_before=self.clock() + delay)
-            return Outcome(job=job, events=[("download_retry", {
-                "job_id": job_id, "attempt": attempt, "delay_s": round(delay, 3), "waiting": True, "reason": reason,
-                "error": str(msg.get("error") or "the same file is on its way in another job")})])
         return self.retry_or_fail(job, str(msg.get("error") or "unknown error"), reason,
                                   bool(msg.get("retryable")), msg.get("retry_after_s"))
 
     def _wait(self, job: dict, msg: dict, reason: str) -> Outcome:
         """Waiting is not failing (SPEC §9): early access until its date, the daily quota, a
-        file Civitai has not hashed yet. The attempt is given back."""
+        file Civitai has not hashed yet, the same file on its way in another job. The attempt is
+        given back."""
         now = self.clock()
         error = str(msg.get("error") or "waiting")
         since = job.get("waiting_since") or now
@@ -464,10 +458,13 @@ class JobLedger:
                 delay = QUOTA_WAIT.delay(1, retry_after, self.rng)
             elif reason == Reason.UNHASHED:  # look again less often the longer it takes
                 delay = min(UNHASHED_WAIT.cap_s, max(UNHASHED_WAIT.delay(1, retry_after, self.rng), (now - since) / 2))
+            elif reason == Reason.BUSY:
+                delay = float(retry_after or BUSY_RETRY_S)
             else:
                 delay = float(retry_after or 60)
             until = now + delay
-        self._set(job, state=JobState.QUEUED, attempts=max(0, job["attempts"] - 1), speed_bps=0, error=error,
+        attempt = job["attempts"]  # the one that ended; given back, the next start is the same number
+        self._set(job, state=JobState.QUEUED, attempts=max(0, attempt - 1), speed_bps=0, error=error,
                   reason=reason, not_before=float(until), waiting_since=since)
         if reason == Reason.QUOTA and until > self.quota_until:
             # The quota is the account's: every further start would only count against it.
@@ -476,7 +473,7 @@ class JobLedger:
         log.info("job %s waits until %s UTC: %s", job["id"], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(until)),
                  error)
         return Outcome(job=job, events=[("download_retry", {
-            "job_id": job["id"], "attempt": job["attempts"], "error": error, "delay_s": round(until - now, 3),
+            "job_id": job["id"], "attempt": attempt, "error": error, "delay_s": round(until - now, 3),
             "waiting": True, "reason": reason})])
 
     def job_lost(self, job_id: int, kill_reason: str | None, exitcode, *, timeout_s: float,

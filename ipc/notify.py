@@ -199,7 +199,7 @@ def message_for(ev: dict) -> Message:
                        f"{fmt_wait(ev.get('delay_s'))}", "info")
     if kind == "download_retry":
         return Message(f"Retrying {name}", f"Attempt {ev.get('attempt')} failed: {ev.get('error') or 'an error'}; "
-                       f"next try in {round(float(ev.get('delay_s') or 0))} s", "warning")
+                       f"next try in {fmt_wait(ev.get('delay_s'))}", "warning")
     if kind == "download_timeout":
         return Message(f"Timed out: {name}", f"One attempt ran past the {ev.get('timeout_s')} s limit (timeout "
                        "in config.json); it is retried while attempts remain", "warning")

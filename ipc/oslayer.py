@@ -1,7 +1,8 @@
 """Everything the daemon does differently on Windows, in one place: file locks, making a rename
-durable, replacing a file another program has open, direct I/O, stopping a child politely, the console's stop signals, and tying the children's
-lives to the supervisor's (a Job Object). Each OS is a class whose system calls are injected, so
-the Windows branch is unit-tested on Linux with fakes."""
+durable, replacing a file another program has open, direct I/O, stopping a child politely, the
+console's stop signals, and tying the children's lives to the supervisor's (a Job Object). Each OS
+is a class whose system calls are injected, so the Windows branch is unit-tested on Linux with
+fakes."""
 from __future__ import annotations
 
 import errno
