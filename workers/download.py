@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import mmap
 import os
 import queue
@@ -51,6 +52,9 @@ WRITE_PIECE = 1 << 20  # bytes per os.write()
 HASH_CHUNK = 1 << 20
 POLL_S = 0.25  # should_stop(), stall and progress checks
 PROGRESS_INTERVAL_S = 0.25  # at most 4 progress messages a second
+RECORD_AFTER_S = 0.5  # a fresh body's resume record is written this far in (_Job._stream_one)
+HOLDER_WAIT_S = RECORD_AFTER_S + 1.0  # for another job's record before taking its file as busy
+HOLDER_POLL_S = 0.05
 SPEED_WINDOW_S = 3.0
 MAX_RESTARTS = 2  # restarts from zero within one attempt (200 to a Range, 416, bad Content-Range)
 DISK_MARGIN_BYTES = 16 << 20
@@ -729,32 +733,52 @@ class _Job:
         """The first candidate that already holds this file ("same"), or that is free and whose
         partial file this job could claim ("free"; self._fd is then the claimed partial file)."""
         for name in candidates:
-            twin = _CASES.twin(folder, name)
-            if twin is not None:
-                # Windows and macOS take `twin` for `name`: writing one would replace the other.
-                if self._target_state(folder / twin, sha, estimate) == "same":
-                    return twin, "same"
-                log.info("%s/%s is taken by a different file (%s, which differs only in case); it is never "
-                         "overwritten", self.model_type, name, twin)
-                continue
-            state = self._target_state(folder / name, sha, estimate)
-            if state == "same":
-                return name, state
-            if state == "free":
-                part = folder / part_filename(name)
-                if self._claim_part(part):
-                    return name, state
-                holder = self._read_sidecar(part.with_name(part.name + ".json")) or {}
-                if holder.get("version_id") == res.version_id and holder.get("file_id") == res.file_id:
-                    # The very same file is on its way in another job: wait for it, never fetch twice.
+            unknown_until = time.monotonic() + HOLDER_WAIT_S
+            while (got := self._try_name(folder, name, sha, estimate, res)) == "unknown holder":
+                # Another job holds the partial file and has written no record yet (it writes it
+                # RECORD_AFTER_S into the body, and never for a small file that arrives at once):
+                # in a moment it has a record, or its file is in place, or it is gone.
+                if time.monotonic() >= unknown_until:
                     raise CivitaiError(f"{self.model_type}/{name} is being downloaded by another job right now; "
                                        "this one waits for it", reason="busy", retryable=True, retry_after_s=10)
-                log.info("%s/%s is being downloaded by another job; trying another name", self.model_type, name)
-            else:
-                log.info("%s/%s is taken by a different file; it is never overwritten", self.model_type, name)
+                if self._should_stop():
+                    raise self._cancelled()
+                time.sleep(HOLDER_POLL_S)
+            if got is not None:
+                return got
         raise CivitaiError(f"{self.model_type}/{candidates[0]} and its alternative names ({', '.join(candidates[1:])}) "
                            f"are all taken by other files: move one away or set another filename in the manifest",
                            reason="path_conflict")
+
+    def _try_name(self, folder: Path, name: str, sha: str | None, estimate: int | None, res: Resolved):
+        """(name, "same" | "free") as _choose_name returns it, None for "try the next name", or
+        "unknown holder" (another job's partial file without a record: ask again in a moment)."""
+        twin = _CASES.twin(folder, name)
+        if twin is not None:
+            # Windows and macOS take `twin` for `name`: writing one would replace the other.
+            if self._target_state(folder / twin, sha, estimate) == "same":
+                return twin, "same"
+            log.info("%s/%s is taken by a different file (%s, which differs only in case); it is never "
+                     "overwritten", self.model_type, name, twin)
+            return None
+        state = self._target_state(folder / name, sha, estimate)
+        if state == "same":
+            return name, state
+        if state != "free":
+            log.info("%s/%s is taken by a different file; it is never overwritten", self.model_type, name)
+            return None
+        part = folder / part_filename(name)
+        if self._claim_part(part):
+            return name, state
+        holder = self._read_sidecar(part.with_name(part.name + ".json"))
+        if holder is None:
+            return "unknown holder"
+        if holder.get("version_id") == res.version_id and holder.get("file_id") == res.file_id:
+            # The very same file is on its way in another job: wait for it, never fetch twice.
+            raise CivitaiError(f"{self.model_type}/{name} is being downloaded by another job right now; "
+                               "this one waits for it", reason="busy", retryable=True, retry_after_s=10)
+        log.info("%s/%s is being downloaded by another job; trying another name", self.model_type, name)
+        return None
 
     # -- partial file and sidecar ------------------------------------------------------------------
 
@@ -1033,11 +1057,31 @@ class _Job:
         if end is not None:
             dl.limit_body(end - start)
         self._check_disk_space((end or 0) - start)
-        self._write_sidecar(side, {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha,
-                                   "etag": dl.etag, "last_modified": dl.last_modified, "total": total})
+        meta = {"version_id": res.version_id, "file_id": res.file_id, "sha256": sha,
+                "etag": dl.etag, "last_modified": dl.last_modified, "total": total}
+
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            self._write_sidecar(side, meta)
+            recorded = True
+
+        # The record a later attempt resumes from. A fresh start defers it to RECORD_AFTER_S into
+        # the body (or the attempt's end, if that is sooner and it failed): a small file that
+        # arrives at once then creates and deletes no record, two of its three temporary files
+        # (an inode made and freed costs real time on some filesystems, and Windows' scanner opens
+        # each new file). A record from an earlier attempt is rewritten at once: it must not
+        # describe another answer of the host.
+        deferred = start == 0 and not os.path.lexists(side)
+        if not deferred:
+            record()
         os.lseek(self._fd, start, os.SEEK_SET)
         have = self._stream(dl, self._fd, part.hasher, start, end, sniff=(start == 0),
-                            json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES), slow_below=slow_below)
+                            json_ok=name.lower().endswith(TEXT_FILE_SUFFIXES), slow_below=slow_below,
+                            record=record if deferred else None)
+        if not recorded and end is not None and start < have < end:
+            record()  # the body ended early: the next attempt resumes from what came
         if dl.overran:
             self._cut = (end, total)
             log.info("%s: the file host sent more than the file's %s (%s); the rest was dropped",
@@ -1165,10 +1209,13 @@ class _Job:
                                f"only {fmt_bytes(free)} is free in {self.ctx.download_dir}", reason="disk")
 
     def _stream(self, dl: Download, fd: int, hasher, offset: int, total: int | None, *, sniff: bool,
-                json_ok: bool, slow_below: float | None = None) -> int:
+                json_ok: bool, slow_below: float | None = None, record: Callable[[], None] | None = None) -> int:
         """Copy the body into the file at `offset`, hashing as it goes. Returns the new length.
         With `slow_below` (bytes/s), raises _SlowAlone when the rate falls under it for a while
         with much still to come (the bytes received are kept in the file; the hash is not).
+        `record` (the partial file's sidecar) is called once RECORD_AFTER_S into the body, or
+        when the attempt ends early with bytes in the file; never for a body that is all there
+        by then.
 
         A reader thread fills a small ring of reused buffers with readinto(), a hasher thread
         hashes them (hashlib releases the GIL), and this thread writes them, reports progress and
@@ -1235,6 +1282,7 @@ class _Job:
         samples: deque = deque([(time.monotonic(), done)])
         last_write = next_check = next_cap = started = time.monotonic()
         next_report = next_check + PROGRESS_INTERVAL_S
+        record_at = started + RECORD_AFTER_S if record is not None else math.inf
         try:
             while True:
                 try:
@@ -1270,6 +1318,9 @@ class _Job:
                         raise CivitaiError(f"the download stalled: no data for {self.ctx.read_timeout_s:g} s "
                                            f"({fmt_bytes(done)} of {fmt_bytes(total)} saved; the next attempt "
                                            f"resumes)", reason="connection", retryable=True)
+                if now >= record_at:
+                    record_at = math.inf
+                    record()  # type: ignore[misc]  # record_at is finite only with a record
                 if now >= next_cap:
                     next_cap = now + 1.0
                     shared.chunk = _read_size(limit)
@@ -1285,6 +1336,13 @@ class _Job:
                 raise self._read_error(error, done, total, dl.url)
             self._progress(samples, time.monotonic(), done, total)
             return done
+        except BaseException:
+            if record_at != math.inf and done > offset:
+                try:
+                    record()  # type: ignore[misc]
+                except BaseException:  # noqa: BLE001 - the attempt's own error is the one to report
+                    log.warning("%s: could not save the record of the partial file", self.rel_name, exc_info=True)
+            raise
         finally:
             quit_flag.set()
             if not finished:

@@ -15,6 +15,8 @@ import pytest
 from ipc import files
 from ipc.files import atomic_write
 from tests.fakeciv import FakeCivitai, running_fake
+from tests.helpers import wait_until
+from workers import download
 from workers.civitai import CivitaiClient, CivitaiError
 from workers.download import JobContext, run_job
 
@@ -361,6 +363,114 @@ def test_two_jobs_wanting_the_same_name_never_share_a_partial_file(fake, tmp_pat
     names = sorted(r["filename"] for r in results.values())
     assert names[0] == "same.safetensors" and names[1] in ("same_11.safetensors", "same_12.safetensors")
     assert sorted(runners[0].listing()) == names
+
+
+class Holder:
+    """Another job's claim on a partial file: the file open and locked, as _claim_part leaves it."""
+
+    def __init__(self, part: Path):
+        part.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
+        assert files.try_lock_fd(self.fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # drops the lock
+            self.fd = -1
+
+
+def sidecar_writes(monkeypatch) -> list[Path]:
+    written: list[Path] = []
+    real = download._Job._write_sidecar
+
+    def spy(job, path, data):
+        written.append(Path(path))
+        real(job, path, data)
+
+    monkeypatch.setattr(download._Job, "_write_sidecar", spy)
+    return written
+
+
+def test_a_small_file_that_arrives_at_once_makes_no_resume_record(fake, runner, monkeypatch):
+    """Two of a download's three temporary files are its resume record and that record's own
+    temporary file: a body that is all there within RECORD_AFTER_S needs neither."""
+    monkeypatch.setattr(download, "RECORD_AFTER_S", 30.0)  # however slow the machine
+    written = sidecar_writes(monkeypatch)
+    add_model(fake, size_bytes=256 * 1024)
+    assert runner.run(model_id=1)["sha256"] == sha(fake, 111)
+    assert written == [] and runner.listing() == ["model.safetensors"]
+
+
+def test_a_body_that_takes_a_while_is_recorded_while_it_streams(fake, runner, monkeypatch):
+    """A worker killed mid-body runs no clean-up: the record must already be there."""
+    monkeypatch.setattr(download, "RECORD_AFTER_S", 0.2)
+    add_model(fake)
+    fake.set_fault(111, "stall", times=1, after_bytes=MiB)  # holds the body until the client lets go
+    side = runner.folder() / ".model.safetensors.part.json"
+    thread = threading.Thread(target=lambda: pytest.raises(CivitaiError, runner.run, model_id=1), daemon=True)
+    thread.start()
+    try:
+        wait_until(side.exists, 5, message="the resume record, while the body is still coming")
+        assert thread.is_alive()
+        record = json.loads(side.read_text())
+        assert (record["version_id"], record["file_id"], record["total"]) == (11, 111, 3 * MiB + 123)
+    finally:
+        runner.stop.set()
+        thread.join(10)
+    runner.stop.clear()
+    done = runner.run(model_id=1, attempt=2)
+    assert done["sha256"] == sha(fake, 111)
+    assert cdn_requests(fake)[-1].headers.get("Range")  # resumed from the record
+
+
+def test_an_unrecorded_partial_file_of_another_job_is_waited_for_not_shared(fake, runner, monkeypatch):
+    """Another job holds the partial file and has no record yet: this job waits a moment for it,
+    then treats it as the same file on its way (busy), never as free and never as someone
+    else's, which would fetch the same file twice under another name."""
+    monkeypatch.setattr(download, "HOLDER_WAIT_S", 0.3)
+    add_model(fake)
+    holder = Holder(runner.folder() / ".model.safetensors.part")
+    try:
+        started = time.monotonic()
+        err = runner.fail(model_id=1)
+        assert err.reason == "busy" and err.retryable and time.monotonic() - started >= 0.3
+        assert cdn_requests(fake) == []
+    finally:
+        holder.release()
+
+
+def test_a_waiting_job_takes_the_holders_file_once_it_is_in_place(fake, runner, monkeypatch):
+    monkeypatch.setattr(download, "HOLDER_WAIT_S", 10.0)
+    add_model(fake)
+    part = runner.folder() / ".model.safetensors.part"
+    holder = Holder(part)
+
+    def finish():  # the other job's last steps: its verified file renamed into place, claim gone
+        time.sleep(0.3)
+        part.write_bytes(fake.file_bytes(111))
+        os.replace(part, runner.folder() / "model.safetensors")
+        holder.release()
+
+    threading.Thread(target=finish, daemon=True).start()
+    done = runner.run(model_id=1)
+    assert done["skipped"] and done["filename"] == "model.safetensors"
+    assert cdn_requests(fake) == []
+
+
+def test_a_waiting_job_goes_to_another_name_once_the_holder_records_another_file(fake, runner, monkeypatch):
+    monkeypatch.setattr(download, "HOLDER_WAIT_S", 10.0)
+    add_model(fake)
+    part = runner.folder() / ".model.safetensors.part"
+    holder = Holder(part)
+    try:
+        def record():
+            time.sleep(0.3)
+            part.with_name(part.name + ".json").write_text(json.dumps({"version_id": 99, "file_id": 999}))
+
+        threading.Thread(target=record, daemon=True).start()
+        assert runner.run(model_id=1)["filename"] == "model_11.safetensors"
+    finally:
+        holder.release()
 
 
 # -- resume ------------------------------------------------------------------------------------------
