@@ -217,8 +217,7 @@ class Supervisor:
         if stored and self.webhook_announcer is not None:
             self.webhook_announcer.announce()
         if self.control is not None:
-            for event in stored:
-                self.control.publish(event)
+            self.control.publish_many(stored)
 
     def note(self, outcome: Outcome) -> Outcome:
         """Queue an outcome's events for the current transaction."""

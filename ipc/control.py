@@ -97,7 +97,14 @@ class ControlServer:
     def publish(self, event: dict) -> None:
         """Hand an event to every subscriber without ever blocking the caller: a subscriber
         that cannot keep up is dropped (it reconnects and catches up from the event log)."""
-        line = _dumps(event)
+        self.publish_many([event])
+
+    def publish_many(self, events: list[dict]) -> None:
+        """publish() for the events of one transaction: one item and one wake-up of each
+        subscriber's sending thread for all of them, in their order."""
+        if not events:
+            return
+        line = b"".join(_dumps(event) for event in events)
         with self._lock:
             subs = list(self._subscribers)
         for sub in subs:

@@ -110,9 +110,23 @@ class StoreOpenError(Exception):
     """The database cannot be opened or is not a database: one sentence naming the file."""
 
 
+_SECOND: tuple[int, str] = (-1, "")  # the last whole second formatted, its text up to the "." (one object: threads)
+
+
 def utc_now_iso(ts: float | None = None) -> str:
-    dt = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """`ts` (default now) as 2026-01-31T12:00:00.123Z. Stamped on every job change and event, a
+    few per download: the second's text is formatted once (strftime costs more than the rest)."""
+    global _SECOND
+    ts = time.time() if ts is None else ts
+    whole = int(ts // 1)
+    micro = round((ts - whole) * 1e6)  # as datetime.fromtimestamp rounds
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    second, text = _SECOND
+    if second != whole:
+        text = datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _SECOND = (whole, text)
+    return f"{text}{micro // 1000:03d}Z"
 
 
 def public_job(row: dict, now: float | None = None) -> dict:

@@ -50,3 +50,18 @@ def test_a_kernel_that_only_gives_the_web_port_is_an_error_not_a_loop(monkeypatc
     with pytest.raises(OSError, match="web port"):
         control.ControlServer("t", lambda op, args: None, avoid=8000)
     assert all(s.fileno() == -1 for s in made)
+
+
+def test_a_transactions_events_reach_a_subscriber_whole_and_in_order():
+    server = control.ControlServer("tok", lambda op, args: None).start()
+    try:
+        stream = control.ControlClient(server.address, "tok", timeout_s=5).subscribe()
+        assert next(stream) == {"event": control.SUBSCRIBED}
+        server.publish_many([{"event": "a", "n": 1}, {"event": "b", "n": 2}])
+        server.publish_many([])
+        server.publish({"event": "c", "n": 3})
+        assert [next(stream) for _ in range(3)] == [{"event": "a", "n": 1}, {"event": "b", "n": 2},
+                                                    {"event": "c", "n": 3}]
+        stream.close()
+    finally:
+        server.close()

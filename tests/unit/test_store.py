@@ -2,7 +2,7 @@
 import pytest
 
 from ipc.states import IllegalTransition
-from ipc.store import JobStore, StoreUnavailable
+from ipc.store import JobStore, StoreUnavailable, utc_now_iso
 
 
 @pytest.fixture
@@ -110,3 +110,18 @@ def test_owed_previews_outlive_a_restart_until_settled(store, tmp_path):
         assert again.owed_previews() == ["/models/lora/b.safetensors"]
     finally:
         again.close()
+
+
+def test_timestamps_read_as_datetime_writes_them_also_across_seconds_and_at_rounding_edges():
+    from datetime import UTC, datetime
+
+    def slow(ts):
+        dt = datetime.fromtimestamp(ts, tz=UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+    # in order, back and forth (the cached second changes both ways), and fractions that round up
+    stamps = [1_700_000_000 + i * 0.0137 for i in range(300)] + [5.9999996, 1.0000004, 1_700_000_000.9999996,
+                                                                1_699_999_999.5, 0.0, 2_000_000_000.123456]
+    for ts in stamps:
+        assert utc_now_iso(ts) == slow(ts), ts
+    assert utc_now_iso(1_700_000_000.9999996) == "2023-11-14T22:13:21.000Z"
