@@ -49,6 +49,11 @@ PEER_FILES = 500
 FILE_BYTES = 256 * kit.KiB
 REST_REQUESTS = 200
 _seq = itertools.count(1)
+# Part b's folders, removed together after its last case. ext4 makes each new inode scan the inodes
+# freed in the last minute or so (find_inode_bit -> recently_deleted, a quarter of a worker's CPU
+# in perf), so removing one case's 500 files before the next case starts slows that case's creates
+# and every repeat drifts slower than the one before.
+_removals: list[Path] = []
 EXTRA: dict = {}  # config keys of part b's daemons (--set), for A/B runs of a setting
 
 TARGETS = {
@@ -212,7 +217,7 @@ def daemon_files(work: Path, fake, n: int) -> dict:
     finally:
         reader.close()
         stop(daemon)
-        shutil.rmtree(folder, ignore_errors=True)
+        _removals.append(folder)
 
 
 def check_files(folder: Path, fake, ids) -> None:
@@ -234,7 +239,7 @@ def curl_loop(work: Path, fake, n: int) -> dict:
     r = run_child(["bash", "-c", script, "curl-loop", str(listing)])
     fake1 = time.process_time()
     check_files(folder, fake, ids)
-    shutil.rmtree(folder, ignore_errors=True)
+    _removals.append(folder)
     return {"n": n, "files_per_s": n / r["wall"], "wall_s": r["wall"], "tree_ms": r["cpu"] / n * 1000,
             "fake_ms": (fake1 - fake0) / n * 1000}
 
@@ -252,7 +257,7 @@ def aria2c_j2(work: Path, fake, n: int) -> dict:
     r = run_child(cmd)
     fake1 = time.process_time()
     check_files(folder, fake, ids)
-    shutil.rmtree(folder, ignore_errors=True)
+    _removals.append(folder)
     return {"n": n, "files_per_s": n / r["wall"], "wall_s": r["wall"], "tree_ms": r["cpu"] / n * 1000,
             "fake_ms": (fake1 - fake0) / n * 1000}
 
@@ -277,7 +282,7 @@ def disk_floor(work: Path, n: int = 100) -> float:
         finally:
             os.close(fd)
     elapsed = time.perf_counter() - t0
-    shutil.rmtree(folder, ignore_errors=True)
+    _removals.append(folder)
     return elapsed / n * 1000
 
 
@@ -306,6 +311,8 @@ def bench_files(work: Path, sizes, peer_n: int, runs: int) -> dict:
                   flush=True)
     finally:
         fake.close()
+        while _removals:
+            shutil.rmtree(_removals.pop(), ignore_errors=True)
 
     def med(rows, key):
         return kit.median([r[key] for r in rows])
@@ -348,7 +355,9 @@ def bench_files(work: Path, sizes, peer_n: int, runs: int) -> dict:
           "daemon makes each file durable (3 fsyncs: the file, its .civitai.info, their folder), curl and "
           "aria2c do not;\nfake ms: CPU of this process (the fake's threads "
           "and the bench's polling) per file. With 2 cores, tree + fake CPU per file bounds files/s: on a shared "
-          "machine files/s moves with the load, CPU per file much less.")
+          "machine files/s moves with the load, CPU per file much less.\n"
+          "every case's files stay on disk until the last case has run: on ext4 a create right after many "
+          "deletions pays for scanning them, so deleting between cases slows the next one.")
     return {"daemon": daemon_runs, "peers": peers}
 
 
