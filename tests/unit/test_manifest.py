@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from ipc.manifest import ManifestError, ManifestFile, parse_manifest, validate_entry
+from ipc.manifest import ManifestError, ManifestFile, parse_manifest, render, validate_entry
 
 
 def test_minimal_and_full_entries_are_valid():
@@ -121,3 +121,29 @@ def test_a_save_right_after_ours_is_still_seen_and_half_written_saves_wait(tmp_p
     assert mf.poll(now_ns=st.st_mtime_ns + 1000) is None  # too fresh: maybe still being written
     assert mf.poll(now_ns=st.st_mtime_ns + 10**9) == "changed"
     assert mf.entries[0]["modelId"] == 2
+
+
+@pytest.mark.parametrize("entries", [
+    [],
+    [{}],
+    [{"modelId": 1, "model_type": "lora"}],
+    [{"modelId": 1, "model_type": "lora", "note": "ü\n\"x\"", "tags": [], "more": {"a": [1, 2.5, None, True]},
+      "empty": {}}, {"modelId": 2, "model_type": "checkpoint", "priority": 1}],
+])
+def test_render_is_json_dumps_indent_2_byte_for_byte(entries):
+    expected = (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    assert render(entries) == expected
+    cache: dict = {}
+    assert render(entries, cache) == expected
+    assert render(entries, cache) == expected  # from the cache
+
+
+def test_render_cache_follows_changed_entries_and_holds_only_the_current_ones():
+    a, b = {"modelId": 1, "model_type": "lora"}, {"modelId": 2, "model_type": "lora"}
+    cache: dict = {}
+    render([a, b], cache)
+    b["filename"] = "b.safetensors"  # changed in place: its text must follow it
+    c = {"modelId": 3, "model_type": "vae"}
+    out = render([b, c], cache)
+    assert out == (json.dumps([b, c], indent=2) + "\n").encode()
+    assert len(cache) == 2 and all('"modelId": 1' not in text for text in cache.values())
