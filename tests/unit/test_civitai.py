@@ -690,3 +690,16 @@ def test_the_session_reads_proxies_from_the_environment_once_per_host(monkeypatc
     assert reads[2:] == ["http://cdn.example/f?sig=1", "https://cdn.example/f"]
     session.trust_env = False
     assert session.merge_environment_settings("https://civitai.com/", {}, None, None, None)["proxies"] == {}
+
+
+@responses.activate
+def test_a_redirect_not_followed_is_not_prepared_and_one_followed_still_is():
+    from workers.civitai import new_session
+    responses.add(responses.GET, f"{ORIGIN}/api/download/models/1", status=307,
+                  headers={"Location": f"{CDN}/f/1"})
+    responses.add(responses.GET, f"{CDN}/f/1", body=b"body")
+    session = new_session()
+    resp = session.get(f"{ORIGIN}/api/download/models/1", allow_redirects=False)
+    assert resp.status_code == 307 and resp.next is None and len(responses.calls) == 1
+    followed = session.get(f"{ORIGIN}/api/download/models/1")
+    assert followed.content == b"body" and [r.status_code for r in followed.history] == [307]
