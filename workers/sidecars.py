@@ -96,11 +96,11 @@ def preview_path(final_path: Path, ext: str) -> Path:
 def existing_previews(final_path: Path) -> list[Path]:
     """The `<stem>.preview.*` images beside a model file, in the web UI's order of preference."""
     out = []
+    base = str(preview_path(final_path, ""))  # strings, not a Path per name: called once a download
     for ext in PREVIEW_EXTS:
-        path = preview_path(final_path, ext)
         try:
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                out.append(path)
+            if stat.S_ISREG(os.lstat(base + ext).st_mode):
+                out.append(Path(base + ext))
         except OSError:
             continue
     return out

@@ -677,3 +677,11 @@ def test_sidecar_names_are_never_model_files():
         assert is_sidecar_name(name), name
     for name in ("a.safetensors", "preview.png.safetensors", "a.png", "civitai.info.ckpt", "a.preview"):
         assert not is_sidecar_name(name), name
+
+
+def test_existing_previews_lists_the_regular_images_in_the_web_uis_order(tmp_path):
+    model_file = tmp_path / "a.b.safetensors"
+    for name in ("a.b.preview.webp", "a.b.preview.png", "a.b.preview.txt", "a.preview.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a.b.preview.gif").mkdir()  # not a file
+    assert sidecars.existing_previews(model_file) == [tmp_path / "a.b.preview.png", tmp_path / "a.b.preview.webp"]
