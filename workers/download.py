@@ -13,7 +13,6 @@ import queue
 import shutil
 import socket
 import stat
-import sys
 import threading
 import time
 from collections import deque
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ipc.files import OutsideError, dir_syncs_batched, make_folder_inside
+from ipc.files import OutsideError, dir_syncs_batched, make_folder_inside, try_lock_fd
 from ipc.layouts import folder_for
 from ipc.naming import FolderError, alternate_filename, check_folder, fold_case, part_filename, safe_filename
 from ipc.oslayer import OS
@@ -175,30 +174,6 @@ def size_plausible(actual: int | None, estimate: int | None) -> bool:
         return True
     absolute, fraction = SIZE_TOLERANCE
     return abs(actual - estimate) <= max(absolute, estimate * fraction)
-
-
-if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-    import msvcrt
-
-    def try_lock_fd(fd: int) -> bool:
-        """Lock an open file for this process without waiting; False if another holds it."""
-        os.lseek(fd, 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-else:
-    import fcntl
-
-    def try_lock_fd(fd: int) -> bool:
-        """Lock an open file for this process without waiting; False if another holds it."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            # A file system without locks (ENOLCK, EOPNOTSUPP): go on unguarded.
-            return exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
-        return True
 
 
 class _Call:
