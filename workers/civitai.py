@@ -18,6 +18,8 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.cookies import RequestsCookieJar
+from requests.structures import CaseInsensitiveDict
 from urllib3.util.retry import Retry
 
 from ipc.config import PLACEHOLDER_RE
@@ -160,6 +162,41 @@ class Session(requests.Session):
         merge = requests.sessions.merge_setting
         return {"proxies": merge(proxies, self.proxies), "stream": merge(stream, self.stream),
                 "verify": merge(verify, self.verify), "cert": merge(cert, self.cert)}
+
+    def request(self, method, url, params=None, data=None, headers=None, cookies=None, files=None, auth=None,
+                timeout=None, allow_redirects=True, proxies=None, hooks=None, stream=None, verify=None, cert=None,
+                json=None):
+        """The daemon's own requests (a GET or HEAD, no body, redirects not followed) prepared
+        directly: requests' generic path builds a Request, copies the cookie jar twice, merges
+        seven settings and reads ~/.netrc on every call, half of a small request's CPU (1.0 of
+        1.5 ms measured against the fake). The headers, cookies, proxies and CA bundle sent
+        are the same; credentials go only as the caller sets them (never ~/.netrc's, which
+        would replace the API key and go to the file host too). Anything else: requests' own."""
+        method = method.upper() if isinstance(method, str) else method
+        if (allow_redirects or method not in ("GET", "HEAD") or not isinstance(url, str) or params or data
+                or files or json is not None or cookies or auth or proxies or hooks or cert is not None
+                or self.auth or self.params or self.proxies or self.cert is not None or not self.trust_env):
+            return super().request(method, url, params=params, data=data, headers=headers, cookies=cookies,
+                                   files=files, auth=auth, timeout=timeout, allow_redirects=allow_redirects,
+                                   proxies=proxies, hooks=hooks, stream=stream, verify=verify, cert=cert, json=json)
+        prep = requests.PreparedRequest()
+        prep.prepare_method(method)
+        prep.prepare_url(url, None)
+        merged = CaseInsensitiveDict(self.headers)
+        merged.update(headers or {})
+        prep.prepare_headers({name: value for name, value in merged.items() if value is not None})
+        jar = RequestsCookieJar()
+        if len(self.cookies):
+            jar.update(self.cookies)
+        prep.prepare_cookies(jar)
+        prep.prepare_body(None, None)
+        prep.prepare_hooks(self.hooks)
+        env = self._environment_proxies(prep.url or url, None)
+        if (verify is True or verify is None) and self._ca_bundle:
+            verify = self._ca_bundle
+        return self.send(prep, timeout=timeout, allow_redirects=False, proxies=dict(env),
+                         stream=self.stream if stream is None else stream,
+                         verify=self.verify if verify is None else verify, cert=None)
 
     def resolve_redirects(self, resp, req, *args, yield_requests: bool = False, **kwargs):
         """requests prepares a redirect's next request even when it is not followed

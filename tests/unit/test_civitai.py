@@ -692,6 +692,55 @@ def test_the_session_reads_proxies_from_the_environment_once_per_host(monkeypatc
     assert session.merge_environment_settings("https://civitai.com/", {}, None, None, None)["proxies"] == {}
 
 
+def test_the_sessions_own_requests_are_sent_as_requests_would_send_them_bar_netrc(monkeypatch, tmp_path):
+    """A GET or HEAD that follows no redirect is prepared directly: the same method, URL
+    (requoted), headers (the session's, the call's, a None one dropped), cookies, proxies, CA
+    bundle, stream and timeout as requests' own path, except that ~/.netrc is never read (its
+    Basic auth would replace the API key and go to the file host too). Anything else is requests'."""
+    from workers import civitai
+
+    (tmp_path / ".netrc").write_text("machine civitai.com login someone password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.lan:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.lan")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/lan.pem")
+    session = civitai.new_session()
+    session.cookies.set("cf_clearance", "c1", domain="civitai.com")
+    sent: list = []
+
+    def capture(prep, **kwargs):
+        sent.append((prep, kwargs))
+        return requests.Response()
+
+    monkeypatch.setattr(session, "send", capture)
+    calls = [("GET", "https://civitai.com/api/v1/models/1?x=a b", {"Accept": "application/json", "Authorization": "Bearer k"},
+              dict(stream=True, timeout=(5, 30))),
+             ("GET", "https://internal.lan/f/é", {"User-Agent": None, "Range": "bytes=0-"}, dict(timeout=7)),
+             ("HEAD", "https://cdn.example/f", None, dict(verify=False))]
+    for method, url, headers, kw in calls:
+        session.request(method, url, headers=headers, allow_redirects=False, **kw)
+        fast = sent.pop()
+        requests.Session.request(session, method, url, headers=headers, allow_redirects=False, **kw)
+        slow = sent.pop()
+        assert (fast[0].method, fast[0].url, fast[0].body) == (slow[0].method, slow[0].url, slow[0].body)
+        slow_headers = dict(slow[0].headers)
+        if method == "GET" and "civitai.com" in url:
+            assert slow_headers.pop("Authorization").startswith("Basic ")  # netrc's, over the caller's key
+            slow_headers["Authorization"] = "Bearer k"
+        assert dict(fast[0].headers) == slow_headers
+        assert fast[1] == slow[1], (fast[1], slow[1])
+    assert sent == []
+    assert session.request("GET", "https://civitai.com/", allow_redirects=False).__class__ is requests.Response
+    assert sent.pop()[0].headers["Cookie"] == "cf_clearance=c1"
+    monkeypatch.setattr(requests.Session, "request", lambda self, *a, **kw: sent.append(("requests", a, kw)))
+    session.get("https://civitai.com/", allow_redirects=True)
+    session.get("https://civitai.com/", params={"a": "1"}, allow_redirects=False)
+    session.request("POST", "https://civitai.com/", data=b"x", allow_redirects=False)
+    assert [item[0] for item in sent] == ["requests"] * 3
+
+
 @responses.activate
 def test_a_redirect_not_followed_is_not_prepared_and_one_followed_still_is():
     from workers.civitai import new_session
