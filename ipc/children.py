@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ipc.logsetup import parse_relayed_line
+from ipc.messages import unpack
 from ipc.oslayer import OS
 from ipc.retry import CHILD_RESTART, RetryPolicy
 from ipc.states import ChildKind, ChildState, KillReason, check_child_transition
@@ -224,7 +225,7 @@ class ForkedChild(Child):
             try:
                 if not self.conn.poll():
                     break
-                out.append(self.conn.recv())
+                out.extend(unpack(self.conn.recv()))
             except (EOFError, OSError):
                 self.conn.close()
                 self.conn = None
@@ -373,6 +374,13 @@ class ChildPool:
 
     def waitables(self) -> list:
         return [w for c in self for w in c.waitables()]
+
+    def any_sentinel(self, ready: list) -> bool:
+        """Whether `ready` (what the loop's wait returned) holds a child's process sentinel: it died."""
+        if not ready:
+            return False
+        sentinels = {c.proc.sentinel for c in self if isinstance(c, ForkedChild) and c.proc is not None}
+        return any(w in sentinels for w in ready if isinstance(w, int))
 
     # --- stopping -------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Every message that crosses a Pipe between the supervisor and a worker or the updater.
 
 Plain dicts on the wire (they pickle on every platform and stay readable in a debugger); these
-TypedDicts say what each holds, and the `type` values are the string enum `Msg`.
+TypedDicts say what each holds, and the `type` values are the string enum `Msg`. A worker sends
+the messages it held back (workers/worker.py, Channel) with the next one as one list: one pickle,
+one write and one read for a small file's five messages; `unpack` gives them back in order.
 """
 from __future__ import annotations
 
@@ -164,3 +166,8 @@ class CheckDoneMsg(TypedDict, total=False):
     requests: int
     duration_s: float
     error: str
+
+
+def unpack(received: Any) -> list[dict]:
+    """What one recv() gave: one message, or several sent together (a list), in order."""
+    return received if isinstance(received, list) else [received]

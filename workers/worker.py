@@ -37,7 +37,7 @@ class Channel:
     """The worker's end of its Pipe. Sends come from the job thread and the reader thread.
 
     A message whose type is in `lazy` may wait up to `lazy_s` for the next one; order is kept, a
-    message of another type sends what waits first, and a helper thread sends what is still
+    message of another type goes with what waits, in one list (ipc.messages.unpack), and a helper thread sends what is still
     waiting when `lazy_s` is up (it sleeps without a timeout while nothing waits)."""
 
     def __init__(self, conn, parent_check_s: float | None = None, lazy: frozenset[str] = frozenset(),
@@ -70,8 +70,7 @@ class Channel:
                 if len(self._held) == 1:
                     self._waiting.notify()
                 return
-            self._send_held()
-            self._send(msg)
+            self._send_held(then=msg)
 
     def flush(self) -> None:
         """Send what waits now (before the worker exits)."""
@@ -88,12 +87,15 @@ class Channel:
                     self._waiting.wait(left)
                 self._send_held()
 
-    def _send_held(self) -> None:
+    def _send_held(self, then: dict | None = None) -> None:
+        """What waits, and `then`, as one Pipe message (a list when there are several)."""
         held, self._held = self._held, []
-        for msg in held:
-            self._send(msg)
+        if then is not None:
+            held.append(then)
+        if held:
+            self._send(held[0] if len(held) == 1 else held)
 
-    def _send(self, msg: dict) -> None:
+    def _send(self, msg: dict | list[dict]) -> None:
         try:
             self.conn.send(msg)
         except (OSError, EOFError, BrokenPipeError):

@@ -29,6 +29,7 @@ import json, multiprocessing as mp, sys, threading
 import workers.worker
 from ipc.childmain import child_entry
 from workers.worker import worker_main
+from ipc.messages import unpack
 keep = sys.argv[2] == "keep"
 if keep:
     workers.worker.PARENT_CHECK_S = 0.5
@@ -48,7 +49,8 @@ while True:
         msg = parent.recv()
     except EOFError:
         break
-    print(json.dumps(msg), flush=True)
+    for one in unpack(msg):
+        print(json.dumps(one), flush=True)
 """
 
 
