@@ -60,6 +60,9 @@ PROGRESS_STORE_INTERVAL_S = 1.0
 PRUNE_EVERY_S = 86400.0
 KEEP_HISTORY_S = 30 * 86400  # finished jobs and delivered events are kept this long
 MAX_SLEEP_S = 30.0
+# A forked child's death wakes the loop (its sentinel) and is reaped at once; the reap pass also
+# runs this often while the loop is awake, for what has no sentinel (the web process).
+REAP_POLL_S = 0.5
 OWED_RETRY_S = 60.0  # the owed previews' list could not be read: read it again this often
 FRESH_MODULES = {ChildKind.WEB: "web", ChildKind.WEBHOOKS: "workers.webhooks"}
 
@@ -112,6 +115,7 @@ class Supervisor:
         self._next_watchdog = 0.0
         self._web_probe_running = False
         self._next_web_probe = 0.0
+        self._next_reap = 0.0
         self.speed = SpeedCap(self)
         self.updates.load()
         self._build_children()
@@ -445,7 +449,9 @@ class Supervisor:
                 self.read_messages(child)
         self._step(self.retry_deferred)
         try:
-            self.reap()
+            if self.stopping or self.clock() >= self._next_reap or self.pool.any_sentinel(ready):
+                self._next_reap = self.clock() + REAP_POLL_S
+                self.reap()
         except Fatal:
             if not fatal_ok:
                 raise
