@@ -49,6 +49,8 @@ class RedactingFilter(logging.Filter):
         self.secrets = tuple(s for s in secrets if s and len(s) >= 8)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_redacted_by", None) is self:
+            return True  # the file handler's pass already cleaned it; the stderr handler's is free
         try:
             message = record.getMessage()
         except Exception:
@@ -58,7 +60,27 @@ class RedactingFilter(logging.Filter):
             clean = clean.replace(secret, "***")
         if clean != message:
             record.msg, record.args = clean, None
+        record._redacted_by = self
         return True
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler that learns once per opened file whether it is a regular file (the
+    stock one stats the path twice for every record, bpo-45401), and otherwise rotates the same."""
+
+    def _open(self):
+        stream = super()._open()
+        self._regular = os.path.isfile(self.baseFilename)
+        return stream
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        if self.stream is None:
+            self.stream = self._open()
+        if self.maxBytes <= 0 or not getattr(self, "_regular", True):
+            return False
+        msg = f"{self.format(record)}\n"
+        self.stream.seek(0, 2)
+        return self.stream.tell() + len(msg) >= self.maxBytes
 
 
 def journal_priority(levelno: int) -> int:
@@ -109,7 +131,7 @@ def setup_supervisor_logging(log_path: Path, secrets: tuple[str, ...] = (), leve
         root.removeHandler(handler)
     formatter = logging.Formatter(FORMAT)
     redactor = RedactingFilter(secrets)
-    file_handler = logging.handlers.RotatingFileHandler(
+    file_handler = LogFileHandler(
         log_path, maxBytes=MAX_LOG_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8"
     )
     file_handler.setFormatter(formatter)
