@@ -145,3 +145,39 @@ def test_a_printed_line_gets_the_prefix_only_under_the_journal(tmp_path, monkeyp
         assert journal_prefix(logging.ERROR, stderr) == "<3>"
         monkeypatch.setenv("JOURNAL_STREAM", "0:0")
         assert journal_prefix(logging.ERROR, stderr) == ""
+
+
+def test_the_log_file_rotates_by_size_and_a_path_that_is_no_regular_file_never_does(tmp_path):
+    from ipc.logsetup import LogFileHandler
+
+    path = tmp_path / "daemon.log"
+    handler = LogFileHandler(path, maxBytes=300, backupCount=2, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        for i in range(20):
+            handler.emit(logging.LogRecord("t", logging.INFO, __file__, 1, f"line {i:02d} " + "x" * 40, None, None))
+    finally:
+        handler.close()
+    assert path.stat().st_size <= 300 and (tmp_path / "daemon.log.1").stat().st_size <= 300
+    assert (tmp_path / "daemon.log.2").exists() and not (tmp_path / "daemon.log.3").exists()
+    assert "line 19" in path.read_text()
+    if os.name == "posix":  # a FIFO or /dev/null named as the log: written to, never renamed
+        null = LogFileHandler(os.devnull, maxBytes=10, backupCount=1)
+        try:
+            record = logging.LogRecord("t", logging.INFO, __file__, 1, "x" * 50, None, None)
+            assert null.shouldRollover(record) is False
+        finally:
+            null.close()
+
+
+def test_a_record_is_redacted_once_for_both_handlers_and_both_get_it_clean(monkeypatch):
+    from ipc import logsetup
+
+    redactor = RedactingFilter(("sekrit-api-key-123",))
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "key %s in %s", ("sekrit-api-key-123", "https://x/f?sig=1"),
+                               None)
+    calls = []
+    monkeypatch.setattr(logsetup, "redact", lambda text: calls.append(text) or redact(text))
+    assert redactor.filter(record) and redactor.filter(record)  # the file handler's pass, the stderr one's
+    assert len(calls) == 1 and record.getMessage() == "key *** in https://x/f?…"
+    assert RedactingFilter(("another-secret-99",)).filter(record) and len(calls) == 2  # another filter looks itself
