@@ -570,6 +570,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sync-cap-s", type=float, default=120.0,
                         help="a first sync still running after this long is stopped and reported (default 120)")
     parser.add_argument("--dir", type=Path, default=None, help="where the daemons' folders go (default bench/out/)")
+    parser.add_argument("--sizes", default=None, metavar="N,N",
+                        help="part b's numbers of files (default 100,500,2000); the first of them is compared with the peers "
+                             "if 500 is not among them")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="a config key for part b's daemons, e.g. --set sidecars=false (repeatable)")
     args = parser.parse_args(argv)
@@ -589,6 +592,14 @@ def main(argv=None) -> int:
     if args.quick:
         sync_sizes, file_sizes, peer_n, runs = (50, 250), (50, 100), 100, 1
         idle_s, settle_s, rest_n, cap_s = min(idle_s, 5.0), 1.0, 50, min(cap_s, 30.0)
+    if args.sizes:
+        try:
+            file_sizes = tuple(int(n) for n in args.sizes.split(",") if n.strip())
+        except ValueError:
+            parser.error(f"--sizes takes numbers of files, e.g. 500 or 100,500; got {args.sizes!r}")
+        if not file_sizes or min(file_sizes) <= 0:
+            parser.error(f"--sizes takes positive numbers of files; got {args.sizes!r}")
+        peer_n = peer_n if peer_n in file_sizes else file_sizes[0]
     work = kit.bench_dir(args.dir, "supervisor-")
     print(f"bench/supervisor.py at {git_head()}")
     print(f"python {platform.python_version()}, {platform.system()} {platform.release()}, data in {work} "
