@@ -223,3 +223,34 @@ def test_a_child_in_backoff_is_simply_stopped(pool, clock):
     assert worker.state == ChildState.BACKOFF
     pool.stop(worker, clock())
     assert worker.state == ChildState.STOPPED
+
+
+def _exit_when_told(name, conn, config_path, log_channel):
+    conn.recv()  # any message: exit
+
+
+def test_a_forked_childs_death_shows_as_its_sentinel_in_what_the_loop_waits_on():
+    """The loop reaps only when a sentinel fires (or every REAP_POLL_S): any_sentinel must see a
+    real child's death in the wait's result, and nothing else there (its pipe, a wake pipe)."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    from ipc.children import ForkedChild
+
+    pool = ChildPool(Clock())
+    child = pool.add(ForkedChild("worker-1", ChildKind.WORKER, _exit_when_told, lambda c: ("unused", ),
+                                 ctx=multiprocessing.get_context("spawn")))
+    wake_r, wake_w = multiprocessing.Pipe(duplex=False)
+    pool.start_all()
+    try:
+        wake_w.send_bytes(b"x")
+        ready = multiprocessing.connection.wait([wake_r, *pool.waitables()], timeout=10)
+        assert ready == [wake_r] and not pool.any_sentinel(ready) and not pool.any_sentinel([])
+        child.send({"type": "stop"})
+        child.proc.join(30)
+        ready = multiprocessing.connection.wait(pool.waitables(), timeout=10)
+        assert child.proc.sentinel in ready and pool.any_sentinel(ready)
+        assert [e.child.name for e in pool.reap(stopping=True)] == ["worker-1"]
+    finally:
+        if child.proc is not None and child.proc.is_alive():
+            child.proc.kill()
