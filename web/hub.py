@@ -154,6 +154,8 @@ class Hub:
             self._progress_sent.pop(job_id, None)
 
     def _broadcast(self, event: dict) -> None:
+        if not self.clients:
+            return  # no page open: nothing to encode (every event of every download comes here)
         text = _dumps(event)
         for client in list(self.clients):
             if not client.offer(text) and client.dropped:

@@ -687,3 +687,23 @@ def test_health_says_what_the_supervisor_says(env):
     res = anon.get("/health")
     assert res.status == 200 and res.json()["status"] == "degraded"
     assert "not answering" in res.json()["reason"]
+
+
+def test_with_no_page_open_the_hub_encodes_nothing_and_still_keeps_its_place(env, monkeypatch):
+    encoded = []
+    real = hub_module._dumps
+    monkeypatch.setattr(hub_module, "_dumps", lambda obj: encoded.append(obj.get("event")) or real(obj))
+    hub = Hub(env.store)
+    first = _event(env.writer, "download_started", job_id=1)
+    hub.publish(first)
+    hub.publish({"event": "download_progress", "job_id": 1, "bytes_done": 1, "bytes_total": 10, "speed_bps": 1})
+    assert encoded == [] and hub.last_id == first["id"]  # the watermark moves: no replay later
+    ws = FakeWebSocket()
+    session = gevent.spawn(hub.run_session, ws, None)
+    _wait(lambda: ws.sent)
+    second = _event(env.writer, "download_completed", job_id=1)
+    hub.publish(second)
+    _wait(lambda: len(ws.sent) == 2)
+    assert ws.sent[1]["id"] == second["id"] and encoded[-1] == "download_completed"
+    ws.hang_up()
+    session.join(5)
