@@ -587,7 +587,13 @@ class Supervisor:
     # --- messages from workers and the updater ------------------------------------------------
 
     def read_messages(self, child: ForkedChild) -> None:
-        for msg in child.recv_all():
+        msgs = child.recv_all()
+        # A small file's last progress comes in the same read as its `done`, which carries the
+        # bytes itself: neither stored (flush_batch drops it) nor worth a live update first.
+        done = {m.get("job_id") for m in msgs if isinstance(m, dict) and m.get("type") == Msg.DONE}
+        for msg in msgs:
+            if done and isinstance(msg, dict) and msg.get("type") == Msg.PROGRESS and msg.get("job_id") in done:
+                continue
             try:
                 self.on_message(child, msg)
             except Exception:

@@ -94,3 +94,27 @@ def test_daemon_started_is_stored_before_any_download_when_the_database_is_locke
     names = [name for name, _ in stored(sup)]
     assert names == ["daemon_started", "download_queued", "download_started"], names
     assert len(worker.sent) == 1
+
+
+def test_a_progress_read_together_with_its_jobs_done_is_dropped_and_any_other_goes_on(supervisor, monkeypatch):
+    """A small file's last progress comes in the same read as its done (the worker's Channel
+    sends them as one message): the done carries the bytes, so the progress is neither published
+    nor stored. Another job's progress, or one read alone, goes on as before."""
+    sup = supervisor
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(sup, "on_message", lambda child, msg: seen.append((msg["type"], msg["job_id"])))
+
+    class Reads:
+        def __init__(self, *reads):
+            self.reads = list(reads)
+
+        def recv_all(self):
+            return self.reads.pop(0)
+
+    child = Reads([{"type": "progress", "job_id": 1, "bytes_done": 5}, {"type": "progress", "job_id": 2, "bytes_done": 7},
+                   {"type": "verifying", "job_id": 1}, {"type": "done", "job_id": 1}],
+                  [{"type": "progress", "job_id": 3, "bytes_done": 9}])
+    sup.read_messages(child)
+    assert seen == [("progress", 2), ("verifying", 1), ("done", 1)]
+    sup.read_messages(child)
+    assert seen[-1] == ("progress", 3)
