@@ -592,9 +592,9 @@ class Supervisor:
         # bytes itself: neither stored (flush_batch drops it) nor worth a live update first.
         done = {m.get("job_id") for m in msgs if isinstance(m, dict) and m.get("type") == Msg.DONE}
         for msg in msgs:
-            if done and isinstance(msg, dict) and msg.get("type") == Msg.PROGRESS and msg.get("job_id") in done:
-                continue
             try:
+                if done and msg.get("type") == Msg.PROGRESS and msg.get("job_id") in done:
+                    continue
                 self.on_message(child, msg)
             except Exception:
                 log.exception("bad message from %s: %r", child.name, msg)

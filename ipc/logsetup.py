@@ -76,7 +76,7 @@ class LogFileHandler(logging.handlers.RotatingFileHandler):
     def shouldRollover(self, record: logging.LogRecord) -> bool:
         if self.stream is None:
             self.stream = self._open()
-        if self.maxBytes <= 0 or not getattr(self, "_regular", True):
+        if self.maxBytes <= 0 or not self._regular:  # _open() just above or at the last (re)open set it
             return False
         msg = f"{self.format(record)}\n"
         self.stream.seek(0, 2)

@@ -37,8 +37,9 @@ class Channel:
     """The worker's end of its Pipe. Sends come from the job thread and the reader thread.
 
     A message whose type is in `lazy` may wait up to `lazy_s` for the next one; order is kept, a
-    message of another type goes with what waits, in one list (ipc.messages.unpack), and a helper thread sends what is still
-    waiting when `lazy_s` is up (it sleeps without a timeout while nothing waits)."""
+    message of another type goes with what waits as one Pipe message (a list: ipc.messages.unpack),
+    and a helper thread sends what is still waiting when `lazy_s` is up (it sleeps without a
+    timeout while nothing waits)."""
 
     def __init__(self, conn, parent_check_s: float | None = None, lazy: frozenset[str] = frozenset(),
                  lazy_s: float = LAZY_S):
