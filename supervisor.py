@@ -628,15 +628,19 @@ class Supervisor:
             self.apply(kind, path)  # in the tick's transaction: an owed preview lands with its done
             return
         job_id = msg.get("job_id")
-        if job_id is None or job_id != child.job_id:
+        if job_id is None or job_id not in (child.job_id, child.next_job_id):
             return  # a late message about a job taken back from this worker
         if kind == Msg.ERROR and child.kill_reason in ("timeout", "crash"):
             return  # the worker is being stopped for it; the ledger gives the real reason when it dies
         if kind == Msg.ACK:
-            child.acked_mono = self.clock()
+            # The job sent ahead starts once the current one ends; both may be in one read.
+            if job_id == child.job_id:
+                child.acked_mono = self.clock()
+            else:
+                child.next_acked_mono = self.clock()
         elif kind == Msg.PROGRESS:
             self.on_progress(job_id, msg)
-        elif kind in (Msg.RESOLVED, Msg.VERIFYING, Msg.DONE, Msg.ERROR):
+        elif kind in (Msg.RESOLVED, Msg.VERIFYING, Msg.DONE, Msg.ERROR, Msg.RETURNED):
             self.apply(kind, child.name, job_id, msg)
 
     def _live_workers(self) -> set[tuple[str, float]]:
@@ -768,6 +772,8 @@ class Supervisor:
                               reason="timeout" if ex.reason == "timeout" else "crash", exitcode=ex.code)
                 if kind == "lost" and ex.job_id is not None:
                     self.after_commit(lambda: self.after_job_change(outcome))
+                if kind == "lost" and ex.next_job_id is not None:
+                    self.lost_ahead(ex)
             return
         if kind == "update":
             self.updates.apply_update(item[1])
@@ -802,10 +808,27 @@ class Supervisor:
                              "already present and verified" if msg.get("skipped") else "done",
                              _job_title(outcome.job), msg["path"], _size_text(int(msg.get("bytes") or 0)),
                              str(msg["sha256"])[:12], child_name)
+            elif typ == Msg.RETURNED:
+                outcome = self.note(self.ledger.returned(job_id))
             else:
                 outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
-            if typ in (Msg.DONE, Msg.ERROR):
+            if typ in (Msg.DONE, Msg.ERROR, Msg.RETURNED):
                 self.after_commit(lambda: self._job_let_go(child_name, job_id, outcome))
+
+    def lost_ahead(self, ex: Exit) -> None:
+        """A worker died holding a job sent ahead. Killed by us for its current job (timeout,
+        cancel, shutdown), it never started the one ahead: given back. Dead of itself, it may
+        have been running it (its end and the ack may not have reached us): counted as lost."""
+        job_id = ex.next_job_id
+        assert job_id is not None
+        if ex.planned:  # a stop: as for the job it ran, the attempt is simply given back
+            outcome = self.ledger.give_back(job_id)
+        elif ex.reason in (KillReason.TIMEOUT, KillReason.CANCEL, KillReason.SHUTDOWN, KillReason.RELOAD):
+            outcome = self.note(self.ledger.not_delivered(job_id))
+        else:
+            outcome = self.note(self.ledger.job_lost(job_id, ex.reason, ex.code, timeout_s=self.cfg.timeout,
+                                                     stopping=self.stopping))
+        self.after_commit(lambda: self.after_job_change(outcome))
 
     def _job_let_go(self, child_name: str, job_id: int, outcome: Outcome) -> None:
         """A worker's last message about a job is stored: the worker is free for another."""
@@ -813,8 +836,14 @@ class Supervisor:
         self._progress_seen.pop(job_id, None)
         child = self.pool.get(child_name)
         if child is not None and child.job_id == job_id:
-            child.job_id = None
+            now = self.clock()
+            child.last_job_s = now - child.assigned_mono
+            # The job sent ahead (if any) becomes the current one: its deadlines count from now.
+            child.job_id, child.next_job_id = child.next_job_id, None
+            child.assigned_mono, child.acked_mono, child.next_acked_mono = now, child.next_acked_mono, None
             child.release_job_by = None
+        elif child is not None and child.next_job_id == job_id:  # given back, or cancelled before it started
+            child.next_job_id = child.next_acked_mono = None
         self.after_job_change(outcome)
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
@@ -845,7 +874,8 @@ class Supervisor:
         holder = self.pool.holder(job_id)
         if holder is not None:
             holder.send({"type": Msg.CANCEL, "job_id": job_id})
-            holder.release_job_by = self.clock() + RELEASE_GRACE_S
+            if holder.job_id == job_id:  # a job sent ahead and not started is given back at once
+                holder.release_job_by = self.clock() + RELEASE_GRACE_S
 
     # --- the manifest -----------------------------------------------------------------------------
 
@@ -889,12 +919,17 @@ class Supervisor:
         if self._store_problem or self.deferred:
             return
         idle = self.pool.idle_workers()
-        if not idle or not self.ledger.has_ready():
+        if not self.ledger.has_ready():
             return
-        by_name = {c.name: c for c in idle}
+        ahead = [] if self.stopping or self.ledger.paused_all else self.pool.ahead_workers()
+        if not idle and not ahead:
+            return
+        # Every idle worker first, then one job ahead for each worker that gets one (an idle one
+        # may get its current job and the one ahead in this same take).
+        by_name = {c.name: c for c in (*idle, *ahead)}
         try:
             with self.txn():
-                assigned = self.ledger.take(list(by_name))
+                assigned = self.ledger.take([c.name for c in idle] + [c.name for c in ahead])
                 for _, _, outcome in assigned:
                     self.note(outcome)
         except StoreUnavailable:
@@ -906,9 +941,16 @@ class Supervisor:
                     "file_id": job["file_id"], "model_type": job["model_type"], "filename": job["filename"],
                     "sha256": job["sha256"], "attempt": job["attempts"], "file_type": job.get("file_type"),
                     "format": job.get("format"), "fp": job.get("fp")}
-            worker.job_id, worker.assigned_mono, worker.acked_mono = job["id"], now, None
+            sent_ahead = worker.job_id is not None
+            if sent_ahead:
+                worker.next_job_id, worker.next_acked_mono = job["id"], None
+            else:
+                worker.job_id, worker.assigned_mono, worker.acked_mono = job["id"], now, None
             if not worker.send({"type": Msg.JOB, "job": spec}):
-                worker.job_id = None
+                if sent_ahead:
+                    worker.next_job_id = None
+                else:
+                    worker.job_id = None
                 try:
                     with self.txn():
                         self.note(self.ledger.not_delivered(job["id"]))

@@ -31,6 +31,10 @@ log = logging.getLogger("supervisor")
 KILL_GRACE_S = 5.0  # SIGTERM, then SIGKILL this much later (SPEC §5)
 ACK_DEADLINE_S = 30.0  # a job sent to a worker that never acknowledges it is taken back
 RELEASE_GRACE_S = 2.0  # a cancelled or paused download stops within this, or its worker is stopped
+# A second job goes ahead to a worker whose last job took less than this (dispatch to its end):
+# a run of small files then costs no round trip between two of them. A slower job's worker gets
+# one job at a time, so a big file never keeps a small one from a free worker.
+PREFETCH_WITHIN_S = 0.5
 BOOT_DEADLINE_S = 60.0  # a child that has not said it is ready by then is killed as a boot failure
 BOOT_FAILURE_LIMIT = 5
 BOOT_FAILURE_WINDOW_S = 60.0
@@ -51,6 +55,7 @@ class Exit:
     reason: KillReason
     job_id: int | None
     planned: bool  # stopped on purpose (shutdown, or a stop message)
+    next_job_id: int | None = None  # a job it held behind job_id (prefetch), maybe never started
 
 
 @dataclass(eq=False)
@@ -75,6 +80,11 @@ class Child:
     assigned_mono: float = 0.0
     acked_mono: float | None = None
     release_job_by: float | None = None  # a cancel or pause was sent: the job must let go by then
+    # A job sent ahead, to start the moment the current one ends (PREFETCH_WITHIN_S below), and
+    # when its ack was read if that came before the current job's end was stored.
+    next_job_id: int | None = None
+    next_acked_mono: float | None = None
+    last_job_s: float | None = None  # dispatch to let-go of the last job: whether to send ahead
     last_death_job: int | None = None
     oneshot: bool = False  # does one piece of work and exits: never restarted
     on_change: Callable[[Child, ChildState, ChildState, str], None] | None = None
@@ -111,6 +121,9 @@ class Child:
         self.ready = False
         self.job_id = None
         self.acked_mono = None
+        self.next_job_id = None
+        self.next_acked_mono = None
+        self.last_job_s = None
         self.release_job_by = None
         self.term_sent_mono = None
         self.kill_reason = None
@@ -360,8 +373,18 @@ class ChildPool:
     def idle_workers(self) -> list[Child]:
         return [c for c in self.workers() if c.state == ChildState.RUNNING and c.ready and c.job_id is None]
 
+    def ahead_workers(self) -> list[Child]:
+        """Workers to send a job ahead to, behind the one they run or are about to get: their
+        last job took under PREFETCH_WITHIN_S, so the current one likely ends soon too, and the
+        next starts without a round trip to us. A worker gives back a job it held PREFETCH_HOLD_S
+        without starting it (workers/worker.py)."""
+        return [c for c in self.workers()
+                if c.state == ChildState.RUNNING and c.ready and c.next_job_id is None
+                and c.release_job_by is None and c.kill_reason is None and c.last_job_s is not None
+                and c.last_job_s < PREFETCH_WITHIN_S]
+
     def holder(self, job_id: int) -> Child | None:
-        return next((c for c in self.workers() if c.job_id == job_id), None)
+        return next((c for c in self.workers() if job_id in (c.job_id, c.next_job_id)), None)
 
     def start_all(self) -> None:
         now = self.clock()
@@ -422,8 +445,8 @@ class ChildPool:
             code = child.exitcode()
             planned = stopping or child.state == ChildState.STOPPING
             reason = child.kill_reason or KillReason.CRASH
-            job_id, child.job_id = child.job_id, None
-            exits.append(Exit(child, code, reason, job_id, planned))
+            job_id, next_job_id, child.job_id, child.next_job_id = child.job_id, child.next_job_id, None, None
+            exits.append(Exit(child, code, reason, job_id, planned, next_job_id))
             child.change_state(ChildState.EXITED, f"exit code {code}")
             child.pid = None
             if planned or child.oneshot:

@@ -288,9 +288,10 @@ class JobLedger:
                 heapq.heappush(self._ready, (job["priority"], job_id))
 
     def take(self, workers: list[str]) -> list[tuple[str, dict, Outcome]]:
-        """Give each of the idle `workers` the most urgent runnable job (priority, then age) that
-        cannot be the same file as one already running, persisting the attempt first. Returns
-        (worker, job, outcome) for each assignment."""
+        """Give each of `workers` in turn the most urgent runnable job (priority, then age) that
+        cannot be the same file as one already running, persisting the attempt first; a name
+        listed twice gets two jobs (one to run, one ahead). Returns (worker, job, outcome) for
+        each assignment, in that order."""
         if self.paused_all or not workers or self.quota_until > self.clock():
             return []
         self._promote_due()
@@ -344,6 +345,25 @@ class JobLedger:
         return Outcome(job=job, events=[("download_retry", {
             "job_id": job_id, "attempt": attempt, "delay_s": 0.0, "reason": Reason.CRASH,
             "error": "the download worker had stopped before it got the job; the next worker takes it"})])
+
+    def returned(self, job_id: int) -> Outcome:
+        """A worker gives back a job it held behind its current one and never started (SPEC §5
+        deviation: prefetch): it waited too long there, or was cancelled or paused meanwhile. The
+        attempt is given back and the job is queued again at once for the next free worker; its
+        `download_started` gets an end, as for a job that was not delivered."""
+        self.release(job_id)
+        job = self.active.get(job_id) or self.store.get_job(job_id)
+        if job is None:
+            return Outcome()
+        if job["state"] == JobState.CANCELLED:
+            return Outcome(job=job, remove_partial=True)
+        if job["state"] not in RUNNING_STATES:
+            return Outcome(job=job)  # paused meanwhile: it stays paused
+        attempt = job["attempts"]
+        outcome = self.give_back(job_id)
+        return Outcome(job=outcome.job, events=[("download_retry", {
+            "job_id": job_id, "attempt": attempt, "delay_s": 0.0, "reason": Reason.BUSY,
+            "error": "its worker was still busy with the job before it; the next free worker takes it"})])
 
     def release(self, job_id: int) -> None:
         """The worker let go of the job (its last message, or its death)."""

@@ -27,6 +27,7 @@ class Msg(StrEnum):
     VERIFYING = "verifying"
     DONE = "done"
     ERROR = "error"
+    RETURNED = "returned"  # a job held behind the current one, never started: given back
     PREVIEW_OWED = "preview_owed"  # a verified file's preview is queued on the worker's sidecar thread
     PREVIEW_SETTLED = "preview_settled"  # ... and fetched, failed (marked in the info) or not due after all
     # supervisor -> updater

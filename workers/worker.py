@@ -1,4 +1,5 @@
-"""The download worker process: takes one job at a time from its channel, runs it, reports back.
+"""The download worker process: runs one job at a time from its channel (a second may wait behind it),
+reports back.
 
 The download itself is workers/download.py; this is only the process shell around it:
 signals, the channel to the supervisor, cancellation and logging.
@@ -32,6 +33,10 @@ PARENT_CHECK_S = 60.0
 LAZY_TYPES = frozenset({"ack", "resolved", "progress", "verifying"})
 LAZY_S = 0.05
 
+# A job the supervisor sends ahead (ipc/children.py, PREFETCH_WITHIN_S) waits behind the current
+# one; one that has not started after this long goes back, for the next free worker to take.
+PREFETCH_HOLD_S = 1.0
+
 
 class Channel:
     """The worker's end of its Pipe. Sends come from the job thread and the reader thread.
@@ -56,10 +61,23 @@ class Channel:
         """The next message; EOFError once the supervisor is gone: EOF on the pipe, or (the
         backstop, every PARENT_CHECK_S while nothing arrives) this process was handed to another
         parent. A message wakes the poll at once, so the check costs no latency."""
-        while not self.conn.poll(None if os.name == "nt" else self._parent_check_s):
+        msg = self.recv_within(None)
+        assert msg is not None
+        return msg
+
+    def recv_within(self, timeout: float | None) -> dict | None:
+        """recv(), or None after `timeout` seconds without a message (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            check = None if os.name == "nt" else self._parent_check_s
+            wait = check if left is None else left if check is None else min(check, left)
+            if self.conn.poll(wait):
+                return self.conn.recv()
             if os.getppid() != self._parent_pid:
                 raise EOFError("the supervisor is gone")
-        return self.conn.recv()
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
 
     def send(self, msg: dict) -> None:
         with self._lock:
@@ -125,7 +143,12 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
     cancelled: set[int] = set()
-    current: dict[str, int | None] = {"job_id": None, "assigned": None}
+    current: dict[str, int | None] = {"job_id": None}
+    # Jobs received and not started yet, with when each goes back unless started: a job sent
+    # ahead waits here behind the current one. The job thread takes a job out as it starts it,
+    # the reader gives one back when cancelled or held too long; the lock makes that one decision.
+    ahead: dict[int, float] = {}
+    ahead_lock = threading.Lock()
 
     def on_sigterm(signum, frame):
         # The supervisor's kill for a stuck job, or shutdown: stop at the next chunk, keep the part.
@@ -135,22 +158,45 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
+    def give_back(job_ids) -> None:
+        for job_id in job_ids:
+            log.debug("job %s given back: it did not start within %.1f s, or was cancelled first", job_id,
+                      PREFETCH_HOLD_S)
+            channel.send({"type": "returned", "job_id": job_id})
+
     def read_channel():
         while True:
+            with ahead_lock:
+                due = min(ahead.values(), default=None)
             try:
-                msg = channel.recv()
+                msg = channel.recv_within(None if due is None else max(0.0, due - time.monotonic()))
             except (EOFError, OSError):
                 stop.set()
                 jobs.put(None)
                 return
+            if msg is None:  # a job sent ahead may have waited its time
+                now = time.monotonic()
+                with ahead_lock:
+                    late = [job_id for job_id, by in ahead.items() if by <= now]
+                    for job_id in late:
+                        del ahead[job_id]
+                give_back(late)
+                continue
             kind = msg.get("type") if isinstance(msg, dict) else None
             if kind == "job":
-                assigned = current["assigned"] = int(msg["job"]["job_id"])
+                assigned = int(msg["job"]["job_id"])
                 cancelled.discard(assigned)  # a fresh assignment clears a stale cancel
+                with ahead_lock:
+                    ahead[assigned] = time.monotonic() + PREFETCH_HOLD_S
                 jobs.put(msg["job"])
             elif kind == "cancel":
-                if current["assigned"] == int(msg["job_id"]):  # a late cancel must not hit a later retry
-                    cancelled.add(int(msg["job_id"]))
+                job_id = int(msg["job_id"])
+                with ahead_lock:
+                    unstarted = ahead.pop(job_id, None) is not None
+                    if not unstarted and current["job_id"] == job_id:  # a late cancel must not hit a later retry
+                        cancelled.add(job_id)
+                if unstarted:
+                    give_back([job_id])
             elif kind == "config":  # SIGHUP: the next job takes the live keys
                 new = msg.get("config")
                 if new is not None:
@@ -204,7 +250,10 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         if job is None:
             break
         job_id = int(job["job_id"])
-        current["job_id"] = job_id
+        with ahead_lock:
+            if ahead.pop(job_id, None) is None:
+                continue  # given back meanwhile
+            current["job_id"] = job_id
         channel.send({"type": "ack", "job_id": job_id})
 
         def should_stop(job_id=job_id) -> bool:
@@ -222,7 +271,8 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
             channel.send(CivitaiError(f"internal error in the download worker: {type(exc).__name__}: {exc}",
                                       reason="internal", retryable=True).as_message(job_id))
         finally:
-            cancelled.discard(job_id)
-            current["job_id"] = None
+            with ahead_lock:
+                cancelled.discard(job_id)
+                current["job_id"] = None
     channel.flush()
     log.info("%s stopping", name)

@@ -1,5 +1,6 @@
 """The download worker as a real process behind a stand-in supervisor: its messages, how
-rarely it wakes up when idle, a cancel, and its exit when the supervisor is killed with -9."""
+rarely it wakes up when idle, a cancel, a job sent ahead, and its exit when the supervisor is
+killed with -9."""
 from __future__ import annotations
 
 import json
@@ -57,6 +58,7 @@ while True:
 class StandIn:
     def __init__(self, tmp_path, fake, keep_parent_end: bool = False):
         config = tmp_path / "config.json"
+        self.models = tmp_path / "models"
         config.write_text(json.dumps(base_config(fake, download_dir=str(tmp_path / "models"))))
         self.proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(config),
                                       "keep" if keep_parent_end else "close"], cwd=REPO, text=True,
@@ -178,3 +180,35 @@ def test_a_worker_whose_supervisor_is_killed_exits(stand_in):
     assert pid_alive(stand_in.worker_pid)
     os.kill(stand_in.proc.pid, signal.SIGKILL)
     wait_until(lambda: not pid_alive(stand_in.worker_pid), 15, message="the orphaned worker to exit")
+
+
+def test_a_job_sent_ahead_starts_when_the_current_one_ends(stand_in, fake_civitai):  # noqa: F811
+    fake_civitai.add_model(2, type="Checkpoint", versions=[dict(id=21, files=[
+        dict(id=211, name="second.safetensors", size_bytes=MiB, primary=True)])])
+    stand_in.send(job(1))
+    stand_in.send(job(2, model_id=2))  # ahead: it waits behind job 1 and starts without a round trip
+    first, second = stand_in.next("done", 30), stand_in.next("done", 30)
+    assert (first["job_id"], second["job_id"]) == (1, 2)
+    assert (stand_in.models / second["path"]).is_file()
+
+
+def test_a_job_sent_ahead_of_a_long_download_goes_back_and_a_cancel_of_one_at_once(stand_in, fake_civitai):  # noqa: F811
+    """A job that waits behind a slow one is given back after PREFETCH_HOLD_S (1 s) for a free
+    worker; a cancel of one that waits is answered at once; the download in front goes on."""
+    fake_civitai.set_fault(111, "drip", bps=200_000, after_bytes=256 << 10)
+    stand_in.send(job(1))
+    stand_in.next("progress", 30)
+    sent = time.monotonic()
+    stand_in.send(job(2))
+    at, back = stand_in.next_timed("returned", 10)
+    assert back["job_id"] == 2
+    assert 0.9 < at - sent < 3.0
+    stand_in.send(job(3))
+    sent = time.monotonic()
+    stand_in.send({"type": "cancel", "job_id": 3})
+    at, back = stand_in.next_timed("returned", 10)
+    assert back["job_id"] == 3 and at - sent < 0.9  # before its hold was up
+    progress = stand_in.next("progress", 10)
+    assert progress["job_id"] == 1  # the download in front was not touched
+    stand_in.send({"type": "cancel", "job_id": 1})
+    assert stand_in.next("error", 10)["job_id"] == 1

@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 
 from ipc.children import ChildState
+from ipc.states import ChildKind
 
 
 class FakeWorker:
@@ -118,3 +119,117 @@ def test_a_progress_read_together_with_its_jobs_done_is_dropped_and_any_other_go
     assert seen == [("progress", 2), ("verifying", 1), ("done", 1)]
     sup.read_messages(child)
     assert seen[-1] == ("progress", 3)
+
+
+class PoolWorker(FakeWorker):
+    """A worker as the pool's own rules see it (idle, ahead, holder), without a process."""
+
+    kill_reason = release_job_by = None
+    kind = ChildKind.WORKER
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.assigned_mono, self.next_job_id, self.next_acked_mono, self.last_job_s = 0.0, None, None, None
+
+
+def pool_of(sup, monkeypatch, *workers) -> None:
+    monkeypatch.setattr(sup.pool, "workers", lambda: list(workers))
+    monkeypatch.setattr(sup.pool, "get", lambda name: next((w for w in workers if w.name == name), None))
+
+
+def queue_models(sup, *model_ids) -> None:
+    from ipc.manifest import entry_to_job_spec
+
+    with sup.txn():
+        for model_id in model_ids:
+            sup.note(sup.ledger.queue(entry_to_job_spec({"modelId": model_id, "model_type": "checkpoint"}),
+                                      source="api"))
+
+
+def ended(sup, worker, *msgs) -> None:
+    """What one read from `worker` brings, stored as the loop stores it."""
+    for msg in msgs:
+        sup.on_message(worker, msg)
+    sup.flush_batch()
+
+
+def failure(job_id: int) -> dict:
+    return {"type": "error", "job_id": job_id, "error": "connection reset", "reason": "connection",
+            "retryable": True, "retry_after_s": None, "wait": False}
+
+
+def test_a_worker_whose_last_job_was_quick_gets_one_job_ahead_which_starts_when_the_current_one_ends(
+        supervisor, monkeypatch):
+    sup = supervisor
+    sup.announce_start()
+    queue_models(sup, 2, 3, 4)
+    w = PoolWorker("worker-1")
+    pool_of(sup, monkeypatch, w)
+    sup.dispatch()
+    sup.dispatch()
+    assert len(w.sent) == 1 and w.next_job_id is None  # nothing known of its speed yet: one job
+    first = w.job_id
+    sup.now[0] += 0.2
+    ended(sup, w, failure(first))
+    assert (w.job_id, w.last_job_s) == (None, pytest.approx(0.2))
+    sup.dispatch()  # the idle worker gets a job and, its last one having been quick, the next one ahead
+    current, ahead = (m["job"]["job_id"] for m in w.sent[1:])
+    assert (w.job_id, w.next_job_id) == (current, ahead)
+    assert sup.ledger.get(ahead)["state"] == "downloading"  # its attempt is stored before it is sent
+    sup.dispatch()
+    assert len(w.sent) == 3  # never more than one ahead
+    # The current job ends and the one ahead acknowledges, in one read: it is the current job now,
+    # acknowledged, and its deadlines count from this moment.
+    sup.now[0] += 5.0
+    ended(sup, w, failure(current), {"type": "ack", "job_id": ahead})
+    assert (w.job_id, w.next_job_id, w.assigned_mono, w.acked_mono) == (ahead, None, sup.now[0], sup.now[0])
+    assert w.last_job_s == pytest.approx(5.0)
+    sup.dispatch()
+    assert len(w.sent) == 3  # a slow last job: nothing goes ahead of this one
+
+
+def test_a_job_sent_ahead_and_given_back_or_cancelled_or_lost_with_its_worker(supervisor, monkeypatch):
+    from ipc.children import Exit
+    from ipc.states import KillReason
+
+    sup = supervisor
+    sup.announce_start()
+    queue_models(sup, 2, 3)
+    w = PoolWorker("worker-1")
+    pool_of(sup, monkeypatch, w)
+    w.last_job_s = 0.1
+
+    def send_ahead() -> int:
+        sup.dispatch()
+        assert w.next_job_id is not None
+        return w.next_job_id
+
+    ahead = send_ahead()
+    # Given back (it waited too long behind the current job): queued again, the attempt returned,
+    # and its start ended for listeners before it starts again.
+    ended(sup, w, {"type": "returned", "job_id": ahead})
+    job = sup.ledger.get(ahead)
+    assert (job["state"], job["attempts"], w.next_job_id) == ("queued", 0, None)
+    names = [(name, e.get("reason")) for name, e in stored(sup) if e.get("job_id") == ahead]
+    assert names[-2:] == [("download_started", None), ("download_retry", "busy")]
+    # A cancel of a job ahead goes to its worker, which answers at once: no deadline that would
+    # stop the worker (and the download in front of it) is set.
+    ahead = send_ahead()
+    with sup.txn():
+        sup.note(sup.ledger.cancel(ahead))
+    sup.tell_holder(ahead, "cancel")
+    assert w.sent[-1] == {"type": "cancel", "job_id": ahead} and w.release_job_by is None
+    ended(sup, w, {"type": "returned", "job_id": ahead})
+    assert (sup.ledger.get(ahead)["state"], w.next_job_id) == ("cancelled", None)
+    assert ahead not in sup.ledger.held
+    # Its worker killed for the current job's timeout: the job ahead never started, so it is
+    # given back; dead of itself, it may have been running it, so the attempt counts.
+    for reason, attempts in ((KillReason.TIMEOUT, 0), (KillReason.CRASH, 1)):
+        queue_models(sup, 10 + attempts)
+        ahead = send_ahead()
+        current = w.job_id
+        w.job_id = w.next_job_id = None
+        sup.apply("lost", Exit(w, -9, reason, current, False, ahead))
+        sup.flush_batch()
+        job = sup.ledger.get(ahead)
+        assert (job["state"], job["attempts"]) == ("queued", attempts), reason
