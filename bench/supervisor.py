@@ -203,6 +203,12 @@ def daemon_files(work: Path, fake, n: int) -> dict:
         after, fake1 = proctree.read_tree(sup), time.process_time()
         first = reader.event_ts("download_started", last=False)
         last = reader.event_ts("download_completed")
+        names = names_of(daemon)
+        per_child: dict[str, float] = {}
+        for pid, r in after.items():
+            name = names.get(pid, "other")
+            name = "worker" if name.startswith("worker") else name
+            per_child[name] = per_child.get(name, 0.0) + (r.cpu_s - (before[pid].cpu_s if pid in before else 0.0)) / n * 1000
         failed = reader.count_jobs("failed")
         retries = int(reader.scalar("SELECT COUNT(*) FROM events WHERE event = 'download_retry'") or 0)
         bad = [mid for mid in ids
@@ -213,7 +219,7 @@ def daemon_files(work: Path, fake, n: int) -> dict:
         return {"n": n, "files_per_s": n / (last - first), "wall_s": t1 - t0, "events_s": last - first,
                 "sup_ms": (after[sup].cpu_s - before[sup].cpu_s) / n * 1000,
                 "tree_ms": tree_cpu_delta(before, after) / n * 1000, "fake_ms": (fake1 - fake0) / n * 1000,
-                "retries": retries}
+                "retries": retries, "per_child_ms": per_child}
     finally:
         reader.close()
         stop(daemon)
@@ -302,7 +308,8 @@ def bench_files(work: Path, sizes, peer_n: int, runs: int) -> dict:
                     r = daemon_files(work, fake, n)
                     daemon_runs[n].append(r)
                     print(f"  run {run + 1}: daemon {n} files: {r['files_per_s']:.1f} files/s, supervisor "
-                          f"{r['sup_ms']:.2f} ms CPU/file", flush=True)
+                          f"{r['sup_ms']:.2f} ms CPU/file; ms CPU/file by process: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["per_child_ms"].items())), flush=True)
             peers["curl loop"].append(curl_loop(work, fake, peer_n))
             if kit.have("aria2c"):
                 peers["aria2c -j2"].append(aria2c_j2(work, fake, peer_n))
