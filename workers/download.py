@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -82,6 +83,9 @@ class JobContext:
     on_verified: Callable[[Resolved, Path], None] | None = None
     connections: int = 4  # config `connections`: at most this many for one file (workers/segments.py)
     rate_limit: SharedRateLimit | None = None  # the shared speed cap; None: locks_dir/speed.rate
+    # A job's resolve_job() already under way (a job sent ahead, resolved while the one before it
+    # ran: workers/worker.py), or None: run_job takes its result instead of asking again.
+    resolved_ahead: Callable[[int], Future | None] | None = None
 
 
 @dataclass
@@ -128,6 +132,13 @@ def _recorded_missing(meta: dict, end: int | None, have: int) -> list | None:
     if have < size:
         ranges.append([segments.align_down(have), size])
     return segments.merge(ranges)
+
+
+def resolve_job(client: CivitaiClient, job: dict) -> Resolved:
+    """What run_job asks Civitai first: the job's file, from its metadata."""
+    return resolve(client, model_id=job.get("model_id"), version_id=job.get("version_id"),
+                   file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1),
+                   file_type=job.get("file_type"), format=job.get("format"), fp=job.get("fp"))
 
 
 def run_job(job: dict, ctx: JobContext, report: Callable[[dict], None],
@@ -607,11 +618,10 @@ class _Job:
         job = self.job
         if job.get("model_type"):
             self._check_model_type(job["model_type"])  # the user's to fix: before asking Civitai anything
+        ahead = (self.ctx.resolved_ahead(self.job_id)
+                 if self.ctx.resolved_ahead is not None and self.job_id is not None else None)
         res: Resolved = self._interruptible(
-            lambda: resolve(self.client, model_id=job.get("model_id"), version_id=job.get("version_id"),
-                            file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1),
-                            file_type=job.get("file_type"), format=job.get("format"), fp=job.get("fp")),
-            "resolve")
+            ahead.result if ahead is not None else (lambda: resolve_job(self.client, job)), "resolve")
         self.subject = f"model version {res.version_id}"
         # No folder named (GUI, API, `add`): the layout's folder for the file's type; a version's
         # VAE file goes where VAEs go, not beside its checkpoint.

@@ -13,6 +13,8 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 log = logging.getLogger("worker")
@@ -121,6 +123,49 @@ class Channel:
             pass  # the supervisor is gone; we exit when our reader sees EOF
 
 
+class AheadResolver:
+    """Resolves a job sent ahead (its metadata request, `resolve(job)`) on a kept thread while
+    the job before it runs, mostly while that one waits on the disk; run_job then takes the
+    result (a Future: the metadata, or what asking raised) instead of asking again. A job given
+    back is dropped, and not asked for if its turn has not come yet."""
+
+    def __init__(self, resolve: Callable[[dict], object]):
+        self._resolve = resolve
+        self._todo: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self, job: dict) -> None:
+        future: Future = Future()
+        with self._lock:
+            self._futures[int(job["job_id"])] = future
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="resolve-ahead", daemon=True)
+                self._thread.start()
+        self._todo.put((job, future))
+
+    def take(self, job_id: int) -> Future | None:
+        with self._lock:
+            return self._futures.pop(job_id, None)
+
+    def drop(self, job_id: int) -> None:
+        with self._lock:
+            future = self._futures.pop(job_id, None)
+        if future is not None:
+            future.cancel()  # still waiting its turn: never asked for
+
+    def _loop(self) -> None:
+        while True:
+            job, future = self._todo.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._resolve(job))
+            except BaseException as exc:  # handed to run_job, which raises it as its own resolve would
+                future.set_exception(exc)
+
+
 def ignore_terminal_interrupt() -> None:
     """Ctrl-C reaches every process in the terminal's group; only the supervisor decides."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -132,7 +177,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     from ipc.ratelimit import SharedRateLimit
     from ipc.throttle import Throttle
     from workers.civitai import CivitaiClient, CivitaiError
-    from workers.download import JobContext, run_job
+    from workers.download import JobContext, resolve_job, run_job
 
     ignore_terminal_interrupt()
     cfg, _ = load_config(config_path)
@@ -160,6 +205,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
 
     def give_back(job_ids) -> None:
         for job_id in job_ids:
+            resolver.drop(job_id)
             log.debug("job %s given back: it did not start within %.1f s, or was cancelled first", job_id,
                       PREFETCH_HOLD_S)
             channel.send({"type": "returned", "job_id": job_id})
@@ -188,6 +234,9 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
                 cancelled.discard(assigned)  # a fresh assignment clears a stale cancel
                 with ahead_lock:
                     ahead[assigned] = time.monotonic() + PREFETCH_HOLD_S
+                    busy = current["job_id"] is not None
+                if busy:  # sent ahead: its metadata is asked for while the current job runs
+                    resolver.start(msg["job"])
                 jobs.put(msg["job"])
             elif kind == "cancel":
                 job_id = int(msg["job_id"])
@@ -230,8 +279,10 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         on_owed=lambda path: channel.send({"type": "preview_owed", "path": path}),
         on_settled=lambda path: channel.send({"type": "preview_settled", "path": path}),
     ).start()
+    resolver = AheadResolver(lambda job: resolve_job(client, job))
     ctx = JobContext(
         client=client,
+        resolved_ahead=resolver.take,
         download_dir=cfg.download_path,
         locks_dir=cfg.locks_dir,
         allow_unsafe=cfg.allow_unsafe,

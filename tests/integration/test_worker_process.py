@@ -34,6 +34,8 @@ from ipc.messages import unpack
 keep = sys.argv[2] == "keep"
 if keep:
     workers.worker.PARENT_CHECK_S = 0.5
+if len(sys.argv) > 3:
+    workers.worker.PREFETCH_HOLD_S = float(sys.argv[3])
 ctx = mp.get_context("fork")
 parent, child = ctx.Pipe(duplex=True)
 fds = [] if keep else [parent.fileno()]
@@ -56,12 +58,13 @@ while True:
 
 
 class StandIn:
-    def __init__(self, tmp_path, fake, keep_parent_end: bool = False):
+    def __init__(self, tmp_path, fake, keep_parent_end: bool = False, hold_s: float | None = None):
         config = tmp_path / "config.json"
         self.models = tmp_path / "models"
         config.write_text(json.dumps(base_config(fake, download_dir=str(tmp_path / "models"))))
         self.proc = subprocess.Popen([sys.executable, "-c", STAND_IN, str(config),
-                                      "keep" if keep_parent_end else "close"], cwd=REPO, text=True,
+                                      "keep" if keep_parent_end else "close",
+                                      *([] if hold_s is None else [str(hold_s)])], cwd=REPO, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.messages: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -190,6 +193,33 @@ def test_a_job_sent_ahead_starts_when_the_current_one_ends(stand_in, fake_civita
     first, second = stand_in.next("done", 30), stand_in.next("done", 30)
     assert (first["job_id"], second["job_id"]) == (1, 2)
     assert (stand_in.models / second["path"]).is_file()
+
+
+def test_a_job_sent_ahead_has_its_metadata_asked_for_while_the_one_in_front_downloads(tmp_path, fake_civitai):  # noqa: F811
+    fake_civitai.add_model(1, type="Checkpoint", versions=[dict(id=11, files=[
+        dict(id=111, name="model.safetensors", size_bytes=2 * MiB, primary=True)])])
+    fake_civitai.add_model(2, type="Checkpoint", versions=[dict(id=21, files=[
+        dict(id=211, name="second.safetensors", size_bytes=MiB, primary=True)])])
+    # Job 1 takes about 1.75 s; job 2 may wait behind it for 10 s here (1 s in the daemon).
+    fake_civitai.set_fault(111, "drip", bps=1 << 20, after_bytes=256 << 10)
+    stand_in = StandIn(tmp_path, fake_civitai, hold_s=10.0)
+    try:
+        ahead_resolved(stand_in, fake_civitai)
+    finally:
+        stand_in.close()
+
+
+def ahead_resolved(stand_in, fake_civitai) -> None:  # noqa: F811  (the fixture's name)
+    stand_in.send(job(1))
+    stand_in.next("progress", 30)
+    stand_in.send(job(2, model_id=2))
+    at = stand_in.next_timed("done", 30)[0]
+    first_done = time.time() - (time.monotonic() - at)
+    second = stand_in.next("done", 30)
+    assert second["job_id"] == 2
+    asked = [r.time for r in fake_civitai.requests_to("api", r"/api/v1/models/2$")]
+    assert len(asked) == 1  # asked once: run_job took the answer instead of asking again
+    assert asked[0] < first_done - 1.0, "the metadata of job 2 was asked for only after job 1 ended"
 
 
 def test_a_job_sent_ahead_of_a_long_download_goes_back_and_a_cancel_of_one_at_once(stand_in, fake_civitai):  # noqa: F811
