@@ -337,33 +337,44 @@ class JobLedger:
     def not_delivered(self, job_id: int) -> Outcome:
         """The job could not be sent to its worker (it had just died): the attempt is given back,
         and its `download_started` gets an end, so no listener sees the job start twice."""
+        return self._queued_again_now(job_id, Reason.CRASH, "the download worker had stopped before it got the job; "
+                                      "the next worker takes it")
+
+    def _queued_again_now(self, job_id: int, reason: str, error: str) -> Outcome:
+        """give_back(), and a `download_retry` at once that ends the attempt's `download_started`."""
         attempt = (self.active.get(job_id) or {}).get("attempts")
         outcome = self.give_back(job_id)
         job = outcome.job
         if job is None or job["state"] != JobState.QUEUED:
             return outcome
         return Outcome(job=job, events=[("download_retry", {
-            "job_id": job_id, "attempt": attempt, "delay_s": 0.0, "reason": Reason.CRASH,
-            "error": "the download worker had stopped before it got the job; the next worker takes it"})])
+            "job_id": job_id, "attempt": attempt, "delay_s": 0.0, "reason": reason, "error": error})])
+
+    def _let_go(self, job_id: int) -> tuple[dict | None, Outcome | None]:
+        """A worker let go of a job (its last message, or its death): (the job, None) while the
+        attempt is still running here, or (the job, the outcome) when there is nothing left to
+        decide: the job is gone, was cancelled meanwhile (its partial file goes), or was paused,
+        or cancelled and retried, meanwhile."""
+        self.release(job_id)
+        job = self.active.get(job_id) or self.store.get_job(job_id)
+        if job is None:
+            return None, Outcome()
+        if job["state"] == JobState.CANCELLED:
+            return job, Outcome(job=job, remove_partial=True)
+        if job["state"] not in RUNNING_STATES:
+            return job, Outcome(job=job)
+        return job, None
 
     def returned(self, job_id: int) -> Outcome:
         """A worker gives back a job it held behind its current one and never started (SPEC §5
         deviation: prefetch): it waited too long there, or was cancelled or paused meanwhile. The
         attempt is given back and the job is queued again at once for the next free worker; its
         `download_started` gets an end, as for a job that was not delivered."""
-        self.release(job_id)
-        job = self.active.get(job_id) or self.store.get_job(job_id)
-        if job is None:
-            return Outcome()
-        if job["state"] == JobState.CANCELLED:
-            return Outcome(job=job, remove_partial=True)
-        if job["state"] not in RUNNING_STATES:
-            return Outcome(job=job)  # paused meanwhile: it stays paused
-        attempt = job["attempts"]
-        outcome = self.give_back(job_id)
-        return Outcome(job=outcome.job, events=[("download_retry", {
-            "job_id": job_id, "attempt": attempt, "delay_s": 0.0, "reason": Reason.BUSY,
-            "error": "its worker was still busy with the job before it; the next free worker takes it"})])
+        _, settled = self._let_go(job_id)
+        if settled is not None:
+            return settled  # cancelled or paused meanwhile: it stays so
+        return self._queued_again_now(job_id, Reason.BUSY, "its worker was still busy with the job before it; the "
+                                      "next free worker takes it")
 
     def release(self, job_id: int) -> None:
         """The worker let go of the job (its last message, or its death)."""
@@ -443,14 +454,9 @@ class JobLedger:
 
     def on_error(self, job_id: int, msg: dict, *, stopping: bool = False) -> Outcome:
         """An attempt ended without the file: wait, retry, or fail, by the rules of SPEC §5/§9."""
-        self.release(job_id)
-        job = self.active.get(job_id) or self.store.get_job(job_id)
-        if job is None:
-            return Outcome()
-        if job["state"] == JobState.CANCELLED:
-            return Outcome(job=job, remove_partial=True)
-        if job["state"] not in RUNNING_STATES:
-            return Outcome(job=job)  # paused meanwhile, or cancelled and retried: nothing to do
+        job, settled = self._let_go(job_id)
+        if settled is not None or job is None:
+            return settled or Outcome()
         reason = str(msg.get("reason") or Reason.UNKNOWN)
         if reason == Reason.CANCELLED:
             # Stopped by us (shutdown, everything paused): not the job's fault.
@@ -499,14 +505,9 @@ class JobLedger:
     def job_lost(self, job_id: int, kill_reason: str | None, exitcode, *, timeout_s: float,
                  stopping: bool = False) -> Outcome:
         """The worker died holding the job: put it back while attempts remain."""
-        self.release(job_id)
-        job = self.active.get(job_id) or self.store.get_job(job_id)
-        if job is None:
-            return Outcome()
-        if job["state"] == JobState.CANCELLED:
-            return Outcome(job=job, remove_partial=True)
-        if job["state"] not in RUNNING_STATES:
-            return Outcome(job=job)
+        job, settled = self._let_go(job_id)
+        if settled is not None or job is None:
+            return settled or Outcome()
         if kill_reason == KillReason.SHUTDOWN or stopping or (kill_reason == KillReason.CANCEL and self.paused_all):
             return self.give_back(job_id)
         if kill_reason == KillReason.TIMEOUT:
