@@ -883,7 +883,7 @@ class CivitaiClient:
 
     def open_download(self, version_id: int, file_id: int | None, start: int = 0, etag: str | None = None,
                       *, read_timeout_s: float | None = None, filename: str | None = None,
-                      probe: bool = False, end: int | None = None) -> Download:
+                      probe: bool = False, end: int | None = None, link: str | None = None) -> Download:
         """Ask Civitai for the file and open the signed link it redirects to.
 
         Returns a Download with status 200 (whole file), 206 (from `start`) or 416 (the Range
@@ -891,7 +891,8 @@ class CivitaiClient:
         `filename` (the expected name) only relaxes the JSON-body check for JSON files.
         `probe`: ask for a Range even from byte 0, so the answer says whether the host serves
         ranges (206 with Content-Range) and the file's exact length; `end`: only up to there
-        (exclusive), the first piece of a download over several connections.
+        (exclusive), the first piece of a download over several connections. `link`: a signed
+        link fresh_link() gave moments ago, tried first (a refused one means asking Civitai).
         """
         subject = f"model version {int(version_id)}"
         api_url = self.download_url(version_id, file_id)
@@ -902,6 +903,13 @@ class CivitaiClient:
                 headers["If-Range"] = etag
         read_timeout = self.timeout_s if read_timeout_s is None else float(read_timeout_s)
         refused: CdnRefused | None = None
+        if link is not None and not self._is_api(link):  # the file host's: no turn of Civitai's to wait for
+            try:
+                resp, url = self._open_once(link, subject, headers, read_timeout)
+            except CdnRefused as exc:  # it expired meanwhile: as if it had never been asked for
+                log.debug("%s refused the early link for %s (%s)", exc.host, subject, exc.status)
+            else:
+                return self._opened(resp, url, api_url, start, subject, filename)
         for _ in range(1 + CDN_RERESOLVES):
             self._wait_turn()
             try:
@@ -911,15 +919,18 @@ class CivitaiClient:
                 log.info("%s refused the download link for %s (%s); asking Civitai for a new one",
                          exc.host, subject, exc.status)
                 continue
-            download = Download(resp, url=url, api_url=api_url, from_api=self._is_api(url), requested_start=start)
-            if download.status in (200, 206):
-                self._refuse_non_file(download, subject, filename)
-            return download
+            return self._opened(resp, url, api_url, start, subject, filename)
         assert refused is not None
         reason = "not_found" if refused.status in (404, 410) else "forbidden"
         raise CivitaiError(f"the file host {refused.host} refused the download link from Civitai for {subject} "
                            f"({_status_text(refused.status)}) {1 + CDN_RERESOLVES} times; it will be retried",
                            reason=reason, retryable=True, status=refused.status)
+
+    def _opened(self, resp, url: str, api_url: str, start: int, subject: str, filename: str | None) -> Download:
+        download = Download(resp, url=url, api_url=api_url, from_api=self._is_api(url), requested_start=start)
+        if download.status in (200, 206):
+            self._refuse_non_file(download, subject, filename)
+        return download
 
     def _open_once(self, api_url: str, subject: str, headers: dict, read_timeout_s: float):
         url = api_url

@@ -83,8 +83,8 @@ class JobContext:
     on_verified: Callable[[Resolved, Path], None] | None = None
     connections: int = 4  # config `connections`: at most this many for one file (workers/segments.py)
     rate_limit: SharedRateLimit | None = None  # the shared speed cap; None: locks_dir/speed.rate
-    # A job's resolve_job() already under way (a job sent ahead, resolved while the one before it
-    # ran: workers/worker.py), or None: run_job takes its result instead of asking again.
+    # A job's resolve_ahead() already under way (a job sent ahead, resolved while the one before
+    # it ran: workers/worker.py), or None: run_job takes its result instead of asking again.
     resolved_ahead: Callable[[int], Future | None] | None = None
 
 
@@ -139,6 +139,20 @@ def resolve_job(client: CivitaiClient, job: dict) -> Resolved:
     return resolve(client, model_id=job.get("model_id"), version_id=job.get("version_id"),
                    file_id=job.get("file_id"), attempt=int(job.get("attempt") or 1),
                    file_type=job.get("file_type"), format=job.get("format"), fp=job.get("fp"))
+
+
+def resolve_ahead(client: CivitaiClient, job: dict) -> tuple[Resolved, str | None]:
+    """resolve_job() and, for a file that will be fetched, the signed link Civitai's download
+    endpoint redirects to (None when asking failed: the job asks again, and handles the answer,
+    when it runs; a link refused by then is asked for again the same way)."""
+    res = resolve_job(client, job)
+    link = None
+    if res.sha256 and not res.unsafe:  # else the job waits or fails before it downloads
+        try:
+            link = client.fresh_link(res.version_id, res.file_id)
+        except Exception as exc:
+            log.debug("no early link for model version %s: %s", res.version_id, exc)
+    return res, link
 
 
 def run_job(job: dict, ctx: JobContext, report: Callable[[dict], None],
@@ -529,6 +543,7 @@ class _Job:
         self.rel_name = "?"
         self.model_type = "?"  # the folder, relative to download_dir, once known
         self.part_path: Path | None = None
+        self._early_link: str | None = None  # resolve_ahead()'s signed link, for the first open
         self._fd = -1  # the claimed (locked) partial file
         self._cut: tuple | None = None  # (file end, host's total) when a body went on past the file
 
@@ -620,8 +635,10 @@ class _Job:
             self._check_model_type(job["model_type"])  # the user's to fix: before asking Civitai anything
         ahead = (self.ctx.resolved_ahead(self.job_id)
                  if self.ctx.resolved_ahead is not None and self.job_id is not None else None)
-        res: Resolved = self._interruptible(
-            ahead.result if ahead is not None else (lambda: resolve_job(self.client, job)), "resolve")
+        if ahead is not None:
+            res, self._early_link = self._interruptible(ahead.result, "resolve")
+        else:
+            res = self._interruptible(lambda: resolve_job(self.client, job), "resolve")
         self.subject = f"model version {res.version_id}"
         # No folder named (GUI, API, `add`): the layout's folder for the file's type; a version's
         # VAE file goes where VAEs go, not beside its checkpoint.
@@ -946,10 +963,12 @@ class _Job:
             probe = not one_only and self._ranges_worth_asking(part, res)
             upto = self._first_piece_end(part, res) if probe else None
             try:
+                link, self._early_link = self._early_link, None  # once: a later open asks Civitai
                 dl: Download = self._interruptible(
-                    lambda start=start, validator=part.validator, probe=probe, upto=upto: self.client.open_download(
+                    lambda start=start, validator=part.validator, probe=probe, upto=upto, link=link:
+                    self.client.open_download(
                         res.version_id, res.file_id, start=start, etag=validator if start else None,
-                        read_timeout_s=self.ctx.read_timeout_s + 2, filename=name, probe=probe, end=upto),
+                        read_timeout_s=self.ctx.read_timeout_s + 2, filename=name, probe=probe, end=upto, link=link),
                     "open")
             except CivitaiError as exc:
                 if (exc.reason == "early_access" and exc.ends_at is None

@@ -124,9 +124,9 @@ class Channel:
 
 
 class AheadResolver:
-    """Resolves a job sent ahead (its metadata request, `resolve(job)`) on a kept thread while
-    the job before it runs, mostly while that one waits on the disk; run_job then takes the
-    result (a Future: the metadata, or what asking raised) instead of asking again. A job given
+    """Resolves a job sent ahead (`resolve(job)`: its metadata and signed link) on a kept thread
+    while the job before it runs, mostly while that one waits on the disk; run_job then takes the
+    result (a Future: the answers, or what asking raised) instead of asking again. A job given
     back is dropped, and not asked for if its turn has not come yet."""
 
     def __init__(self, resolve: Callable[[dict], object]):
@@ -177,7 +177,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
     from ipc.ratelimit import SharedRateLimit
     from ipc.throttle import Throttle
     from workers.civitai import CivitaiClient, CivitaiError
-    from workers.download import JobContext, resolve_job, run_job
+    from workers.download import JobContext, resolve_ahead, run_job
 
     ignore_terminal_interrupt()
     cfg, _ = load_config(config_path)
@@ -279,7 +279,7 @@ def worker_main(name: str, conn, config_path: str, log_queue=None) -> None:
         on_owed=lambda path: channel.send({"type": "preview_owed", "path": path}),
         on_settled=lambda path: channel.send({"type": "preview_settled", "path": path}),
     ).start()
-    resolver = AheadResolver(lambda job: resolve_job(client, job))
+    resolver = AheadResolver(lambda job: resolve_ahead(client, job))
     ctx = JobContext(
         client=client,
         resolved_ahead=resolver.take,

@@ -195,7 +195,7 @@ def test_a_job_sent_ahead_starts_when_the_current_one_ends(stand_in, fake_civita
     assert (stand_in.models / second["path"]).is_file()
 
 
-def test_a_job_sent_ahead_has_its_metadata_asked_for_while_the_one_in_front_downloads(tmp_path, fake_civitai):  # noqa: F811
+def test_a_job_sent_ahead_has_its_metadata_and_link_asked_for_while_the_one_in_front_downloads(tmp_path, fake_civitai):  # noqa: F811
     fake_civitai.add_model(1, type="Checkpoint", versions=[dict(id=11, files=[
         dict(id=111, name="model.safetensors", size_bytes=2 * MiB, primary=True)])])
     fake_civitai.add_model(2, type="Checkpoint", versions=[dict(id=21, files=[
@@ -217,9 +217,10 @@ def ahead_resolved(stand_in, fake_civitai) -> None:  # noqa: F811  (the fixture'
     first_done = time.time() - (time.monotonic() - at)
     second = stand_in.next("done", 30)
     assert second["job_id"] == 2
-    asked = [r.time for r in fake_civitai.requests_to("api", r"/api/v1/models/2$")]
-    assert len(asked) == 1  # asked once: run_job took the answer instead of asking again
-    assert asked[0] < first_done - 1.0, "the metadata of job 2 was asked for only after job 1 ended"
+    for path in (r"/api/v1/models/2$", r"/api/download/models/21(\?|$)"):  # the metadata, then the signed link
+        asked = [r.time for r in fake_civitai.requests_to("api", path)]
+        assert len(asked) == 1, path  # asked once: run_job took the answer instead of asking again
+        assert asked[0] < first_done - 1.0, f"{path} of job 2 was asked for only after job 1 ended"
 
 
 def test_a_job_sent_ahead_of_a_long_download_goes_back_and_a_cancel_of_one_at_once(stand_in, fake_civitai):  # noqa: F811

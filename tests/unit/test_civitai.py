@@ -427,6 +427,25 @@ def test_download_expired_cdn_link_is_resolved_again(rsps):
     assert throttle.calls == 2
 
 
+def test_download_with_an_early_link_goes_to_the_host_alone_and_a_refused_one_means_asking_civitai(rsps):
+    throttle = CountingThrottle()
+    rsps.get(SIGNED.split("?")[0], body=b"\x00" * 10, content_type="application/octet-stream")
+    with make_client(throttle=throttle).open_download(57618, 41079, link=SIGNED) as dl:
+        assert dl.status == 200
+    assert [c.request.url.split("?")[0] for c in rsps.calls] == [SIGNED.split("?")[0]]
+    assert "Authorization" not in rsps.calls[0].request.headers and throttle.calls == 0
+    rsps.reset()
+    # Expired by the time the job ran: one refusal, then every try a plain download still has.
+    rsps.get(SIGNED.split("?")[0], status=403, body="<Error><Code>AccessDenied</Code></Error>",
+             content_type="application/xml")
+    add_redirect(rsps)
+    rsps.get(SIGNED.split("?")[0], status=400, body="<Error><Code>ExpiredToken</Code></Error>")
+    with pytest.raises(CivitaiError) as err:
+        make_client(throttle=throttle).open_download(57618, 41079, link=SIGNED)
+    assert (err.value.reason, err.value.status) == ("forbidden", 400)
+    assert len(rsps.calls) == 1 + 6 and throttle.calls == 3  # the early link, then three links asked for
+
+
 def test_download_cdn_refusing_every_link_is_retryable(rsps, caplog):
     add_redirect(rsps)
     rsps.get(SIGNED.split("?")[0], status=400, body="<Error><Code>ExpiredToken</Code></Error>")
