@@ -10,9 +10,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger("control")
@@ -20,7 +20,16 @@ log = logging.getLogger("control")
 ENV_ADDR = "CIVITAI_DAEMON_CONTROL_ADDR"
 ENV_TOKEN = "CIVITAI_DAEMON_CONTROL_TOKEN"
 MAX_LINE_BYTES = 4 * 1024 * 1024
-SUBSCRIBER_QUEUE = 10_000
+SUBSCRIBER_BACKLOG_BYTES = 16 * 1024 * 1024  # a subscriber this far behind is dropped (it catches up from the log)
+# Sent at once by the publishing thread when the socket takes it (the usual case: a few hundred bytes
+# into an empty loopback buffer), without waking the subscriber's thread. Windows has no per-call
+# non-blocking flag: there every line goes through the thread.
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+# Events are sent to subscribers at most this often, gathered: under a stream of small downloads
+# that is a few writes a second instead of two a file, and each write wakes the web process (on a
+# VM, a wake-up on another CPU costs far more than the bytes). A WebSocket client sees an event at
+# most this much later.
+PUBLISH_EVERY_S = 0.05
 SUBSCRIBED = "_subscribed"  # the first item subscribe() yields: not an event, a confirmation
 
 
@@ -36,10 +45,54 @@ def _dumps(obj) -> bytes:
 
 
 class _Subscriber:
-    def __init__(self, conn: socket.socket):
+    """One event stream. The publisher writes straight to the socket while nothing waits before
+    it; what the socket cannot take at once goes to `backlog`, which the stream's own thread sends
+    (blocking), and everything after it queues behind it, so lines keep their order."""
+
+    def __init__(self, conn: socket.socket, first: bytes):
         self.conn = conn
-        self.queue: queue.Queue = queue.Queue(maxsize=SUBSCRIBER_QUEUE)
         self.alive = True
+        self.ready = threading.Condition()
+        self.backlog = bytearray(first)  # the confirmation goes first, before any event
+        self.sending = False  # the thread is in sendall with bytes taken from the backlog
+
+    def offer(self, line: bytes) -> bool:
+        """Send or queue `line`; False when the subscriber is gone or too far behind."""
+        with self.ready:
+            if not self.alive:
+                return False
+            if _DONTWAIT and not self.backlog and not self.sending:
+                try:
+                    sent = self.conn.send(line, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    return False
+                if sent == len(line):
+                    return True
+                line = line[sent:]
+            if len(self.backlog) + len(line) > SUBSCRIBER_BACKLOG_BYTES:
+                return False
+            self.backlog += line
+            self.ready.notify()
+            return True
+
+    def take(self) -> bytes | None:
+        """For the stream's thread: the backlog once there is one, or None when it ends."""
+        with self.ready:
+            self.sending = False
+            while self.alive and not self.backlog:
+                self.ready.wait()
+            if not self.alive:
+                return None
+            data, self.backlog = bytes(self.backlog), bytearray()
+            self.sending = True
+            return data
+
+    def end(self) -> None:
+        with self.ready:
+            self.alive = False
+            self.ready.notify()
 
 
 def _listen(host: str, port: int, avoid: int | None) -> socket.socket:
@@ -66,7 +119,7 @@ class ControlServer:
     the work happens (it marshals onto the main loop)."""
 
     def __init__(self, token: str, handler: Callable[[str, dict], object], host: str = "127.0.0.1", port: int = 0,
-                 avoid: int | None = None):
+                 avoid: int | None = None, publish_every_s: float = PUBLISH_EVERY_S):
         self._token = token.encode()
         self._handler = handler
         self._sock = _listen(host, port, avoid)
@@ -75,16 +128,28 @@ class ControlServer:
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
+        # Events gathered for the next send (publish_every_s > 0): the publisher only appends, and
+        # wakes the sending thread when the first line of a gathering arrives.
+        self._every_s = publish_every_s
+        self._gathered = bytearray()
+        self._gathering = threading.Condition()
+        self._sender = threading.Thread(target=self._send_gathered, name="control-publish", daemon=True)
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def start(self) -> ControlServer:
         self._thread.start()
+        if self._every_s > 0:
+            self._sender.start()
         return self
 
     def close(self) -> None:
         self._closed = True
+        with self._gathering:
+            self._gathering.notify()
+        if self._sender.is_alive():
+            self._sender.join(1.0)
         try:
             self._sock.close()
         except OSError:
@@ -100,29 +165,48 @@ class ControlServer:
         self.publish_many([event])
 
     def publish_many(self, events: list[dict]) -> None:
-        """publish() for the events of one transaction: one item and one wake-up of each
-        subscriber's sending thread for all of them, in their order."""
+        """publish() for the events of one transaction: one write to each subscriber for all of
+        them, in their order (on its thread only when its socket is behind)."""
         if not events:
             return
         line = b"".join(_dumps(event) for event in events)
+        if self._every_s > 0 and not self._closed:
+            with self._gathering:
+                if not self._gathered:
+                    self._gathering.notify()
+                self._gathered += line
+            return
+        self._offer(line)
+
+    def _send_gathered(self) -> None:
+        """The sending thread: asleep until a gathering starts, then sends it `publish_every_s`
+        later with everything published meanwhile (and what is left at close)."""
+        while True:
+            with self._gathering:
+                while not self._gathered and not self._closed:
+                    self._gathering.wait()
+                if not self._gathered:
+                    return
+            if not self._closed:
+                time.sleep(self._every_s)
+            with self._gathering:
+                line, self._gathered = bytes(self._gathered), bytearray()
+            self._offer(line)
+
+    def _offer(self, line: bytes) -> None:
         with self._lock:
             subs = list(self._subscribers)
         for sub in subs:
-            try:
-                sub.queue.put_nowait(line)
-            except queue.Full:
-                log.warning("control subscriber too slow; dropping it")
+            if not sub.offer(line):
+                if sub.alive:
+                    log.warning("control subscriber too slow; dropping it")
                 self._drop(sub)
 
     def _drop(self, sub: _Subscriber) -> None:
-        sub.alive = False
+        sub.end()
         with self._lock:
             if sub in self._subscribers:
                 self._subscribers.remove(sub)
-        try:
-            sub.queue.put_nowait(None)
-        except queue.Full:
-            pass
         try:
             sub.conn.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -181,16 +265,15 @@ class ControlServer:
                 pass
 
     def _stream(self, conn: socket.socket) -> None:
-        sub = _Subscriber(conn)
+        sub = _Subscriber(conn, _dumps({"ok": True, "result": "subscribed"}))
         with self._lock:
             self._subscribers.append(sub)
-        conn.sendall(_dumps({"ok": True, "result": "subscribed"}))
         try:
-            while sub.alive:
-                line = sub.queue.get()
-                if line is None:
+            while True:
+                data = sub.take()
+                if data is None:
                     return
-                conn.sendall(line)
+                conn.sendall(data)
         except OSError:
             return
         finally:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 import pytest
 
@@ -65,3 +67,114 @@ def test_a_transactions_events_reach_a_subscriber_whole_and_in_order():
         stream.close()
     finally:
         server.close()
+
+
+def _subscribed(server):
+    stream = control.ControlClient(server.address, "tok", timeout_s=5).subscribe()
+    assert next(stream) == {"event": control.SUBSCRIBED}
+    deadline = time.monotonic() + 5
+    while not server._subscribers:
+        assert time.monotonic() < deadline, "the subscriber was never registered"
+        time.sleep(0.005)
+    return stream
+
+
+def test_lines_the_socket_cannot_take_at_once_queue_behind_and_keep_their_order():
+    """A reader slower than the publisher: the socket's buffer fills, later lines wait in the
+    backlog (sent by the stream's thread) and none overtakes another."""
+    server = control.ControlServer("tok", lambda op, args: None, publish_every_s=0).start()
+    try:
+        stream = _subscribed(server)
+        pad = "x" * 20_000
+        started = time.monotonic()
+        for n in range(300):  # ~6 MB: far more than a loopback socket buffers
+            server.publish({"event": "e", "n": n, "pad": pad})
+        assert time.monotonic() - started < 5, "publishing waited for the reader"
+        assert server._subscribers[0].backlog or server._subscribers[0].sending, "nothing was ever held back"
+        assert [next(stream)["n"] for _ in range(300)] == list(range(300))
+        stream.close()
+    finally:
+        server.close()
+
+
+def test_the_confirmation_comes_before_any_event_and_then_every_event_in_order():
+    """Events published all the while a client subscribes: its first line is the subscribe
+    answer (the answer waits in the backlog, so a direct write cannot overtake it), and what
+    follows has no gap and no reordering."""
+    server = control.ControlServer("tok", lambda op, args: None, publish_every_s=0).start()
+    stop = threading.Event()
+
+    def publisher():
+        n = 0
+        while not stop.is_set():
+            server.publish({"event": "e", "n": n})
+            n += 1
+
+    thread = threading.Thread(target=publisher, daemon=True)
+    thread.start()
+    try:
+        for _ in range(20):
+            stream = control.ControlClient(server.address, "tok", timeout_s=5).subscribe()
+            assert next(stream) == {"event": control.SUBSCRIBED}
+            first = next(stream)["n"]
+            assert [next(stream)["n"] for _ in range(50)] == list(range(first + 1, first + 51))
+            stream.close()
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def test_a_subscriber_too_far_behind_is_dropped_and_the_publisher_never_blocks(monkeypatch):
+    monkeypatch.setattr(control, "SUBSCRIBER_BACKLOG_BYTES", 1_000_000)
+    server = control.ControlServer("tok", lambda op, args: None, publish_every_s=0).start()
+    try:
+        stream = _subscribed(server)  # never read from here on
+        pad = "x" * 50_000
+        started = time.monotonic()
+        for n in range(200):  # 10 MB: past the socket buffers and the backlog
+            server.publish({"event": "e", "n": n, "pad": pad})
+        assert time.monotonic() - started < 5, "publishing waited for the reader"
+        assert server._subscribers == [], "the subscriber that fell behind was kept"
+        received = []
+        try:
+            for event in stream:
+                received.append(event["n"])
+        except (OSError, ValueError):
+            pass
+        assert received == list(range(len(received))) and len(received) < 200
+    finally:
+        server.close()
+
+
+def test_a_burst_of_events_goes_out_gathered_in_one_write_and_in_order(monkeypatch):
+    """Events published close together reach a subscriber as one write (one wake-up of the web
+    process), not one write each."""
+    writes = []
+    real_offer = control._Subscriber.offer
+
+    def counting_offer(self, line):
+        writes.append(line.count(b"\n"))
+        return real_offer(self, line)
+
+    monkeypatch.setattr(control._Subscriber, "offer", counting_offer)
+    server = control.ControlServer("tok", lambda op, args: None, publish_every_s=0.5).start()
+    try:
+        stream = _subscribed(server)
+        for n in range(100):
+            server.publish({"event": "e", "n": n})
+        assert [next(stream)["n"] for _ in range(100)] == list(range(100))
+        assert sum(writes) == 100 and len(writes) <= 2, writes  # a burst may straddle two gatherings
+        stream.close()
+    finally:
+        server.close()
+
+
+def test_what_is_gathered_at_close_is_still_sent():
+    server = control.ControlServer("tok", lambda op, args: None, publish_every_s=30).start()
+    try:
+        stream = _subscribed(server)
+        server.publish({"event": "last"})
+    finally:
+        server.close()
+    assert next(stream) == {"event": "last"}
