@@ -710,8 +710,10 @@ class Supervisor:
         if not batch:
             return
         ended = {item[2] for item in batch if item[0] == Msg.DONE}
-        if ended:  # a small file's last progress comes with its `done`, which stores the bytes itself
-            batch = [item for item in batch if item[0] != "progress" or item[1] not in ended]
+        if ended:  # a small file's last progress and its `verifying` come with its `done`, which
+            # stores the bytes and the state itself (downloading -> done is a transition like any)
+            batch = [item for item in batch if not (item[0] == "progress" and item[1] in ended
+                                                    or item[0] == Msg.VERIFYING and item[2] in ended)]
         if self.deferred:
             self.deferred.extend(batch)
             return

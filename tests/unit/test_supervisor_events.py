@@ -233,3 +233,35 @@ def test_a_job_sent_ahead_and_given_back_or_cancelled_or_lost_with_its_worker(su
         sup.flush_batch()
         job = sup.ledger.get(ahead)
         assert (job["state"], job["attempts"]) == ("queued", attempts), reason
+
+
+def test_a_verifying_read_with_its_jobs_done_is_not_written_and_one_read_alone_is(supervisor, monkeypatch):
+    """A small file's `verifying` comes in the same read as its `done`: the done stores the
+    state itself, so the verifying row is one write the database need not take. Read alone (a
+    big file hashing its tail), it is stored as before."""
+    sup = supervisor
+    sup.announce_start()
+    queue_models(sup, 2, 3)
+    w = PoolWorker("worker-1")
+    pool_of(sup, monkeypatch, w)
+    written: list[tuple[int, object]] = []
+    real = sup.store.set_fields
+    monkeypatch.setattr(sup.store, "set_fields", lambda job_id, fields: (
+        written.append((job_id, fields.get("state"))), real(job_id, fields))[1])
+
+    def done(job_id: int) -> dict:
+        return {"type": "done", "job_id": job_id, "path": f"checkpoint/m{job_id}.safetensors", "sha256": "ab" * 32,
+                "bytes": 5, "filename": f"m{job_id}.safetensors"}
+
+    sup.dispatch()
+    first = w.job_id
+    ended(sup, w, {"type": "progress", "job_id": first, "bytes_done": 5}, {"type": "verifying", "job_id": first},
+          done(first))
+    assert sup.ledger.get(first)["state"] == "done"
+    assert ("verifying" not in [state for job_id, state in written if job_id == first]), written
+    sup.dispatch()
+    second = w.job_id
+    ended(sup, w, {"type": "verifying", "job_id": second})
+    assert sup.ledger.get(second)["state"] == "verifying"
+    ended(sup, w, done(second))
+    assert sup.ledger.get(second)["state"] == "done"
