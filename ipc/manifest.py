@@ -2,6 +2,7 @@
 that keep every custom field where the user put it."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -97,23 +98,26 @@ def entry_priority(entry: dict) -> int:
     return int(entry.get("priority") or DEFAULT_PRIORITY)
 
 
-_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # the C encoder
 
 
-def render(entries: list[dict], cache: dict[str, str] | None = None) -> bytes:
+def render(entries: list[dict], cache: dict[int, tuple[dict, dict, str]] | None = None) -> bytes:
     """The file's text: what `json.dumps(entries, indent=2)` gives, byte for byte. json's
-    indenting encoder is pure Python (33 us an entry here, most of a rewrite's cost), its compact
-    one C: with `cache` (one entry's compact text -> its indented text, kept by the caller), a
-    rewrite after a few changes indents only the changed entries. The cache is left holding
-    exactly the entries rendered."""
-    fresh: dict[str, str] = {}
+    indenting encoder is pure Python (33 us an entry here, most of a rewrite's cost): with `cache`
+    (kept by the caller), a rewrite after a few changes indents only the changed entries. An entry
+    is found in it by identity and taken only if it still equals the copy made when it was
+    rendered (a C comparison, cheaper than encoding it again), so one changed in place is rendered
+    again. The cache is left holding exactly the entries rendered (and so keeps them alive: an id
+    cannot be reused while it is a key)."""
+    fresh: dict[int, tuple[dict, dict, str]] = {}
     parts = []
     for entry in entries:
-        key = _compact(entry)
-        text = fresh.get(key) or (cache.get(key) if cache else None)
-        if text is None:  # a JSON string holds no raw newline: every one here is the layout's
+        hit = cache.get(id(entry)) if cache else None
+        if hit is not None and hit[0] is entry and hit[1] == entry:
+            text = hit[2]
+        else:  # a JSON string holds no raw newline: every one here is the layout's
             text = json.dumps(entry, indent=2, ensure_ascii=False).replace("\n", "\n  ")
-        fresh[key] = text
+            hit = (entry, copy.deepcopy(entry), text)
+        fresh[id(entry)] = hit
         parts.append(text)
     if cache is not None:
         cache.clear()
@@ -160,7 +164,7 @@ class ManifestFile:
         self.error: str | None = None
         self._known = FileState(False)
         self._stat: tuple[int, int] | None = None
-        self._rendered: dict[str, str] = {}  # render()'s cache: each entry's indented text
+        self._rendered: dict[int, tuple[dict, dict, str]] = {}  # render()'s cache: each entry's indented text
 
     def load(self) -> list[dict]:
         """At start: parse or raise ManifestError. A missing file is an empty manifest."""

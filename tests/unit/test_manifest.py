@@ -146,4 +146,18 @@ def test_render_cache_follows_changed_entries_and_holds_only_the_current_ones():
     c = {"modelId": 3, "model_type": "vae"}
     out = render([b, c], cache)
     assert out == (json.dumps([b, c], indent=2) + "\n").encode()
-    assert len(cache) == 2 and all('"modelId": 1' not in text for text in cache.values())
+    assert len(cache) == 2 and all('"modelId": 1' not in text for *_, text in cache.values())
+
+
+def test_render_cache_sees_a_change_deep_inside_an_entry_and_a_new_entry_at_an_old_id():
+    """Entries are found by identity, then checked against the copy made when rendered: a list
+    changed inside an entry, or an equal-looking entry that is a new object, renders right."""
+    a = {"modelId": 1, "model_type": "lora", "more": {"tags": ["x"]}}
+    cache: dict = {}
+    render([a], cache)
+    a["more"]["tags"].append("y")
+    assert render([a], cache) == (json.dumps([a], indent=2) + "\n").encode()
+    entries = [{"modelId": n, "model_type": "lora"} for n in range(50)]
+    render(entries, cache)
+    entries = [{**e, "priority": 1} for e in entries]  # the old dicts die, their ids may come back
+    assert render(entries, cache) == (json.dumps(entries, indent=2) + "\n").encode()
