@@ -201,13 +201,14 @@ class Supervisor:
         self._txn_depth = 1
         self._events = []
         self._after = []
+        held_before = dict(self.ledger.held)
         try:
             with self.store.transaction():
                 yield
                 stored = [self.store.add_event(name, fields) for name, fields in self._events]
             after = self._after
         except BaseException as exc:
-            self._resync()
+            self._resync(held_before)
             if isinstance(exc, StoreUnavailable):
                 self._store_trouble(str(exc))
             raise
@@ -246,9 +247,11 @@ class Supervisor:
         except StoreUnavailable:
             self.deferred.append(("emit", event, fields))
 
-    def _resync(self) -> None:
-        """After a failed transaction: the ledger's and keeper's copies back to what is stored."""
-        held = dict(self.ledger.held)
+    def _resync(self, held: dict[int, str]) -> None:
+        """After a failed transaction: the ledger's and keeper's copies back to what is stored,
+        and which worker holds which job back to what it was before the transaction (an attempt
+        taken in it was never sent; a job let go in it is still the worker's until that is
+        stored)."""
         try:
             self.ledger.active.clear()
             for job in self.store.active_jobs():

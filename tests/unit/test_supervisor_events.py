@@ -265,3 +265,32 @@ def test_a_verifying_read_with_its_jobs_done_is_not_written_and_one_read_alone_i
     assert sup.ledger.get(second)["state"] == "verifying"
     ended(sup, w, done(second))
     assert sup.ledger.get(second)["state"] == "done"
+
+
+def test_a_dispatch_whose_write_fails_leaves_no_job_held_by_a_worker_that_never_got_it(supervisor, monkeypatch):
+    """The attempt is written, then the database refuses the rest (a disk full at the commit):
+    nothing was sent, so the job must not stay held in memory (it would never be taken again in
+    this run); once the database takes writes again, the job goes out."""
+    from ipc.store import StoreUnavailable
+
+    sup = supervisor
+    sup.announce_start()
+    worker = FakeWorker("worker-1")
+    use_workers(sup, monkeypatch, worker)
+    real_take = sup.ledger.take
+
+    def take_then_fail(workers):
+        real_take(workers)
+        raise StoreUnavailable("database or disk is full")
+
+    monkeypatch.setattr(sup.ledger, "take", take_then_fail)
+    sup.dispatch()
+    assert worker.sent == [] and sup.ledger.held == {}
+    monkeypatch.setattr(sup.ledger, "take", real_take)
+    for _ in range(3):
+        sup.now[0] += 120  # past any backoff of the store retry
+        sup.retry_deferred()
+    sup.dispatch()
+    assert len(worker.sent) == 1
+    job = sup.ledger.get(worker.sent[0]["job"]["job_id"])
+    assert (job["state"], job["attempts"]) == ("downloading", 1)
