@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +117,20 @@ class Supervisor:
         self._next_web_probe = 0.0
         self._next_reap = 0.0
         self.speed = SpeedCap(self)
+        # How each kind of batch item is stored (_apply); looked up at call time, so a part
+        # replaced later (a test's stand-in) is the one called.
+        self._appliers: dict[str, Callable[..., None]] = {
+            "progress": self._apply_progress,
+            "emit": self._apply_emit,
+            "lost": lambda ex: self._apply_exit(ex, lost=True),
+            "restarted": lambda ex: self._apply_exit(ex, lost=False),
+            "update": lambda update: self.updates.apply_update(update),
+            Msg.PREVIEW_OWED: lambda path: self.store.owe_preview(path),
+            Msg.PREVIEW_SETTLED: lambda path: self.store.preview_settled(path),
+            "library_hashes": lambda hashes: self.scans.store_hashes(hashes),
+            "library_answers": lambda answers: self.scans.store_answers(answers),
+            "library_done": lambda result: self.scans.done(result),
+        }
         self.updates.load()
         self._build_children()
 
@@ -755,57 +769,45 @@ class Supervisor:
             self._store_fine()
 
     def _apply(self, item: tuple) -> None:
+        """Store one item of a tick's batch: what a child said, or what became of a child."""
         kind = item[0]
-        if kind == "progress":
-            _, job_id, msg = item
-            self.ledger.on_progress(job_id, msg.get("bytes_done") or 0, msg.get("bytes_total"),
-                                    msg.get("speed_bps") or 0)
-            return
-        if kind == "emit":
-            with self.txn():
-                self.emit(item[1], **item[2])
-            return
-        if kind in ("lost", "restarted"):
-            ex: Exit = item[1]
-            with self.txn():
-                if kind == "lost" and ex.job_id is not None:
-                    outcome = self.note(self.ledger.job_lost(ex.job_id, ex.reason, ex.code, timeout_s=self.cfg.timeout,
-                                                             stopping=self.stopping))
-                if ex.child.kind == ChildKind.WORKER and not ex.planned and ex.reason != "cancel":
-                    self.store.incr_kv("metrics.worker_restarts")
-                    self.emit("worker_restarted", worker=ex.child.name,
-                              reason="timeout" if ex.reason == "timeout" else "crash", exitcode=ex.code)
-                if kind == "lost" and ex.job_id is not None:
-                    self.after_commit(lambda: self.after_job_change(outcome))
-                if kind == "lost" and ex.next_job_id is not None:
-                    self.lost_ahead(ex)
-            return
-        if kind == "update":
-            self.updates.apply_update(item[1])
-            return
-        if kind == Msg.PREVIEW_OWED:
-            self.store.owe_preview(item[1])
-            return
-        if kind == Msg.PREVIEW_SETTLED:
-            self.store.preview_settled(item[1])
-            return
-        if kind == "library_hashes":
-            self.scans.store_hashes(item[1])
-            return
-        if kind == "library_answers":
-            self.scans.store_answers(item[1])
-            return
-        if kind == "library_done":
-            self.scans.done(item[1])
-            return
-        _, child_name, job_id, msg = item
+        handler = self._appliers.get(kind)
+        if handler is not None:
+            handler(*item[1:])
+        else:  # a worker's word about a job: resolved, verifying, done, error, returned
+            self._apply_job_message(*item[1:])
+
+    def _apply_progress(self, job_id: int, msg: dict) -> None:
+        self.ledger.on_progress(job_id, msg.get("bytes_done") or 0, msg.get("bytes_total"), msg.get("speed_bps") or 0)
+
+    def _apply_emit(self, event: str, fields: dict) -> None:
+        with self.txn():
+            self.emit(event, **fields)
+
+    def _apply_exit(self, ex: Exit, *, lost: bool) -> None:
+        """A child is gone (`lost`: with the job it held) or was restarted."""
+        with self.txn():
+            if lost and ex.job_id is not None:
+                outcome = self.note(self.ledger.job_lost(ex.job_id, ex.reason, ex.code, timeout_s=self.cfg.timeout,
+                                                         stopping=self.stopping))
+                self.after_commit(lambda: self.after_job_change(outcome))
+            if ex.child.kind == ChildKind.WORKER and not ex.planned and ex.reason != "cancel":
+                self.store.incr_kv("metrics.worker_restarts")
+                self.emit("worker_restarted", worker=ex.child.name,
+                          reason="timeout" if ex.reason == "timeout" else "crash", exitcode=ex.code)
+            if lost and ex.next_job_id is not None:
+                self.lost_ahead(ex)
+
+    def _apply_job_message(self, child_name: str, job_id: int, msg: dict) -> None:
         typ = msg["type"]
         with self.txn():
             if typ == Msg.RESOLVED:
-                outcome = self.ledger.on_resolved(job_id, msg)
-            elif typ == Msg.VERIFYING:
-                outcome = self.ledger.on_verifying(job_id)
-            elif typ == Msg.DONE:
+                self.ledger.on_resolved(job_id, msg)
+                return
+            if typ == Msg.VERIFYING:
+                self.ledger.on_verifying(job_id)
+                return
+            if typ == Msg.DONE:
                 outcome = self.note(self.ledger.on_done(job_id, msg, self._stat(msg["path"])))
                 if outcome.finished and outcome.job is not None:
                     self.keeper.apply({"op": "record", "job": dict(outcome.job)})
@@ -817,8 +819,7 @@ class Supervisor:
                 outcome = self.note(self.ledger.returned(job_id))
             else:
                 outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
-            if typ in (Msg.DONE, Msg.ERROR, Msg.RETURNED):
-                self.after_commit(lambda: self._job_let_go(child_name, job_id, outcome))
+            self.after_commit(lambda: self._job_let_go(child_name, job_id, outcome))
 
     def lost_ahead(self, ex: Exit) -> None:
         """A worker died holding a job sent ahead. Killed by us for its current job (timeout,

@@ -178,3 +178,18 @@ def test_what_is_gathered_at_close_is_still_sent():
     finally:
         server.close()
     assert next(stream) == {"event": "last"}
+
+
+@pytest.mark.parametrize("every_s", [0, 0.01])
+def test_without_a_per_call_non_blocking_send_every_line_goes_through_the_thread_in_order(monkeypatch, every_s):
+    """Windows has no MSG_DONTWAIT: the publisher never writes, the stream's thread sends all."""
+    monkeypatch.setattr(control, "_DONTWAIT", 0)
+    server = control.ControlServer("tok", lambda op, args: None, publish_every_s=every_s).start()
+    try:
+        stream = _subscribed(server)
+        for n in range(500):
+            server.publish({"event": "e", "n": n})
+        assert [next(stream)["n"] for _ in range(500)] == list(range(500))
+        stream.close()
+    finally:
+        server.close()
