@@ -101,6 +101,7 @@ class Supervisor:
         self._sync_due: str | None = None  # a manifest sync that could not run yet
         self._events: list = []
         self._after: list = []
+        self._undo: list = []  # what puts memory changed inside the current transaction back if it fails
         self._batch: list = []  # this tick's messages from the workers: stored in one transaction
         self._txn_depth = 0
         self._progress_stored: dict[int, float] = {}
@@ -215,6 +216,7 @@ class Supervisor:
         self._txn_depth = 1
         self._events = []
         self._after = []
+        self._undo = []
         held_before = dict(self.ledger.held)
         try:
             with self.store.transaction():
@@ -222,6 +224,8 @@ class Supervisor:
                 stored = [self.store.add_event(name, fields) for name, fields in self._events]
             after = self._after
         except BaseException as exc:
+            for undo in reversed(self._undo):
+                undo()
             self._resync(held_before)
             if isinstance(exc, StoreUnavailable):
                 self._store_trouble(str(exc))
@@ -230,6 +234,7 @@ class Supervisor:
             self._txn_depth = 0
             self._events = []
             self._after = []
+            self._undo = []
         for action in after:  # what the committed change asks of memory and files
             action()
         self._store_fine()
@@ -738,9 +743,13 @@ class Supervisor:
             with self.txn():
                 for item in batch:
                     self._apply(item)
+                # A worker this frees gets its next job in the same commit (one a small file, not two).
+                assigned = self._take_jobs()
         except StoreUnavailable:
             # Progress is only a view: never worth a retry.
             self.deferred.extend(item for item in batch if item[0] != "progress")
+            return
+        self._deliver(assigned)
 
     def retry_deferred(self) -> None:
         if self._sync_due and self.clock() >= self._store_retry_at and not self.deferred:
@@ -819,7 +828,8 @@ class Supervisor:
                 outcome = self.note(self.ledger.returned(job_id))
             else:
                 outcome = self.note(self.ledger.on_error(job_id, msg, stopping=self.stopping))
-            self.after_commit(lambda: self._job_let_go(child_name, job_id, outcome))
+            self._free_worker(child_name, job_id)
+            self.after_commit(lambda: self.after_job_change(outcome))
 
     def lost_ahead(self, ex: Exit) -> None:
         """A worker died holding a job sent ahead. Killed by us for its current job (timeout,
@@ -836,11 +846,22 @@ class Supervisor:
                                                      stopping=self.stopping))
         self.after_commit(lambda: self.after_job_change(outcome))
 
-    def _job_let_go(self, child_name: str, job_id: int, outcome: Outcome) -> None:
-        """A worker's last message about a job is stored: the worker is free for another."""
-        self._progress_stored.pop(job_id, None)
-        self._progress_seen.pop(job_id, None)
+    _LET_GO_FIELDS = ("job_id", "next_job_id", "assigned_mono", "acked_mono", "next_acked_mono", "release_job_by",
+                      "last_job_s")
+
+    def _free_worker(self, child_name: str, job_id: int) -> None:
+        """A worker's last message about a job is being stored: the worker is free for another,
+        at once, so that the same transaction can take its next job (put back as it was if the
+        transaction fails: the message is then stored later, and frees it then)."""
         child = self.pool.get(child_name)
+        if child is not None and job_id in (child.job_id, child.next_job_id):
+            saved = {name: getattr(child, name) for name in self._LET_GO_FIELDS}
+
+            def put_back() -> None:
+                for name, value in saved.items():
+                    setattr(child, name, value)
+
+            self._undo.append(put_back)
         if child is not None and child.job_id == job_id:
             now = self.clock()
             child.last_job_s = now - child.assigned_mono
@@ -850,7 +871,15 @@ class Supervisor:
             child.release_job_by = None
         elif child is not None and child.next_job_id == job_id:  # given back, or cancelled before it started
             child.next_job_id = child.next_acked_mono = None
-        self.after_job_change(outcome)
+            # Its current job is a slow one after all: no job goes ahead of it again (the same job
+            # would come straight back, a started/retry pair a second) until it ends.
+            child.last_job_s = None
+
+        def forget_progress():
+            self._progress_stored.pop(job_id, None)
+            self._progress_seen.pop(job_id, None)
+
+        self.after_commit(forget_progress)
 
     def _stat(self, rel: str) -> tuple[int, int] | None:
         try:
@@ -922,27 +951,43 @@ class Supervisor:
     # --- dispatch -------------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        if self._store_problem or self.deferred:
+        """Jobs for the workers that can take one (idle, or quick enough for one ahead)."""
+        if self._store_problem or self.deferred or not self._takers():
+            return  # nothing to do: no transaction
+        try:
+            with self.txn():
+                assigned = self._take_jobs()
+        except StoreUnavailable:
             return
+        self._deliver(assigned)
+
+    def _takers(self) -> tuple[list, list] | None:
+        """(idle workers, workers that get a job ahead), or None when no job can be taken now."""
+        if self.stopping or not self.ledger.has_ready():
+            return None
         idle = self.pool.idle_workers()
-        if not self.ledger.has_ready():
-            return
-        ahead = [] if self.stopping or self.ledger.paused_all else self.pool.ahead_workers()
-        if not idle and not ahead:
-            return
+        ahead = [] if self.ledger.paused_all else self.pool.ahead_workers()
+        return (idle, ahead) if idle or ahead else None
+
+    def _take_jobs(self) -> list[tuple]:
+        """Inside a transaction: the attempts of the jobs the workers that can take one get
+        (persisted before anything is sent). Returns (worker, job) pairs for `_deliver`."""
+        takers = None if self._store_problem or self.deferred else self._takers()
+        if takers is None:
+            return []
+        idle, ahead = takers
         # Every idle worker first, then one job ahead for each worker that gets one (an idle one
         # may get its current job and the one ahead in this same take).
         by_name = {c.name: c for c in (*idle, *ahead)}
-        try:
-            with self.txn():
-                assigned = self.ledger.take([c.name for c in idle] + [c.name for c in ahead])
-                for _, _, outcome in assigned:
-                    self.note(outcome)
-        except StoreUnavailable:
-            return
+        assigned = self.ledger.take([c.name for c in idle] + [c.name for c in ahead])
+        for _, _, outcome in assigned:
+            self.note(outcome)
+        return [(by_name[name], job) for name, job, _ in assigned]
+
+    def _deliver(self, assigned: list[tuple]) -> None:
+        """After the commit: each job to its worker."""
         now = self.clock()
-        for name, job, _ in assigned:
-            worker = by_name[name]
+        for worker, job in assigned:
             spec = {"job_id": job["id"], "model_id": job["model_id"], "version_id": job["version_id"],
                     "file_id": job["file_id"], "model_type": job["model_type"], "filename": job["filename"],
                     "sha256": job["sha256"], "attempt": job["attempts"], "file_type": job.get("file_type"),
@@ -963,7 +1008,7 @@ class Supervisor:
                 except StoreUnavailable:
                     pass  # recovered as a lost job when the worker is reaped, or at the next start
                 continue
-            log.debug("job %s -> %s (attempt %s/%s)", job["id"], name, job["attempts"], job["max_attempts"])
+            log.debug("job %s -> %s (attempt %s/%s)", job["id"], worker.name, job["attempts"], job["max_attempts"])
 
     # --- control socket ---------------------------------------------------------------------------
 

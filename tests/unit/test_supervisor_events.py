@@ -170,9 +170,14 @@ def test_a_worker_whose_last_job_was_quick_gets_one_job_ahead_which_starts_when_
     assert len(w.sent) == 1 and w.next_job_id is None  # nothing known of its speed yet: one job
     first = w.job_id
     sup.now[0] += 0.2
+    commits = []
+    real_transaction = sup.store.transaction
+    monkeypatch.setattr(sup.store, "transaction",  # an outer block is a BEGIN and a COMMIT; nested ones join it
+                        lambda: (commits.extend([1] if sup.store._depth == 0 else []), real_transaction())[1])
     ended(sup, w, failure(first))
-    assert (w.job_id, w.last_job_s) == (None, pytest.approx(0.2))
-    sup.dispatch()  # the idle worker gets a job and, its last one having been quick, the next one ahead
+    # Stored, and in the same transaction the freed worker gets a job and, its last one having
+    # been quick, the next one ahead.
+    assert w.last_job_s == pytest.approx(0.2) and len(commits) == 1
     current, ahead = (m["job"]["job_id"] for m in w.sent[1:])
     assert (w.job_id, w.next_job_id) == (current, ahead)
     assert sup.ledger.get(ahead)["state"] == "downloading"  # its attempt is stored before it is sent
@@ -200,16 +205,20 @@ def test_a_job_sent_ahead_and_given_back_or_cancelled_or_lost_with_its_worker(su
     w.last_job_s = 0.1
 
     def send_ahead() -> int:
+        w.last_job_s = 0.1  # its last job was quick
         sup.dispatch()
         assert w.next_job_id is not None
         return w.next_job_id
 
     ahead = send_ahead()
     # Given back (it waited too long behind the current job): queued again, the attempt returned,
-    # and its start ended for listeners before it starts again.
+    # and its start ended for listeners before it starts again; not sent ahead to the same busy
+    # worker again (its current job is slow after all).
     ended(sup, w, {"type": "returned", "job_id": ahead})
     job = sup.ledger.get(ahead)
-    assert (job["state"], job["attempts"], w.next_job_id) == ("queued", 0, None)
+    assert (job["state"], job["attempts"], w.next_job_id, w.last_job_s) == ("queued", 0, None, None)
+    sup.dispatch()
+    assert w.next_job_id is None
     names = [(name, e.get("reason")) for name, e in stored(sup) if e.get("job_id") == ahead]
     assert names[-2:] == [("download_started", None), ("download_retry", "busy")]
     # A cancel of a job ahead goes to its worker, which answers at once: no deadline that would
@@ -229,10 +238,12 @@ def test_a_job_sent_ahead_and_given_back_or_cancelled_or_lost_with_its_worker(su
         ahead = send_ahead()
         current = w.job_id
         w.job_id = w.next_job_id = None
+        w.ready = False  # dead: not a worker a job can go to
         sup.apply("lost", Exit(w, -9, reason, current, False, ahead))
         sup.flush_batch()
         job = sup.ledger.get(ahead)
         assert (job["state"], job["attempts"]) == ("queued", attempts), reason
+        w.ready = True  # restarted
 
 
 def test_a_verifying_read_with_its_jobs_done_is_not_written_and_one_read_alone_is(supervisor, monkeypatch):
@@ -294,3 +305,37 @@ def test_a_dispatch_whose_write_fails_leaves_no_job_held_by_a_worker_that_never_
     assert len(worker.sent) == 1
     job = sup.ledger.get(worker.sent[0]["job"]["job_id"])
     assert (job["state"], job["attempts"]) == ("downloading", 1)
+
+
+def test_a_done_whose_transaction_fails_keeps_its_worker_as_it_was_and_lands_later(supervisor, monkeypatch):
+    """The done and the freed worker's next job share one transaction. If it fails (disk full),
+    the worker is put back as it was (its job still its own, nothing sent); once the database
+    takes writes again the done is stored, and only then does the worker get its next job."""
+    from ipc.store import StoreUnavailable
+
+    sup = supervisor
+    sup.announce_start()
+    queue_models(sup, 2)
+    w = PoolWorker("worker-1")
+    pool_of(sup, monkeypatch, w)
+    sup.dispatch()
+    first, assigned_at = w.job_id, w.assigned_mono
+    real_take = sup.ledger.take
+
+    def take_then_fail(workers):
+        real_take(workers)
+        raise StoreUnavailable("database or disk is full")
+
+    monkeypatch.setattr(sup.ledger, "take", take_then_fail)
+    sup.now[0] += 0.1
+    ended(sup, w, {"type": "done", "job_id": first, "path": "checkpoint/a.safetensors", "sha256": "ab" * 32,
+                   "bytes": 5, "filename": "a.safetensors"})
+    assert (w.job_id, w.next_job_id, w.assigned_mono, w.last_job_s) == (first, None, assigned_at, None)
+    assert len(w.sent) == 1 and sup.ledger.get(first)["state"] == "downloading" and first in sup.ledger.held
+    monkeypatch.setattr(sup.ledger, "take", real_take)
+    for _ in range(3):
+        sup.now[0] += 120  # past any backoff of the store retry
+        sup.retry_deferred()
+    assert sup.ledger.get(first)["state"] == "done" and w.job_id is None
+    sup.dispatch()
+    assert len(w.sent) == 2 and w.job_id == w.sent[1]["job"]["job_id"] != first
