@@ -744,7 +744,8 @@ class Supervisor:
                 for item in batch:
                     self._apply(item)
                 # A worker this frees gets its next job in the same commit (one a small file, not two).
-                assigned = self._take_jobs()
+                takers = None if self._store_problem else self._takers()
+                assigned = self._take_jobs(takers) if takers else []
         except StoreUnavailable:
             # Progress is only a view: never worth a retry.
             self.deferred.extend(item for item in batch if item[0] != "progress")
@@ -952,11 +953,12 @@ class Supervisor:
 
     def dispatch(self) -> None:
         """Jobs for the workers that can take one (idle, or quick enough for one ahead)."""
-        if self._store_problem or self.deferred or not self._takers():
+        takers = None if self._store_problem or self.deferred else self._takers()
+        if takers is None:
             return  # nothing to do: no transaction
         try:
             with self.txn():
-                assigned = self._take_jobs()
+                assigned = self._take_jobs(takers)
         except StoreUnavailable:
             return
         self._deliver(assigned)
@@ -969,12 +971,9 @@ class Supervisor:
         ahead = [] if self.ledger.paused_all else self.pool.ahead_workers()
         return (idle, ahead) if idle or ahead else None
 
-    def _take_jobs(self) -> list[tuple]:
-        """Inside a transaction: the attempts of the jobs the workers that can take one get
-        (persisted before anything is sent). Returns (worker, job) pairs for `_deliver`."""
-        takers = None if self._store_problem or self.deferred else self._takers()
-        if takers is None:
-            return []
+    def _take_jobs(self, takers: tuple[list, list]) -> list[tuple]:
+        """Inside a transaction: the attempts of the jobs `takers` (from `_takers`) get, persisted
+        before anything is sent. Returns (worker, job) pairs for `_deliver`."""
         idle, ahead = takers
         # Every idle worker first, then one job ahead for each worker that gets one (an idle one
         # may get its current job and the one ahead in this same take).

@@ -98,8 +98,6 @@ def entry_priority(entry: dict) -> int:
     return int(entry.get("priority") or DEFAULT_PRIORITY)
 
 
-
-
 def render(entries: list[dict], cache: dict[int, tuple[dict, dict, str]] | None = None) -> bytes:
     """The file's text: what `json.dumps(entries, indent=2)` gives, byte for byte. json's
     indenting encoder is pure Python (33 us an entry here, most of a rewrite's cost): with `cache`
