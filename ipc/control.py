@@ -145,8 +145,8 @@ class ControlServer:
         return self
 
     def close(self) -> None:
-        self._closed = True
-        with self._gathering:
+        with self._gathering:  # set under the lock: the sending thread cannot miss it
+            self._closed = True
             self._gathering.notify()
         if self._sender.is_alive():
             self._sender.join(1.0)
@@ -187,9 +187,10 @@ class ControlServer:
                     self._gathering.wait()
                 if not self._gathered:
                     return
-            if not self._closed:
-                time.sleep(self._every_s)
-            with self._gathering:
+                # The gathering's time, cut short by close() (which notifies; later publishes don't).
+                deadline = time.monotonic() + self._every_s
+                while not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._gathering.wait(left)
                 line, self._gathered = bytes(self._gathered), bytearray()
             self._offer(line)
 

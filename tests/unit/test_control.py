@@ -170,14 +170,20 @@ def test_a_burst_of_events_goes_out_gathered_in_one_write_and_in_order(monkeypat
         server.close()
 
 
-def test_what_is_gathered_at_close_is_still_sent():
+@pytest.mark.parametrize("settle_s", [0, 0.05])
+def test_what_is_gathered_at_close_is_still_sent(settle_s):
+    """close() cuts a gathering's wait short and sends it, whether the sending thread is already
+    waiting out the gathering (settle_s) or has not woken yet."""
     server = control.ControlServer("tok", lambda op, args: None, publish_every_s=30).start()
     try:
         stream = _subscribed(server)
         server.publish({"event": "last"})
+        time.sleep(settle_s)  # lets the sending thread reach its wait: the case that lost the event
+        started = time.monotonic()
     finally:
         server.close()
     assert next(stream) == {"event": "last"}
+    assert time.monotonic() - started < 5, "close() waited out the gathering"
 
 
 @pytest.mark.parametrize("every_s", [0, 0.01])
